@@ -13,3 +13,66 @@ from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny LLaVA folder (model + processor), built once per run."""
     return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), TinyLlavaConfig())
+
+
+@pytest.fixture(scope="session")
+def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Factory for small shard directories in the `divico prep shard` format (team contract).
+
+    `make_shard_dir(num_samples, num_shards)` writes balanced shards with webdataset's
+    TarWriter: tiny JPEG (some greyscale) and PNG images whose colour encodes the entry
+    index, and every `text_only_every`-th entry text-only; plus manifest.json.
+    """
+    import hashlib
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    sources = ["coco", "gqa", "ocr_vqa", "textvqa", "vg"]
+
+    def image_member(index: int) -> tuple[str, bytes, int, int]:
+        width, height = 8 + index % 5, 6 + index % 3
+        colour = (index * 7 % 256, index * 13 % 256, index * 29 % 256)
+        image = Image.new("RGB", (width, height), colour)
+        ext = "png" if index % 2 else "jpg"
+        if ext == "jpg" and index % 4 == 0:
+            image = image.convert("L")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if ext == "png" else "JPEG")
+        return ext, buffer.getvalue(), width, height
+
+    def make(num_samples: int, num_shards: int, *, text_only_every: int = 5) -> Path:
+        out = tmp_path_factory.mktemp(f"shards_{num_samples}x{num_shards}")
+        shards = []
+        for shard in range(num_shards):
+            name = f"shard-{shard:06d}.tar"
+            first, last = shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
+            with wds.TarWriter(str(out / name)) as writer:
+                for index in range(first, last):
+                    text_only = index % text_only_every == text_only_every - 1
+                    record = {"id": f"id{index}", "index": index,
+                              "source": "text" if text_only else sources[index % len(sources)],
+                              "image": None, "width": None, "height": None,
+                              "conversations": [{"from": "human", "value": f"question {index}"},
+                                                {"from": "gpt", "value": f"answer {index}"}]}
+                    sample = {"__key__": f"{index:07d}_id{index}"}
+                    if not text_only:
+                        ext, data, record["width"], record["height"] = image_member(index)
+                        record["image"] = f"{record['source']}/{index}.{ext}"
+                        record["conversations"][0]["value"] = "<image>\n" + f"question {index}"
+                        sample[ext] = data
+                    sample["json"] = record
+                    writer.write(sample)
+            data = (out / name).read_bytes()
+            shards.append({"name": name, "samples": last - first, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        manifest = {"format_version": 1, "inputs": {}, "seed": 0, "entries": num_samples,
+                    "written": num_samples, "rejected": 0, "rejected_by_reason": {},
+                    "sources": {}, "shards": shards}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (out / "rejected.jsonl").write_text("")
+        return out
+
+    return make
