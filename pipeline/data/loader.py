@@ -273,10 +273,12 @@ class ShardDataset(IterableDataset):
         if index.image_size[sample] >= 0:
             data = self._read(fd, shard, int(index.image_offset[sample]), int(index.image_size[sample]))
             try:
-                with Image.open(io.BytesIO(data)) as encoded:
-                    image = encoded.convert("RGB")
+                image = Image.open(io.BytesIO(data))
+                image.load()  # decode here, in the worker, and fail here on a bad image
             except (OSError, ValueError) as error:
                 raise ValueError(f"{where}: image does not decode: {error}") from error
+            if image.mode != "RGB":
+                image = image.convert("RGB")  # greyscale, CMYK; RGB skips convert's full copy
         if (image is None) != (meta.get("image") is None):
             raise ValueError(f"{where}: json image field {meta.get('image')!r} disagrees with the "
                              f"{'absent' if image is None else 'present'} image member")
@@ -300,10 +302,8 @@ def build_loader(dataset: ShardDataset, *, num_workers: int, collate_fn: Callabl
                       persistent_workers=False)
 
 
-def measure_throughput(shard_dir: str | os.PathLike, *, num_workers: int, batch_size: int = 16,
-                       max_samples: int | None = None) -> dict[str, float]:
-    """Decode samples through build_loader on one rank and time it (worker start-up included)."""
-    dataset = ShardDataset(shard_dir, rank=0, world_size=1, batch_size=batch_size, seed=0)
+def measure_throughput(dataset: ShardDataset, *, num_workers: int, max_samples: int | None = None) -> dict[str, float]:
+    """Time reading + decoding `dataset` through build_loader (worker start-up included)."""
     # Collate to a count: this measures read + decode in the workers, not pickling pixels back.
     loader = build_loader(dataset, num_workers=num_workers, collate_fn=len, pin_memory=False)
     limit = max_samples or len(dataset)
@@ -314,25 +314,25 @@ def measure_throughput(shard_dir: str | os.PathLike, *, num_workers: int, batch_
             break
     seconds = time.perf_counter() - started
     return {"num_workers": num_workers, "samples": decoded, "seconds": seconds,
-            "samples_per_s": decoded / seconds, "samples_per_s_per_worker": decoded / seconds / max(1, num_workers)}
+            "samples_per_s": decoded / seconds,
+            "samples_per_s_per_worker": decoded / seconds / max(1, num_workers)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.loader",
-                                     description="Print the loader's decode throughput on a shard directory.")
-    parser.add_argument("shard_dir")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-samples", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ShardDataset(args.shard_dir, rank=0, world_size=1, batch_size=args.batch_size, seed=0)  # index, untimed
+def add_bench_parser(benches: argparse._SubParsersAction) -> None:
+    """`divico bench loader SHARD_DIR`: decoded samples/s of this loader on a shard directory."""
+    bench = benches.add_parser("loader", help="decode throughput of the training loader on a shard directory")
+    bench.add_argument("shard_dir", type=Path)
+    bench.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                       help="loader worker counts to measure (0 = in the main process)")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--max-samples", type=int, default=None, help="stop each measurement after this many")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    dataset = ShardDataset(args.shard_dir, rank=0, world_size=1, batch_size=args.batch_size, seed=0)
     for workers in args.workers:
-        figures = measure_throughput(args.shard_dir, num_workers=workers, batch_size=args.batch_size,
-                                     max_samples=args.max_samples)
+        figures = measure_throughput(dataset, num_workers=workers, max_samples=args.max_samples)
         print(f"workers={workers}: {figures['samples']} samples in {figures['seconds']:.2f} s = "
-              f"{figures['samples_per_s']:.0f} samples/s, {figures['samples_per_s_per_worker']:.0f} per worker")
-
-
-if __name__ == "__main__":
-    main()
+              f"{figures['samples_per_s']:.0f} decoded samples/s, "
+              f"{figures['samples_per_s_per_worker']:.0f} per worker")
