@@ -1,0 +1,444 @@
+"""A LLaVA model with DiViCo compression at decoder layer K: training forward, cached
+batched generation, save/load.
+
+Construction (the model may already carry PEFT LoRA adapters):
+
+    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+    llava = peft.get_peft_model(llava, lora_config)          # optional
+    llava.gradient_checkpointing_enable()                    # optional, keeps working
+    model = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1/9))
+    out = model(input_ids, attention_mask, pixel_values, labels)   # out.loss, .lm_loss, .kl
+    out.loss.backward()
+    model.save_divico(adapter_dir)        # divico.json + divico.safetensors beside the adapter
+    tokens = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32)
+
+`CompressedLlava.from_saved(llava, adapter_dir)` rebuilds the wrapper from those files.
+The wrapper is an nn.Module whose parameters are the LLaVA model's (frozen or LoRA) plus
+the gap encoder's; hand it to DeepSpeed as a whole.
+
+How it runs: the decoder's layer loop is run here, not by LlamaModel.forward:
+embeddings (+ image features from the model's own get_image_features) -> layers 0..K-1 on
+the full sequence -> selection + gap encoder + dropping -> layers K..L-1 on the shorter
+sequence -> norm -> lm_head. Decoder layers are called as modules, so gradient
+checkpointing, PEFT and attention implementations (eager, sdpa, flash_attention_2) are
+the library's own. Only `decoder_parts` knows the backbone's attribute names.
+
+Sequence plumbing after dropping: kept tokens keep their order and original position ids
+(cos/sin are gathered, not recomputed from new indices); dropped slots become left
+padding, so the last token stays last; the 2D mask is always passed explicitly, so
+transformers never reads the position gaps as packed sequences; next-token targets are
+formed on the full sequence and then gathered, so labels stay aligned whatever is dropped.
+
+Generation keeps a DynamicCache whose layers < K hold the full prompt and layers >= K the
+compressed one; each decode step builds one mask per group from its own 2D mask and cache
+length. A custom loop (greedy, or sampling with temperature / top-p) drives it, because
+GenerationMixin derives a single mask and cache length per step. Decode steps do no
+selection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, LlavaForConditionalGeneration
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+
+from pipeline.model.divico import DiViCo, DiViCoConfig, query_attention_scores
+
+SETTINGS_FILE = "divico.json"
+WEIGHTS_FILE = "divico.safetensors"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderParts:
+    """The modules of a decoder backbone the layer loop touches, and nothing else.
+
+    The scoring additionally reads, on layer K-1: input_layernorm and self_attn.{q_proj,
+    k_proj, head_dim, scaling}. Llama, Mistral and Qwen2 decoders in transformers share
+    this layout; another backbone needs only its own `decoder_parts`.
+    """
+
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Module
+    config: object  # the text config: attention implementation, cache layout
+
+
+def decoder_parts(llava: LlavaForConditionalGeneration) -> DecoderParts:
+    lm = llava.model.language_model
+    return DecoderParts(lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb, llava.lm_head, lm.config)
+
+
+@dataclass
+class CompressedLlavaOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + beta * kl
+    lm_loss: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    # The 2D mask of the sequence layers >= K see, and for each of its slots the input
+    # position it came from (-1 for padding slots added by dropping).
+    compressed_attention_mask: torch.Tensor | None = None
+    compressed_positions: torch.Tensor | None = None
+
+
+def zero_graph_anchor(module: nn.Module) -> torch.Tensor | None:
+    """0 * the sum of a module's trainable weights: added to the loss of a batch that did
+    not use the module, so every data-parallel rank produces a gradient (of zeros) for every
+    trainable weight in every step (ZeRO-2 hangs or errors otherwise)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return sum(p.sum() for p in params) * 0.0 if params else None
+
+
+def right_aligned_gather_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (B, N) bool -> (index, valid), both (B, N'): for each sample its kept tokens in
+    order, right-aligned; slots left of them are padding (valid False, index 0)."""
+    lengths = keep.sum(1)
+    new_length = int(lengths.max())
+    slot = keep.long().cumsum(1) - 1 + (new_length - lengths)[:, None]
+    sample_idx, token_idx = keep.nonzero(as_tuple=True)
+    index = torch.zeros(keep.shape[0], new_length, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], new_length, dtype=torch.bool, device=keep.device)
+    index[sample_idx, slot[sample_idx, token_idx]] = token_idx
+    valid[sample_idx, slot[sample_idx, token_idx]] = True
+    return index, valid
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, ...) -> (B, N', ...) along dim 1."""
+    expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, expanded)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding (as GenerationMixin computes them): a left-padded
+    sample gets the positions it would have alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class CompressedLlava(nn.Module):
+    """LlavaForConditionalGeneration (optionally PEFT-wrapped) + DiViCo at layer K."""
+
+    def __init__(self, model: nn.Module, config: DiViCoConfig) -> None:
+        super().__init__()
+        self.model = model
+        llava = self.llava
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            raise TypeError(f"CompressedLlava needs a LlavaForConditionalGeneration (optionally PEFT-wrapped), "
+                            f"got {type(llava).__name__}")
+        parts = self.decoder
+        config.validate(len(parts.layers))
+        self.config = config
+        embed_weight = parts.embed_tokens.weight
+        self.divico = DiViCo(config, parts.config.hidden_size).to(embed_weight.device, embed_weight.dtype)
+        self.train(model.training)  # start in the wrapped model's mode (from_pretrained gives eval)
+
+    @property
+    def llava(self) -> LlavaForConditionalGeneration:
+        get_base_model = getattr(self.model, "get_base_model", None)  # PeftModel
+        return get_base_model() if get_base_model is not None else self.model
+
+    @property
+    def decoder(self) -> DecoderParts:
+        return decoder_parts(self.llava)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        query_positions: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CompressedLlavaOutput:
+        """Full-sequence forward (training, evaluation, or the prefill of generation).
+
+        input_ids, attention_mask, labels: (B, N); labels use -100 for unsupervised tokens
+        and are aligned with input_ids (the shift happens here). pixel_values: one image per
+        run of image tokens, as the LLaVA processor makes them; or `image_features`
+        (num_images, N_i, d), the projector's output, to skip the vision tower.
+        query_positions (B,) overrides the query-token rule. position_ids default to
+        positions that skip padding. logits_to_keep > 0 computes logits for the last
+        positions only (not with labels).
+        """
+        parts = self.decoder
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        position_ids = (positions_from_mask(attention_mask) if position_ids is None
+                        else position_ids.expand_as(input_ids))
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
+
+        image_mask = input_ids == self.llava.config.image_token_id
+        hidden = self._embed(input_ids, image_mask, pixel_values, image_features)
+        targets = None
+        if labels is not None:
+            targets = torch.full_like(labels, IGNORE_INDEX)
+            targets[:, :-1] = labels[:, 1:]
+
+        compress = self.config.compresses and bool(image_mask.any())
+        split = self.config.layer if compress else len(parts.layers)
+        position_embeddings = parts.rotary_emb(hidden, position_ids)
+        mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        use_cache = past_key_values is not None
+        for layer in parts.layers[:split]:
+            layer_input = hidden
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           past_key_values=past_key_values, use_cache=use_cache)
+
+        kl = hidden.new_zeros((), dtype=torch.float32)
+        kept_mask = attention_mask
+        kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if compress:
+            if self.config.mode == "random":
+                scores = torch.zeros(image_mask.shape, device=hidden.device)
+            else:
+                queries = (query_positions if query_positions is not None
+                           else self.query_positions(attention_mask, image_mask, labels))
+                scores = query_attention_scores(parts.layers[split - 1], layer_input, position_embeddings,
+                                                queries.to(hidden.device), attention_mask)
+            keep_visual = self.divico.select(scores, image_mask)
+            hidden, kl = self.divico(hidden, image_mask, keep_visual)
+
+            index, valid = right_aligned_gather_index(~image_mask | keep_visual)
+            hidden = _gather_tokens(hidden, index)
+            kept_mask = attention_mask.gather(1, index) & valid
+            kept_positions = index.masked_fill(~valid, -1)
+            kept_position_ids = position_ids.gather(1, index)
+            cos, sin = position_embeddings
+            position_embeddings = (_gather_tokens(cos, index), _gather_tokens(sin, index))
+            if targets is not None:
+                targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+            mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
+                                      past_key_values=past_key_values, position_ids=kept_position_ids,
+                                      layer_idx=split)
+        for layer in parts.layers[split:]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           past_key_values=past_key_values, use_cache=use_cache)
+
+        hidden = parts.norm(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = parts.lm_head(hidden)
+
+        out = CompressedLlavaOutput(logits=logits, kl=kl, past_key_values=past_key_values,
+                                    compressed_attention_mask=kept_mask, compressed_positions=kept_positions)
+        if targets is not None:
+            out.lm_loss = self._lm_loss(logits, targets)
+            out.loss = out.lm_loss + self.config.beta * kl
+            if self.training and torch.is_grad_enabled():
+                out.loss = out.loss + self._unused_module_anchor(used_images=bool(image_mask.any()),
+                                                                 used_encoder=compress)
+        return out
+
+    def query_positions(self, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) index of the query token whose attention selects the visual tokens.
+
+        "first_answer": with labels, the token before the first supervised one (the last
+        token of the first instruction); without labels (inference), the last non-pad token,
+        which is the same token for a prompt that ends where the answer starts.
+        "last": the last non-pad token. A sample whose query would come before its last
+        image token (it could not see the image) uses its last non-pad token.
+        """
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last_token = torch.where(attention_mask, positions, -1).max(1).values
+        query = last_token
+        if self.config.query == "first_answer" and labels is not None:
+            supervised = labels != IGNORE_INDEX
+            first = torch.where(supervised, positions, attention_mask.shape[1]).min(1).values
+            query = torch.where(supervised.any(1), (first - 1).clamp(min=0), last_token)
+        last_image = torch.where(image_mask, positions, -1).max(1).values
+        return torch.where(query < last_image, last_token, query)
+
+    def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+               image_features: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.decoder.embed_tokens(input_ids)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if pixel_values is not None:
+            vision_dtype = next(self.llava.model.vision_tower.parameters()).dtype
+            features = self.llava.model.get_image_features(pixel_values=pixel_values.to(vision_dtype),
+                                                           return_dict=True).pooler_output
+            image_features = torch.cat(list(features), dim=0)
+        num_image_tokens = int(image_mask.sum())
+        if image_features is None:
+            if num_image_tokens:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
+            return hidden
+        image_features = image_features.reshape(-1, hidden.shape[-1])
+        if image_features.shape[0] != num_image_tokens:
+            raise ValueError(f"input_ids hold {num_image_tokens} image tokens but the images give "
+                             f"{image_features.shape[0]} feature vectors")
+        return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype))
+
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over supervised targets (0 when there are none)."""
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(logits.device),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _unused_module_anchor(self, used_images: bool, used_encoder: bool) -> torch.Tensor | float:
+        anchors = []
+        if not used_images:
+            anchors.append(zero_graph_anchor(self.llava.model.multi_modal_projector))
+        if not used_encoder:
+            anchors.append(zero_graph_anchor(self.divico))
+        anchors = [a for a in anchors if a is not None]
+        return sum(anchors) if anchors else 0.0
+
+    # --------------------------------------------------------------- save / load
+    def save_divico(self, directory: str | Path) -> None:
+        """Write divico.json (settings) and, when the mode has a gap encoder,
+        divico.safetensors (its weights) into `directory` (e.g. beside a PEFT adapter)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        settings = {"format_version": FORMAT_VERSION, "hidden_size": self.decoder.config.hidden_size,
+                    "config": self.config.to_dict()}
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        if self.divico.gap_encoder is not None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.divico.gap_encoder.state_dict().items()}
+            save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_saved(cls, model: nn.Module, directory: str | Path, **overrides) -> CompressedLlava:
+        """Rebuild the wrapper around `model` from `save_divico`'s files. `overrides`
+        replace saved settings (e.g. mode="fastv" to evaluate the same LoRA without the
+        encoder). Weights are read with safetensors (never unpickled)."""
+        directory = Path(directory)
+        settings_path = directory / SETTINGS_FILE
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"{settings_path}: no DiViCo settings (written by CompressedLlava.save_divico)")
+        settings = json.loads(settings_path.read_text())
+        if settings.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{settings_path}: format_version {settings.get('format_version')!r}, "
+                             f"this code reads {FORMAT_VERSION}")
+        wrapper = cls(model, DiViCoConfig.from_dict({**settings["config"], **overrides}))
+        if settings["hidden_size"] != wrapper.decoder.config.hidden_size:
+            raise ValueError(f"{settings_path}: saved for hidden size {settings['hidden_size']}, "
+                             f"the model has {wrapper.decoder.config.hidden_size}")
+        encoder = wrapper.divico.gap_encoder
+        if encoder is not None:
+            weights_path = directory / WEIGHTS_FILE
+            if not weights_path.is_file():
+                raise FileNotFoundError(f"{weights_path}: mode {wrapper.config.mode!r} needs gap-encoder weights")
+            encoder.load_state_dict(load_file(str(weights_path), device=str(encoder.fc1.weight.device)))
+        return wrapper
+
+    # --------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        query_positions: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation of left-padded prompts: returns (B, N + T) token
+        ids, prompt first; a sample that produced EOS is filled with pad_token_id.
+
+        use_cache=False recomputes the whole sequence each step (selection again, with the
+        query fixed to the prompt's), the reference the cached path must equal.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be all 1 "
+                             "(set tokenizer.padding_side = 'left')")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        generation_config = self.llava.generation_config
+        eos_token_id = generation_config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           device=input_ids.device, dtype=torch.long)
+        pad_token_id = generation_config.pad_token_id if pad_token_id is None else pad_token_id
+        if pad_token_id is None:
+            raise ValueError("generate() needs pad_token_id (none given and none in the generation config)")
+        if query_positions is None:
+            image_mask = input_ids == self.llava.config.image_token_id
+            query_positions = self.query_positions(attention_mask, image_mask)
+
+        cache = DynamicCache(config=self.decoder.config) if use_cache else None
+        out = self(input_ids, attention_mask, pixel_values, query_positions=query_positions,
+                   image_features=image_features, past_key_values=cache, logits_to_keep=1)
+        full_mask, kept_mask = attention_mask, out.compressed_attention_mask
+        next_position = attention_mask.sum(1, keepdim=True)
+        tokens = input_ids
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        logits = out.logits[:, -1]
+        for step in range(max_new_tokens):
+            next_token = self._pick(logits, do_sample, temperature, top_p, generator)
+            next_token = next_token.masked_fill(finished, pad_token_id)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            finished |= torch.isin(next_token, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            ones = torch.ones_like(full_mask[:, :1])
+            full_mask = torch.cat([full_mask, ones], dim=1)
+            if use_cache:
+                kept_mask = torch.cat([kept_mask, ones], dim=1)
+                logits = self._decode_step(next_token[:, None], full_mask, kept_mask, next_position, cache)
+                next_position = next_position + 1
+            else:
+                logits = self(tokens, full_mask, pixel_values, query_positions=query_positions,
+                              image_features=image_features, logits_to_keep=1).logits[:, -1]
+        return tokens
+
+    def _decode_step(self, token_ids: torch.Tensor, full_mask: torch.Tensor, kept_mask: torch.Tensor,
+                     position_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One cached step: layers < K attend over the full prefix (full_mask), layers >= K
+        over the compressed one (kept_mask); each mask is sized by its own cache layers."""
+        parts = self.decoder
+        split = self.config.layer
+        hidden = parts.embed_tokens(token_ids)
+        position_embeddings = parts.rotary_emb(hidden, position_ids)
+        masks = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=mask_2d,
+                                    past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
+                 for mask_2d, layer_idx in ((full_mask, 0), (kept_mask, split))]
+        for i, layer in enumerate(parts.layers):
+            hidden = layer(hidden, attention_mask=masks[i >= split], position_embeddings=position_embeddings,
+                           past_key_values=cache, use_cache=True)
+        return parts.lm_head(parts.norm(hidden[:, -1]))
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = (logits.float() / temperature).softmax(-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the top token)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

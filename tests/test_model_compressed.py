@@ -1,0 +1,291 @@
+"""CompressedLlava on the tiny LLaVA (CPU, fp32): equality with transformers, batching,
+padding, caching, training gradients, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.divico import MODES, DiViCoConfig
+
+QUESTIONS = ["What is it?", "How many red circles are there in the image now?", "Is there a star?"]
+ANSWERS = ["A square", "three", "Yes"]
+COMPRESSING_MODES = [m for m in MODES if m != "none"]
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (140, 140, 3), dtype=np.uint8))
+
+
+def _prompt(question: str, with_image: bool) -> str:
+    return f"USER: {'<image>' if with_image else ''}\n{question} ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_llava_dir):
+    return AutoProcessor.from_pretrained(tiny_llava_dir)
+
+
+def load_llava(path, attn: str = "sdpa") -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def llava(request, tiny_llava_dir):
+    return load_llava(tiny_llava_dir, request.param)
+
+
+def prompts_batch(processor, with_image: list[bool], padding_side: str = "left"):
+    processor.tokenizer.padding_side = padding_side
+    texts = [_prompt(QUESTIONS[i % 3], img) for i, img in enumerate(with_image)]
+    images = [_image(i) for i, img in enumerate(with_image) if img] or None
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    processor.tokenizer.padding_side = "left"
+    return batch
+
+
+def training_batch(processor, with_image: list[bool]):
+    """Right-padded prompt + answer with labels on the answer (and </s>) only."""
+    processor.tokenizer.padding_side = "right"
+    prompts = [_prompt(QUESTIONS[i % 3], img) for i, img in enumerate(with_image)]
+    texts = [p + f" {ANSWERS[i % 3]}</s>" for i, p in enumerate(prompts)]
+    images = [_image(i) for i, img in enumerate(with_image) if img] or None
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    prompt_lengths = [len(processor(images=[_image(0)] if img else None, text=p)["input_ids"][0])
+                      for p, img in zip(prompts, with_image)]
+    processor.tokenizer.padding_side = "left"
+    labels = batch["input_ids"].clone()
+    for i, n in enumerate(prompt_lengths):
+        labels[i, :n] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def split_samples(batch, image_token_id: int):
+    """The samples of a padded batch, each alone and unpadded, with its own pixel_values."""
+    samples, image_index = [], 0
+    for i in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][i].bool()
+        ids = batch["input_ids"][i][keep][None]
+        sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if (ids == image_token_id).any():
+            sample["pixel_values"] = batch["pixel_values"][image_index:image_index + 1]
+            image_index += 1
+        samples.append(sample)
+    return samples
+
+
+def test_none_equals_transformers(llava, processor):
+    batch = prompts_batch(processor, [True, True, False])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="none"))
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = wrapper(**batch).logits
+        reference = llava(**batch, position_ids=position_ids).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], reference[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_fastv_keeping_everything_equals_none(llava, processor):
+    batch = prompts_batch(processor, [True, True])
+    with torch.no_grad():
+        none = CompressedLlava(llava, DiViCoConfig(mode="none"))(**batch).logits
+        fastv = CompressedLlava(llava, DiViCoConfig(mode="fastv", tau=1.0))(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(fastv[valid], none[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", COMPRESSING_MODES)
+def test_sequence_shrinks_by_the_dropped_visual_tokens(llava, processor, mode):
+    batch = prompts_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))
+    with torch.no_grad():
+        out = wrapper(**batch)
+    image_token_id = llava.config.image_token_id
+    lengths = out.compressed_attention_mask.sum(1)
+    # 100 visual tokens -> 11 kept; the text-only sample passes unchanged
+    expected = batch["attention_mask"].sum(1) - torch.tensor([89, 0, 89])
+    assert lengths.tolist() == expected.tolist()
+    for i in range(3):
+        positions = out.compressed_positions[i][out.compressed_attention_mask[i]]
+        assert torch.all(positions[1:] > positions[:-1]), "kept tokens keep their order"
+        kept_ids = batch["input_ids"][i][positions]
+        assert int((kept_ids == image_token_id).sum()) == (11 if i != 1 else 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_equals_samples_one_by_one(llava, processor, mode):
+    batch = prompts_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))
+    with torch.no_grad():
+        batched = wrapper(**batch).logits[:, -1]
+        alone = [wrapper(**s).logits[:, -1] for s in split_samples(batch, llava.config.image_token_id)]
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generation_cache_batch_and_recompute_agree(llava, processor, mode):
+    batch = prompts_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))
+    cached = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    recomputed = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[], use_cache=False)
+    assert torch.equal(cached, recomputed)
+    width = batch["input_ids"].shape[1]
+    for i, sample in enumerate(split_samples(batch, llava.config.image_token_id)):
+        alone = wrapper.generate(**sample, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(alone[0, sample["input_ids"].shape[1]:], cached[i, width:])
+
+
+def test_none_generation_equals_transformers_generate(llava, processor):
+    batch = prompts_batch(processor, [True, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="none"))
+    ours = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    reference = llava.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               min_new_tokens=6)
+    assert torch.equal(ours, reference)
+
+
+def test_right_padding_matches_left_padding(llava, processor):
+    left = prompts_batch(processor, [True, True, False], padding_side="left")
+    right = prompts_batch(processor, [True, True, False], padding_side="right")
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9)).eval()
+    with torch.no_grad():
+        out_left = wrapper(**left)
+        out_right = wrapper(**right)
+    for i in range(3):
+        a = out_left.logits[i][out_left.compressed_attention_mask[i]]
+        b = out_right.logits[i][out_right.compressed_attention_mask[i]]
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_training_query_is_the_inference_query(llava, processor):
+    train = training_batch(processor, [True, True])
+    prompts = prompts_batch(processor, [True, True], padding_side="right")
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="fastv"))
+    image_mask = train["input_ids"] == llava.config.image_token_id
+    from_labels = wrapper.query_positions(train["attention_mask"].bool(), image_mask, train["labels"])
+    at_inference = wrapper.query_positions(prompts["attention_mask"].bool(),
+                                           prompts["input_ids"] == llava.config.image_token_id)
+    assert from_labels.tolist() == at_inference.tolist()
+
+
+def test_training_forward_labels_stay_aligned(llava, processor):
+    """The compressed forward's loss equals a hand-computed loss on the kept tokens."""
+    batch = training_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="fastv", tau=1 / 9))
+    with torch.no_grad():
+        out = wrapper(**batch)
+    losses = []
+    for i in range(3):
+        kept = out.compressed_positions[i][out.compressed_attention_mask[i]]
+        logits = out.logits[i][out.compressed_attention_mask[i]]
+        labels = batch["labels"][i][kept]
+        supervised = labels[1:] != -100
+        losses.append(torch.nn.functional.cross_entropy(logits[:-1][supervised], labels[1:][supervised],
+                                                        reduction="sum"))
+        assert supervised.sum() == (batch["labels"][i] != -100).sum()
+    expected = sum(losses) / (batch["labels"] != -100).sum()
+    torch.testing.assert_close(out.lm_loss, expected)
+
+
+@pytest.fixture(scope="module")
+def lora_llava(tiny_llava_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_llava(tiny_llava_dir, "sdpa")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=rf".*language_model.*\.({'|'.join(targets)})")
+    peft_model = get_peft_model(model, config)
+    for p in peft_model.base_model.model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    peft_model.gradient_checkpointing_enable()
+    return peft_model
+
+
+@pytest.mark.parametrize("with_image", [[True, False], [False, False]], ids=["mixed", "text_only"])
+def test_training_gradients_reach_lora_and_encoder(lora_llava, processor, with_image):
+    batch = training_batch(processor, with_image)
+    wrapper = CompressedLlava(lora_llava, DiViCoConfig(mode="divico", tau=1 / 9)).train()
+    wrapper.zero_grad()
+    out = wrapper(**batch)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n: p for n, p in wrapper.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+    lora = [p.grad for n, p in trainable.items() if "lora_" in n]
+    assert any(g.abs().sum() > 0 for g in lora)
+    encoder = [p.grad for n, p in trainable.items() if "gap_encoder" in n]
+    assert len(encoder) == 4
+    if any(with_image):
+        assert all(g.abs().sum() > 0 for g in encoder)
+        assert out.kl > 0
+    else:
+        assert all(g.abs().sum() == 0 for g in encoder)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.02 * out.kl)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(lora_llava, processor):
+    batch = training_batch(processor, [True, True])
+    wrapper = CompressedLlava(lora_llava, DiViCoConfig(mode="point_estimate", tau=1 / 9)).train()
+    grads = []
+    for enabled in (True, False):
+        if enabled:
+            lora_llava.gradient_checkpointing_enable()
+        else:
+            lora_llava.gradient_checkpointing_disable()
+        wrapper.zero_grad()
+        wrapper(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in wrapper.parameters() if p.requires_grad])
+    lora_llava.gradient_checkpointing_enable()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_divico_samples_in_training_and_uses_mu_in_eval(llava, processor):
+    batch = prompts_batch(processor, [True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9))
+    with torch.no_grad():
+        wrapper.train()
+        torch.manual_seed(0)
+        first = wrapper(**batch).logits
+        second = wrapper(**batch).logits
+        wrapper.eval()
+        eval_a, eval_b = wrapper(**batch).logits, wrapper(**batch).logits
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(eval_a, eval_b, atol=0, rtol=0)
+
+
+def test_save_load_round_trip(llava, processor, tmp_path):
+    batch = prompts_batch(processor, [True, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 6, beta=0.05)).eval()
+    with torch.no_grad():
+        for p in wrapper.divico.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    wrapper.save_divico(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["divico.json", "divico.safetensors"]
+    loaded = CompressedLlava.from_saved(llava, tmp_path).eval()
+    assert loaded.config == wrapper.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, wrapper(**batch).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="tau"):
+        CompressedLlava.from_saved(llava, tmp_path, tau=1.5)
+
+
+def test_bad_inputs_are_named(llava, processor):
+    batch = prompts_batch(processor, [True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="fastv"))
+    with pytest.raises(ValueError, match="pixel_values"):
+        wrapper(batch["input_ids"], batch["attention_mask"])
+    with pytest.raises(ValueError, match="left-padded"):
+        right = prompts_batch(processor, [True, False], padding_side="right")
+        wrapper.generate(**right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="layer"):
+        CompressedLlava(llava, DiViCoConfig(layer=4))
