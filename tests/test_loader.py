@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader
+from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, measure_throughput
 
 NUM_SAMPLES = 37  # prime: uneven shards, a remainder for every world size > 1
 BATCH_SIZE = 3
@@ -216,3 +216,8 @@ def test_bad_arguments(shard_dirs):
         dataset(shard_dirs[1], 0, 3, start_sample=13)
     with pytest.raises(ValueError, match="fewer than world_size 40"):
         dataset(shard_dirs[1], 0, 40)
+
+
+def test_measure_throughput_decodes_the_epoch(shard_dirs):
+    figures = measure_throughput(shard_dirs[2], num_workers=0, batch_size=4)
+    assert figures["samples"] == NUM_SAMPLES and figures["samples_per_s"] > 0
