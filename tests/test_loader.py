@@ -9,6 +9,7 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, measure_throughput
 
@@ -175,6 +176,21 @@ def test_index_path_can_point_elsewhere(shard_dirs, tmp_path):
     assert {s.key for s in data} == all_keys()
 
 
+def test_unwritable_index_location_falls_back_to_memory(shard_dirs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        data = dataset(shard_dirs[2], index_path=tmp_path / "no-such-folder" / "index.npz")
+    assert "could not cache the shard index" in caplog.text
+    assert {s.key for s in data} == all_keys()
+
+
+def test_corrupt_index_is_rebuilt(make_shard_dir, caplog):
+    shard_dir = make_shard_dir(9, 1)
+    (shard_dir / INDEX_NAME).write_bytes(b"not an npz")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        assert len(dataset(shard_dir)) == 9
+    assert "unreadable" in caplog.text
+
+
 @pytest.fixture
 def shard_copy(shard_dirs, tmp_path) -> Path:
     copy = tmp_path / "shards"
@@ -221,3 +237,22 @@ def test_bad_arguments(shard_dirs):
 def test_measure_throughput_decodes_the_epoch(shard_dirs):
     figures = measure_throughput(shard_dirs[2], num_workers=0, batch_size=4)
     assert figures["samples"] == NUM_SAMPLES and figures["samples_per_s"] > 0
+
+
+def test_unexpected_member(shard_copy):
+    shard = shard_copy / "shard-000001.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        writer.write({"__key__": "0000000_x", "json": {"conversations": []}, "txt": "stray"})
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["shards"][1]["bytes"] = shard.stat().st_size
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shard-000001.tar: member '0000000_x.txt' is neither json nor an image"):
+        dataset(shard_copy)
+
+
+def test_manifest_without_samples(shard_copy):
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["shards"] = []
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lists no samples"):
+        dataset(shard_copy)

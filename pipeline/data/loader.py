@@ -23,6 +23,7 @@ import logging
 import os
 import tarfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "loader-index.npz"
 INDEX_VERSION = 1
+INDEX_ARRAYS = ("keys", "shard", "json_offset", "json_size", "image_offset", "image_size")
 IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
 
@@ -80,8 +82,11 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     if manifest.get("format_version") != 1:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this loader reads 1")
     shards = manifest.get("shards")
-    if not shards or not all(isinstance(s, dict) and {"name", "samples", "bytes"} <= s.keys() for s in shards):
-        raise ValueError(f"{path}: 'shards' must be a non-empty list of {{name, samples, bytes, sha256}}")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "samples", "bytes"} <= s.keys()
+                                               for s in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}")
+    if sum(s["samples"] for s in shards) == 0:
+        raise ValueError(f"{path} lists no samples (every entry rejected? see {shard_dir / 'rejected.jsonl'})")
     missing = [s["name"] for s in shards if not (shard_dir / s["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) missing from {shard_dir}: "
@@ -171,20 +176,21 @@ def load_index(shard_dir: Path, manifest: dict[str, Any], index_path: Path) -> S
     """The cached index if it matches the manifest, else a fresh scan, cached for the next process."""
     fingerprint = _fingerprint(manifest)
     if index_path.is_file():
-        with np.load(index_path, allow_pickle=False) as cached:
-            if str(cached["fingerprint"]) == fingerprint:
-                return ShardIndex(shard_names=[s["name"] for s in manifest["shards"]],
-                                  **{name: cached[name] for name in ("keys", "shard", "json_offset",
-                                                                     "json_size", "image_offset", "image_size")})
-        log.info("%s is stale (the manifest changed); rebuilding it", index_path)
+        try:
+            with np.load(index_path, allow_pickle=False) as cached:
+                if str(cached["fingerprint"]) == fingerprint:
+                    return ShardIndex(shard_names=[s["name"] for s in manifest["shards"]],
+                                      **{name: cached[name] for name in INDEX_ARRAYS})
+            log.info("%s is stale (the manifest changed); rebuilding it", index_path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            log.warning("%s is unreadable (%s); rebuilding it", index_path, error)
     index = build_index(shard_dir, manifest)
     # Many ranks may build at once: each writes its own temporary file, the rename is atomic.
     partial = index_path.with_name(f"{index_path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
     try:
         with open(partial, "wb") as file:
-            np.savez(file, fingerprint=np.array(fingerprint), keys=index.keys, shard=index.shard,
-                     json_offset=index.json_offset, json_size=index.json_size,
-                     image_offset=index.image_offset, image_size=index.image_size)
+            np.savez(file, fingerprint=np.array(fingerprint),
+                     **{name: getattr(index, name) for name in INDEX_ARRAYS})
         os.replace(partial, index_path)
     except OSError as error:
         partial.unlink(missing_ok=True)
