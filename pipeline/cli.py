@@ -1,8 +1,9 @@
 """The `divico` command. Each component adds its own subcommands here.
 
     divico prep {synth,shard,verify}   data_prep/
-    divico bench {prep,model,train}    measured figures, printed
+    divico bench {prep,loader,model,train}  measured figures, printed
     divico train / export              pipeline/train.py, pipeline/export.py
+    divico eval                        pipeline/evaluate.py: answer accuracy on a held-out set
     divico launch {local,slurm}        launch/
     divico run                         the embedded default: every stage, tiny model, CPU
 """
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="divico", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
+    # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is read instead.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="shard LLaVA-665K-format data into webdataset tars")
@@ -30,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="print measured throughput and efficiency figures")
     benches = bench.add_subparsers(dest="bench_command", required=True)
     prep_cli.add_bench_parser(benches)
+    from pipeline.data import loader
+
+    loader.add_bench_parser(benches)
+
+    from pipeline import train
+
+    train.add_parser(commands)
+    from pipeline import evaluate
+
+    evaluate.add_parser(commands)
+    from launch import cli as launch_cli
+
+    launch_cli.add_parser(commands)
     return parser
 
 

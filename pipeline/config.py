@@ -1,0 +1,223 @@
+"""Run configuration: dataclasses, YAML + dotlist loading, and validation before any model loads.
+
+A recipe is a YAML file with the sections below; later files and `key=value` overrides win:
+
+    divico train --config configs/llava15_7b.yaml configs/tau/t111.yaml train.output_dir=runs/x
+
+`validate` checks everything that can be checked without loading weights (paths, batch
+arithmetic, tau and K against the model's config.json) so a bad sweep entry fails in seconds,
+not after the model is on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+TRAIN_MODES = ("lora", "full")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = "llava-hf/llava-1.5-7b-hf"  # hub id or local folder
+    # "lora": base frozen, PEFT LoRA on the language model's linear layers (the DiViCo stages).
+    # "full": the language model is trained in full (the demo's "base" stage).
+    train_mode: str = "lora"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    train_projector: bool = True
+    qlora: bool = False  # 4-bit base weights through bitsandbytes (GPU only)
+    gradient_checkpointing: bool = True
+    # "auto": flash_attention_2 when flash-attn is installed and a GPU is used, else sdpa.
+    attn_implementation: str = "auto"
+    # Resume LoRA-tuning from an exported folder (a "base" stage's export) works by pointing
+    # `base` at it; nothing else is needed.
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"  # a directory written by `divico prep shard`
+    # Passed to pipeline.data.collator.CollatorConfig:
+    template: str = "auto"  # "auto" (from the tokenizer), "vicuna_v1" or "chat_template"
+    model_max_length: int = 2048
+    image_aspect_ratio: str = "pad"  # LLaVA-1.5's square padding with the image mean
+    num_workers: int = 2
+    seed: int = 0  # data order
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # LoRA (or the full language model in train_mode=full)
+    projector_lr: float = 2e-5
+    encoder_lr: float = 2e-4  # the DiViCo gap encoder
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "divico"  # names the TensorBoard run: <stage>-<mode>-tau<tau>
+    output_dir: str = "outputs/run"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    global_batch_size: int = 128
+    micro_batch_size: int = 16
+    precision: str = "auto"  # bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    save_every_steps: int = 500
+    keep_last: int = 2  # newest complete checkpoints kept; older ones are deleted
+    log_every_steps: int = 1
+    # Stop after this many optimizer steps (checkpointing first) although the schedule spans
+    # the whole epoch: a job slice for clusters with short time limits. null = whole epoch.
+    max_steps: int | None = None
+    dist_timeout_minutes: int = 30  # a dead rank ends the job after this long, not never
+    tensorboard_dir: str | None = None  # root for all stages; default: <output_dir>/tensorboard
+    # Append "step<TAB>sample key" per consumed sample to <output_dir>/samples/rank-N.tsv:
+    # an audit trail that shows which samples each rank trained on, across resumes.
+    log_sample_keys: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Passed to pipeline.model.divico.DiViCoConfig (mode, tau, layer, beta, ...).
+    divico: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(paths: list[str | Path], overrides: list[str] | None = None) -> RunConfig:
+    """Merge YAML files in order, then `key=value` overrides; unknown keys are errors."""
+    merged = OmegaConf.structured(RunConfig)
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except Exception as error:  # omegaconf names the key and the type problem
+            raise ConfigError(f"config file {path}: {error}") from error
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as error:
+        raise ConfigError(f"override {overrides}: {error}") from error
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def model_config_json(base: str) -> dict[str, Any]:
+    """The base model's config.json, local or from the hub, without loading weights."""
+    if Path(base).is_dir():
+        path = Path(base) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model.base {base}: no config.json in that folder")
+        return json.loads(path.read_text())
+    if Path(base).exists() or base.startswith((".", "/")) or base.count("/") != 1:
+        raise ConfigError(f"model.base {base}: not a model folder or a hub id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(base, "config.json")).read_text())
+    except Exception as error:
+        raise ConfigError(f"model.base {base}: cannot read config.json from the hub ({error})") from error
+
+
+def num_decoder_layers(model_json: dict[str, Any]) -> int:
+    return int(model_json.get("text_config", model_json)["num_hidden_layers"])
+
+
+def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool = True) -> None:
+    """Raise ConfigError naming the first bad field. Reads only small JSON files."""
+    world_size = world_size or world_size_from_env()
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+
+    if m.train_mode not in TRAIN_MODES:
+        raise ConfigError(f"model.train_mode={m.train_mode!r}: expected one of {TRAIN_MODES}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r}: expected one of {PRECISIONS}")
+    if m.lora_r < 1 or m.lora_alpha <= 0 or not 0 <= m.lora_dropout < 1:
+        raise ConfigError(f"model.lora_r/lora_alpha/lora_dropout = {m.lora_r}/{m.lora_alpha}/"
+                          f"{m.lora_dropout}: need r >= 1, alpha > 0, 0 <= dropout < 1")
+    if m.qlora and m.train_mode != "lora":
+        raise ConfigError("model.qlora=true needs model.train_mode=lora (4-bit weights cannot be trained in full)")
+    if m.qlora:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("model.qlora=true: bitsandbytes is not installed (pip install 'divico[qlora]')")
+    for name in ("lr", "projector_lr", "encoder_lr"):
+        if getattr(o, name) < 0:
+            raise ConfigError(f"optim.{name}={getattr(o, name)}: must be >= 0")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
+
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x world size {world_size}")
+    for name in ("save_every_steps", "log_every_steps", "dist_timeout_minutes"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1 or null")
+
+    try:
+        collator_config(cfg)
+    except ValueError as error:
+        raise ConfigError(f"data: {error}") from error
+    try:
+        divico = divico_config(cfg)
+        divico.validate()
+    except ValueError as error:
+        raise ConfigError(f"divico: {error}") from error
+
+    if not check_paths:
+        return
+    if not Path(t.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config}: file not found")
+    manifest = Path(d.shards) / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"data.shards={d.shards}: no manifest.json (run `divico prep shard` first)")
+    layers = num_decoder_layers(model_config_json(m.base))
+    if not 1 <= divico.layer <= layers - 1:
+        raise ConfigError(f"divico.layer={divico.layer}: K must be in [1, {layers - 1}] for "
+                          f"{m.base} ({layers} decoder layers)")
+
+
+def divico_config(cfg: RunConfig):
+    from pipeline.model.divico import DiViCoConfig
+
+    return DiViCoConfig.from_dict(dict(cfg.divico))
+
+
+def collator_config(cfg: RunConfig):
+    from pipeline.data.collator import CollatorConfig
+
+    return CollatorConfig(template=cfg.data.template, model_max_length=cfg.data.model_max_length,
+                          image_aspect_ratio=cfg.data.image_aspect_ratio, padding_side="right")

@@ -1,0 +1,460 @@
+"""`divico train`: one epoch of LoRA (or full) fine-tuning with DiViCo under DeepSpeed ZeRO-2.
+
+    deepspeed --num_gpus 4 $(which divico) train --config configs/llava15_7b.yaml \
+        --config configs/sweep/divico_tau111.yaml [key=value ...] [--resume auto]
+
+Also runs under torchrun, under srun (one task per GPU; SLURM_* are mapped to RANK/WORLD_SIZE/
+LOCAL_RANK, MASTER_ADDR/MASTER_PORT come from the job script) or as one plain process.
+
+setup (config, validation, process group) -> main (model, data, engine, resume) -> fit (loop).
+Preemption: SIGUSR1 or SIGTERM -> the current optimizer step finishes, all ranks agree at the
+step boundary, a complete checkpoint is written, and the process exits with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint
+from pipeline.config import RunConfig, collator_config, divico_config, load_config, save_config, to_dict, validate
+from pipeline.metrics import Metrics, peak_memory_gib
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 3
+_preempt_requested = False
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, inconsistent resume); the message says why."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="fine-tune one stage (DeepSpeed ZeRO-2; one epoch)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True,
+                        help="recipe YAML file; repeat to merge several in order (later ones win)")
+    parser.add_argument("--resume", default="none",
+                        help="'auto' (newest complete checkpoint in the output dir, if any), a checkpoint "
+                             "directory, or 'none' (default; refuses an output dir that has checkpoints)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. divico.tau=0.111")
+    parser.set_defaults(func=setup)
+
+
+def map_slurm_env() -> None:
+    """srun without a launcher sets SLURM_* only; torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    if "MASTER_ADDR" not in os.environ:
+        raise TrainingError("srun with several tasks: export MASTER_ADDR (the first host of "
+                            "$SLURM_JOB_NODELIST) and MASTER_PORT in the job script")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _single_process_env() -> None:
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _request_preemption(signum: int, _frame) -> None:
+    global _preempt_requested
+    _preempt_requested = True
+    log.warning("received %s: finishing this step, then checkpointing and exiting with %d",
+                signal.Signals(signum).name, EXIT_PREEMPTED)
+
+
+def setup(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    map_slurm_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)  # before any heavy import or model load
+    _single_process_env()
+
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, _request_preemption)
+    try:
+        return main(cfg, resume=args.resume)
+    except TrainingError as error:
+        log.error("%s", error)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    engine: object
+    model: torch.nn.Module
+    peft_model: object
+    loader: torch.utils.data.DataLoader
+    metrics: Metrics
+    rank: int
+    world_size: int
+    total_steps: int
+    start_step: int
+    stop_step: int
+    resumed_from: Path | None
+    visual_tokens_kept: int
+    config_yaml: str
+    sample_log: Path | None
+
+
+def main(cfg: RunConfig, *, resume: str = "none") -> int:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.data.loader import ShardDataset, build_loader
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    on_gpu = get_accelerator().device_name() != "cpu"
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    output_dir = Path(t.output_dir)
+    resume_from = _resume_checkpoint(output_dir, resume)
+    torch.manual_seed(t.seed)
+
+    built = build_model(cfg, dtype=torch.bfloat16 if bf16 else torch.float32, on_gpu=on_gpu)
+    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    state = checkpoint.read_state(resume_from) if resume_from else None
+    dataset = ShardDataset(cfg.data.shards, rank=rank, world_size=world_size, batch_size=t.micro_batch_size,
+                           seed=cfg.data.seed, start_sample=state.samples_per_rank if state else 0)
+    total_steps = dataset.samples_per_rank // (t.micro_batch_size * accumulation)
+    if total_steps < 1:
+        raise TrainingError(f"{cfg.data.shards}: {dataset.samples_per_rank} samples per rank is less than one "
+                            f"global batch ({t.global_batch_size}); lower train.global_batch_size")
+    if rank == 0:
+        left = dataset.samples_per_rank - total_steps * t.micro_batch_size * accumulation
+        log.info("one epoch = %d optimizer steps of %d samples (%d per rank not used: less than a global batch)",
+                 total_steps, t.global_batch_size, left)
+    loader = build_loader(dataset, num_workers=cfg.data.num_workers,
+                          collate_fn=partial(_collate_with_keys, built.collator))
+
+    engine, *_ = deepspeed.initialize(model=built.model, model_parameters=built.param_groups,
+                                      config=deepspeed_config(cfg, total_steps, accumulation, bf16, on_gpu))
+    start_step = 0
+    if resume_from:
+        state = checkpoint.resume(engine, resume_from, world_size=world_size)
+        start_step = state.step
+        if state.total_steps != total_steps:
+            raise TrainingError(f"{resume_from} belongs to a {state.total_steps}-step epoch, this config makes "
+                                f"{total_steps} steps (batch size or data changed)")
+        if rank == 0:
+            log.info("resuming from %s at step %d/%d", resume_from, start_step, total_steps)
+    stop_step = min(total_steps, start_step + t.max_steps) if t.max_steps else total_steps
+
+    config_yaml = _yaml(cfg)
+    run_name = tensorboard_run_name(cfg)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    metrics = Metrics(Path(t.tensorboard_dir or output_dir / "tensorboard") / run_name, enabled=rank == 0,
+                      total_steps=total_steps, start_step=start_step, config=to_dict(cfg),
+                      config_yaml=config_yaml, description=run_name)
+    sample_log = None
+    if t.log_sample_keys:
+        sample_log = output_dir / "samples" / f"rank-{rank:05d}.tsv"
+        _truncate_sample_log(sample_log, start_step)
+    run = Run(cfg=cfg, engine=engine, model=built.model, peft_model=built.peft_model, loader=loader,
+              metrics=metrics, rank=rank, world_size=world_size, total_steps=total_steps,
+              start_step=start_step, stop_step=stop_step, resumed_from=resume_from,
+              visual_tokens_kept=built.visual_tokens_kept, config_yaml=config_yaml, sample_log=sample_log)
+    if start_step >= total_steps:
+        if rank == 0:
+            log.info("%s: the epoch is already complete (step %d); nothing to do", output_dir, start_step)
+        metrics.close()
+        return 0
+    return fit(run)
+
+
+def _yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def tensorboard_run_name(cfg: RunConfig) -> str:
+    mode = cfg.divico.get("mode", "divico")
+    if mode == "none":
+        return cfg.train.stage
+    return f"{cfg.train.stage}-{mode}-tau{cfg.divico.get('tau', 0):.3f}"
+
+
+def _resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    latest = checkpoint.latest_checkpoint(output_dir)
+    if resume == "auto":
+        return latest
+    if resume == "none":
+        if latest is not None:
+            raise TrainingError(f"{output_dir} already holds checkpoints (newest {latest.name}); pass "
+                                "--resume auto to continue, or choose another train.output_dir")
+        return None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise TrainingError(f"--resume {resume}: not a complete checkpoint directory")
+    return path
+
+
+def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: bool, on_gpu: bool) -> dict:
+    """The JSON recipe with its "auto" fields filled from the run config."""
+    path = Path(cfg.train.deepspeed_config)
+    ds = json.loads(path.read_text())
+    ds.pop("_comment", None)
+    t, o = cfg.train, cfg.optim
+    filled = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": o.grad_clip,
+    }
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise TrainingError(f"{path}: {key}={ds[key]} disagrees with the run config ({value}); set it to \"auto\"")
+    ds.setdefault("bf16", {})["enabled"] = bf16
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    params["lr"], params["weight_decay"] = o.lr, o.weight_decay  # defaults; each param group sets its own lr
+    if not on_gpu:
+        params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel
+    scheduler = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})["params"]
+    for key, value in {"total_num_steps": total_steps,
+                       "warmup_num_steps": max(1, math.ceil(o.warmup_ratio * total_steps)) if o.warmup_ratio else 0,
+                       "cos_min_ratio": o.min_lr_ratio}.items():
+        if scheduler.get(key, "auto") == "auto":
+            scheduler[key] = value
+    return ds
+
+
+def _collate_with_keys(collator, samples):
+    return [s.key for s in samples], collator(samples)
+
+
+def _truncate_sample_log(path: Path, keep_through_step: int) -> None:
+    """Drop key lines of steps after the checkpoint we resume from (they will be redone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if int(line.split("\t", 1)[0]) <= keep_through_step]
+    path.write_text("".join(kept))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class BuiltModel:
+    model: torch.nn.Module  # what DeepSpeed wraps: the compressed LLaVA
+    peft_model: object  # the PeftModel holding the LoRA adapter (None in train_mode=full)
+    param_groups: list[dict]
+    collator: object
+    visual_tokens_kept: int
+
+
+def attn_implementation(requested: str, on_gpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltModel:
+    """Load the base, decide what trains (the recipe), wrap it with DiViCo, group parameters by lr."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pipeline.data.collator import LlavaCollator
+    from pipeline.model.compressed_llava import CompressedLlava
+    from pipeline.model.divico import kept_count
+
+    m, o = cfg.model, cfg.optim
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(m.attn_implementation, on_gpu)}
+    if m.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    llava = LlavaForConditionalGeneration.from_pretrained(m.base, **kwargs)
+    llava.requires_grad_(False)
+    peft_model = None
+    if m.train_mode == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if m.qlora:
+            llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=m.gradient_checkpointing)
+        # Every linear layer of the language model (LLaVA-1.5's recipe): not lm_head, not the
+        # vision tower, not the projector.
+        targets = [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
+                   if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear4bit")]
+        peft_model = get_peft_model(llava, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                                      target_modules=targets, bias="none"))
+    else:
+        llava.model.language_model.requires_grad_(True)
+        llava.lm_head.requires_grad_(True)
+    llava.model.multi_modal_projector.requires_grad_(m.train_projector)
+    if m.gradient_checkpointing:
+        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    divico = divico_config(cfg)
+    model = CompressedLlava(peft_model or llava, divico)
+    model.train()
+    llava_params = {id(p) for p in llava.parameters()}
+    projector = {id(p) for p in llava.model.multi_modal_projector.parameters()}
+    groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "gap_encoder": (o.encoder_lr, [])}
+    for param in model.parameters():
+        if param.requires_grad:
+            name = ("projector" if id(param) in projector else
+                    "language_model" if id(param) in llava_params else "gap_encoder")
+            groups[name][1].append(param)
+    param_groups = [{"name": name, "params": params, "lr": lr, "weight_decay": o.weight_decay}
+                    for name, (lr, params) in groups.items() if params]
+
+    processor = AutoProcessor.from_pretrained(m.base)
+    collator = LlavaCollator(processor, collator_config(cfg), llava.config)
+    kept = kept_count(collator.num_visual_tokens, divico.tau) if divico.compresses else collator.num_visual_tokens
+    return BuiltModel(model=model, peft_model=peft_model, param_groups=param_groups, collator=collator,
+                      visual_tokens_kept=kept)
+
+
+# ----------------------------------------------------------------------------- fit
+
+# Per-step sums all-reduced once at the step boundary: [loss, lm_loss, kl, micro-batches,
+# tokens, samples, non-finite micro-batches, preemption requested].
+_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE, _PREEMPT = range(8)
+
+
+def fit(run: Run) -> int:
+    engine, t = run.engine, run.cfg.train
+    accumulation = engine.gradient_accumulation_steps()
+    batches = iter(run.loader)
+    if run.resumed_from:  # after the loader iterator drew its seed, exactly as the uninterrupted run's had
+        checkpoint.restore_rng(run.resumed_from, run.rank)
+    step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(8, dtype=torch.float64)
+    last = {}
+    while step < run.stop_step:
+        sums = torch.zeros(8, dtype=torch.float64)
+        keys_this_step = []
+        for micro in range(accumulation):
+            keys, batch = next(batches)
+            keys_this_step += keys
+            out = engine(**_to_device(batch, engine))
+            engine.backward(out.loss)
+            kl = out.kl.detach() if out.kl is not None else torch.zeros(())
+            lm = out.lm_loss.detach() if out.lm_loss is not None else out.loss.detach()
+            sums += torch.tensor([out.loss.item(), lm.item(), kl.item(), 1, batch["num_tokens"],
+                                  len(keys), 0, 0], dtype=torch.float64)
+            sums[_NONFINITE] += 0 if torch.isfinite(out.loss).item() else 1
+            if micro < accumulation - 1:
+                engine.step()
+        sums[_PREEMPT] = float(_preempt_requested)
+        dist.all_reduce(sums)  # one collective per step: the losses, and every rank's flags
+        if sums[_NONFINITE] > 0:
+            good = checkpoint.latest_checkpoint(t.output_dir)
+            raise TrainingError(f"non-finite loss at step {step + 1} (on {int(sums[_NONFINITE])} micro-batch(es)); "
+                                f"the weights were not updated. Last good checkpoint: {good or 'none'}")
+        engine.step()
+        step += 1
+        window += sums
+        if run.sample_log is not None:
+            with run.sample_log.open("a") as file:
+                file.writelines(f"{step}\t{key}\n" for key in keys_this_step)
+        if step % t.log_every_steps == 0 or step == run.stop_step:
+            elapsed = time.perf_counter() - window_started
+            last = _scalars(run, window, elapsed)
+            run.metrics.log(step, last)
+            window_started, window = time.perf_counter(), torch.zeros(8, dtype=torch.float64)
+        run.metrics.advance()
+        preempted = sums[_PREEMPT] > 0
+        if preempted or step % t.save_every_steps == 0 or step == run.stop_step:
+            _save(run, step)
+        if preempted:
+            if run.rank == 0:
+                log.warning("preempted: checkpoint for step %d written; exiting with %d", step, EXIT_PREEMPTED)
+            run.metrics.close()
+            return EXIT_PREEMPTED
+    if step == run.total_steps and run.rank == 0:
+        _write_summary(run, last)
+    run.metrics.close({k.split("/")[1]: v for k, v in last.items() if k.startswith("train/")} if step == run.total_steps else None)
+    if run.rank == 0 and step < run.total_steps:
+        log.info("stopped after train.max_steps at step %d/%d; continue with --resume auto", step, run.total_steps)
+    return 0
+
+
+def _to_device(batch: dict, engine) -> dict:
+    """The model's inputs on the engine's device; pixels in the model's dtype."""
+    from pipeline.data.collator import MODEL_INPUTS
+
+    dtype = next(p.dtype for p in engine.module.parameters() if p.is_floating_point())
+    moved = {}
+    for key in MODEL_INPUTS:
+        if key in batch:
+            value = batch[key].to(engine.device, non_blocking=True)
+            moved[key] = value.to(dtype) if value.is_floating_point() else value
+    return moved
+
+
+def _scalars(run: Run, window: torch.Tensor, elapsed: float) -> dict[str, float]:
+    micro = max(window[_MICRO].item(), 1.0)
+    grad_norm = run.engine.get_global_grad_norm()
+    return {
+        "train/loss": window[_LOSS].item() / micro,
+        "train/lm_loss": window[_LM].item() / micro,
+        "train/kl": window[_KL].item() / micro,
+        "train/lr": run.engine.get_lr()[0],
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "perf/tokens_per_s": window[_TOKENS].item() / elapsed,
+        "perf/samples_per_s": window[_SAMPLES].item() / elapsed,
+        "perf/visual_tokens_kept": float(run.visual_tokens_kept),
+        "memory/peak_gib": peak_memory_gib(),
+    }
+
+
+def _save(run: Run, step: int) -> None:
+    t = run.cfg.train
+    samples = step * t.micro_batch_size * run.engine.gradient_accumulation_steps()
+    state = checkpoint.TrainerState(step=step, samples_per_rank=samples, world_size=run.world_size,
+                                    total_steps=run.total_steps)
+    checkpoint.save(run.engine, run.model, run.peft_model, output_dir=t.output_dir, state=state,
+                    config_yaml=run.config_yaml, keep_last=t.keep_last, rank=run.rank)
+
+
+def _write_summary(run: Run, last: dict[str, float]) -> None:
+    summary = {"stage": run.cfg.train.stage, "steps": run.total_steps, "run_name": tensorboard_run_name(run.cfg),
+               "checkpoint": str(checkpoint.latest_checkpoint(run.cfg.train.output_dir)), **last}
+    (Path(run.cfg.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
