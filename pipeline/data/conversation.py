@@ -219,8 +219,9 @@ class ConversationTokenizer:
         for start, end in rendered.answer_spans:
             positions = [index for index, (token_start, token_end) in enumerate(offsets)
                          if token_start < end and token_end > start]
-            decoded = self.tokenizer.decode([ids[index] for index in positions])
-            if not positions or decoded.strip() != rendered.text[start:end].strip():
+            decoded = self.tokenizer.decode([ids[index] for index in positions], clean_up_tokenization_spaces=False)
+            # Whitespace may decode differently (SentencePiece's leading space); characters may not.
+            if not positions or decoded.split() != rendered.text[start:end].split():
                 raise ValueError(f"sample {key}: the labelled tokens decode to {decoded!r}, not the answer "
                                  f"{rendered.text[start:end]!r}; the tokenizer merges prompt and answer text")
             for index in positions:
