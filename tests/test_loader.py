@@ -256,3 +256,10 @@ def test_manifest_without_samples(shard_copy):
     (shard_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="lists no samples"):
         dataset(shard_copy)
+
+
+def test_unreadable_tar(shard_copy):
+    shard = shard_copy / "shard-000002.tar"
+    shard.write_bytes(b"x" * shard.stat().st_size)
+    with pytest.raises(ValueError, match="shard-000002.tar is not a readable tar file"):
+        dataset(shard_copy)

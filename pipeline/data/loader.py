@@ -1,11 +1,10 @@
 """The training loader: decoded samples from `divico prep shard` output, exact epochs on any world size.
 
-Random access, not streaming: a member index (offset and size of each sample's json and image,
-from tarfile's header scan; cached as loader-index.npz next to the manifest) lets one seeded
-permutation of all samples be split at sample level over ranks and loader workers. Each worker
-reads and decodes only the samples it yields, resume skips in O(1) without reading anything, and
-the shuffle is global; the cost is ~100 KB random reads, which local NVMe and parallel file
-systems serve well, where a shuffle buffer would mix only neighbouring samples.
+Random access rather than streaming: a member index (offset and size of each sample's json and
+image, from tarfile's header scan, cached as loader-index.npz next to the manifest) lets one seeded
+permutation of all samples be split at sample level over ranks and workers. Each worker reads and
+decodes only what it yields, resume skips in O(1), and the shuffle is global, not a shuffle
+buffer's local mix; the price, ~100 KB random reads, is what NVMe and parallel file systems serve well.
 
 Epoch layout (seed, epoch): order = permutation of all N samples; rank r takes the r-th block of
 N // world_size (the rest, at most world_size - 1 samples from the tail of the order, is dropped
@@ -111,26 +110,29 @@ def _scan_shard(path: Path) -> list[tuple[str, int, int, int, int]]:
     read per member. Members are grouped into samples by webdataset's own naming rule.
     """
     samples: list[dict[str, Any]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, suffix = base_plus_ext(member.name)
-            if key is None:
-                raise ValueError(f"{path}: member {member.name!r} has no key.extension name")
-            suffix = suffix.lower()
-            if not samples or samples[-1]["key"] != key:
-                samples.append({"key": key})
-            sample = samples[-1]
-            if suffix == "json":
-                slot = "json"
-            elif suffix in IMAGE_SUFFIXES:
-                slot = "image"
-            else:
-                raise ValueError(f"{path}: member {member.name!r} is neither json nor an image")
-            if slot in sample:
-                raise ValueError(f"{path}: sample {key!r} has more than one {slot} member")
-            sample[slot] = (member.offset_data, member.size)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, suffix = base_plus_ext(member.name)
+                if key is None:
+                    raise ValueError(f"{path}: member {member.name!r} has no key.extension name")
+                suffix = suffix.lower()
+                if not samples or samples[-1]["key"] != key:
+                    samples.append({"key": key})
+                sample = samples[-1]
+                if suffix == "json":
+                    slot = "json"
+                elif suffix in IMAGE_SUFFIXES:
+                    slot = "image"
+                else:
+                    raise ValueError(f"{path}: member {member.name!r} is neither json nor an image")
+                if slot in sample:
+                    raise ValueError(f"{path}: sample {key!r} has more than one {slot} member")
+                sample[slot] = (member.offset_data, member.size)
+    except tarfile.TarError as error:
+        raise ValueError(f"{path} is not a readable tar file: {error}") from error
     rows = []
     for sample in samples:
         if "json" not in sample:
@@ -281,7 +283,7 @@ class ShardDataset(IterableDataset):
             try:
                 image = Image.open(io.BytesIO(data))
                 image.load()  # decode here, in the worker, and fail here on a bad image
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise ValueError(f"{where}: image does not decode: {error}") from error
             if image.mode != "RGB":
                 image = image.convert("RGB")  # greyscale, CMYK; RGB skips convert's full copy
