@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from pipeline.evaluate import (
     read_samples,
 )
 from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.divico import DiViCoConfig
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 160, 40)}
 # 6 color questions (answers red x3, blue x2, green x1) and 3 arithmetic ones (5, 5, 7).
@@ -130,6 +132,30 @@ def test_evaluate_through_the_divico_wrapper(tiny_llava_dir, eval_json, collator
     assert (compressed.mode, compressed.tau, compressed.visual_tokens_kept) == ("fastv", 0.11, 11)
     with pytest.raises(ValueError, match="needs a trained gap encoder"):
         load_model(tiny_llava_dir, mode="divico", device="cpu")
+
+
+def test_a_folder_with_divico_settings_loads_the_wrapper(tiny_llava_dir, eval_json, collator, tmp_path):
+    folder = tmp_path / "exported"
+    shutil.copytree(tiny_llava_dir, folder)
+    CompressedLlava(load_model(folder, device="cpu"), DiViCoConfig(mode="divico", tau=1 / 9)).save_divico(folder)
+
+    model = load_model(folder, device="cpu")
+    assert isinstance(model, CompressedLlava) and model.config.mode == "divico"
+    samples = list(read_samples(eval_json, eval_json.parent / "images"))[:3]
+    result = evaluate(model, collator, samples, max_new_tokens=2, progress=False)
+    assert (result.mode, result.visual_tokens_kept, result.samples) == ("divico", 11, 3)
+    assert load_model(folder, mode="fastv", tau=0.2, device="cpu").config.mode == "fastv"
+
+
+def test_evaluate_reads_a_shard_directory(make_shard_dir, tiny_llava_dir, collator):
+    shards = make_shard_dir(6, 2)
+    samples = list(read_samples(shards))
+    assert sorted(s.key for s in samples) == [f"{index:07d}_id{index}" for index in range(6)]
+    result = evaluate(load_model(tiny_llava_dir, device="cpu"), collator, samples, max_new_tokens=2, progress=False)
+    assert result.samples == 6 and set(result.by_type) == {"other"}
+    assert sorted(p["answer"] for p in result.predictions) == [f"answer {index}" for index in range(6)]
+    with pytest.raises(FileNotFoundError, match="not a shard directory"):
+        list(read_samples(shards.parent))
 
 
 def test_divico_eval_command_prints_json(tiny_llava_dir, eval_json, capsys):
