@@ -194,7 +194,7 @@ def test_corrupt_index_is_rebuilt(make_shard_dir, caplog):
 @pytest.fixture
 def shard_copy(shard_dirs, tmp_path) -> Path:
     copy = tmp_path / "shards"
-    shutil.copytree(shard_dirs[3], copy)
+    shutil.copytree(shard_dirs[3], copy, ignore=shutil.ignore_patterns(INDEX_NAME))  # scan afresh
     return copy
 
 
