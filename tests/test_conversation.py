@@ -208,3 +208,20 @@ def test_truncation_drops_later_rounds_and_keeps_visual_tokens(tiny_llava_dir):
 def test_max_length_that_cannot_hold_the_visual_tokens_is_rejected(tiny_llava_dir):
     with pytest.raises(ValueError, match="cannot hold the prompt head"):
         LlavaCollator.from_pretrained(tiny_llava_dir, CollatorConfig(template="vicuna_v1", model_max_length=120))
+
+
+def test_a_tokenizer_merging_prompt_and_answer_fails_loudly():
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # No pre-tokenizer: BPE learns merges across the "ASSISTANT: yes" boundary.
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.train_from_iterator(["USER: <image>\nok? ASSISTANT: yes</s>"] * 50, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    conversation = ConversationTokenizer(tokenizer, template="vicuna_v1", chat_template=None,
+                                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                         num_visual_tokens=4, model_max_length=512)
+    with pytest.raises(ValueError, match="0000007_merge.*merges prompt and answer"):
+        conversation.encode([{"from": "human", "value": "ok?"}, {"from": "gpt", "value": "yes"}],
+                            key="0000007_merge", has_image=False)

@@ -169,6 +169,9 @@ class ConversationTokenizer:
 
     def __init__(self, tokenizer: Any, *, template: str, chat_template: str | None, image_token_id: int,
                  num_visual_tokens: int, model_max_length: int):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: labels are placed by character "
+                             "offsets, which only fast (tokenizers-backed) tokenizers report")
         self.tokenizer = tokenizer
         self.template = resolve_template(template, chat_template)
         self.chat_template = chat_template
