@@ -144,36 +144,42 @@ def _device(model: torch.nn.Module) -> torch.device:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
              max_new_tokens: int = 8, max_samples: int | None = None, progress: bool = True) -> EvalResult:
-    """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava) to each
-    sample's first question, scored against the first answer."""
-    model.eval()
+    """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava, in memory,
+    e.g. mid-training: its train/eval mode is restored) to each sample's first question, scored
+    against the first answer."""
     compressed = isinstance(model, CompressedLlava)
     config = model.config if compressed else None
     device = _device(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     predictions, tokens, generated_tokens, seconds = [], 0, 0, 0.0
-    for batch_samples in tqdm(_batches(samples, batch_size, max_samples), desc="eval", unit="batch",
-                              disable=not progress):
-        batch = collator.prompts(batch_samples)
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if "pixel_values" in batch:
-            inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
-        if compressed:
-            inputs["query_positions"] = batch["query_positions"].to(device)
-        started = time.perf_counter()
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=collator.pad_token_id)
-        seconds += time.perf_counter() - started
-        new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
-        generated = (new_tokens != collator.pad_token_id).sum(1)
-        generated_tokens += int(generated.sum())
-        tokens += batch["num_tokens"] + int(generated.sum())
-        for row, sample in enumerate(batch_samples):
-            prediction = collator.tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-            answer = batch["answers"][row]
-            predictions.append({"key": sample.key, "question_type": question_type(sample),
-                                "question": first_question(sample), "answer": answer, "prediction": prediction,
-                                "correct": normalize_answer(prediction) == normalize_answer(answer)})
+    was_training = model.training
+    model.eval()
+    try:
+        for batch_samples in tqdm(_batches(samples, batch_size, max_samples), desc="eval", unit="batch",
+                                  disable=not progress):
+            batch = collator.prompts(batch_samples)
+            inputs = {"input_ids": batch["input_ids"].to(device),
+                      "attention_mask": batch["attention_mask"].to(device)}
+            if "pixel_values" in batch:
+                inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+            if compressed:
+                inputs["query_positions"] = batch["query_positions"].to(device)
+            started = time.perf_counter()
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=collator.pad_token_id)
+            seconds += time.perf_counter() - started
+            new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
+            generated = int((new_tokens != collator.pad_token_id).sum())  # EOS counts, the padding after it not
+            generated_tokens += generated
+            tokens += batch["num_tokens"] + generated
+            for row, sample in enumerate(batch_samples):
+                prediction = collator.tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
+                answer = batch["answers"][row]
+                predictions.append({"key": sample.key, "question_type": question_type(sample),
+                                    "question": first_question(sample), "answer": answer, "prediction": prediction,
+                                    "correct": normalize_answer(prediction) == normalize_answer(answer)})
+    finally:
+        model.train(was_training)
     if not predictions:
         raise ValueError("no samples to evaluate")
 

@@ -142,7 +142,9 @@ def test_a_folder_with_divico_settings_loads_the_wrapper(tiny_llava_dir, eval_js
     model = load_model(folder, device="cpu")
     assert isinstance(model, CompressedLlava) and model.config.mode == "divico"
     samples = list(read_samples(eval_json, eval_json.parent / "images"))[:3]
+    model.train()  # as mid-training: evaluated in eval mode (no noise), handed back in train mode
     result = evaluate(model, collator, samples, max_new_tokens=2, progress=False)
+    assert model.training
     assert (result.mode, result.visual_tokens_kept, result.samples) == ("divico", 11, 3)
     assert load_model(folder, mode="fastv", tau=0.2, device="cpu").config.mode == "fastv"
 
