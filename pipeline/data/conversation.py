@@ -75,7 +75,7 @@ def conversation_rounds(conversations: list[dict[str, Any]], *, key: str, has_im
         if IMAGE_TOKEN in answer:
             raise ValueError(f"sample {key}: {IMAGE_TOKEN} marker in gpt turn {index + 1}")
         if index == 0 and has_image:
-            question = _strip_leading_or_trailing_marker(question, key)
+            question = _strip_leading_or_trailing_marker(question)
         if IMAGE_TOKEN in question:
             where = "a text-only sample" if not has_image else f"human turn {index}"
             raise ValueError(f"sample {key}: stray {IMAGE_TOKEN} marker in {where}; only one, at the start "
@@ -84,7 +84,7 @@ def conversation_rounds(conversations: list[dict[str, Any]], *, key: str, has_im
     return rounds
 
 
-def _strip_leading_or_trailing_marker(question: str, key: str) -> str:
+def _strip_leading_or_trailing_marker(question: str) -> str:
     text = question.strip()
     if text.startswith(IMAGE_TOKEN):
         text = text[len(IMAGE_TOKEN):]
