@@ -253,6 +253,9 @@ def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     collator = LlavaCollator(AutoProcessor.from_pretrained(cfg.model),
                              CollatorConfig(template=cfg.template, model_max_length=cfg.model_max_length),
                              AutoConfig.from_pretrained(cfg.model))
+    log.info("evaluating %s (mode %s, template %s, %d visual tokens per image) on %s", cfg.model,
+             model.config.mode if isinstance(model, CompressedLlava) else "none", collator.template,
+             collator.num_visual_tokens, cfg.data)
     return evaluate(model, collator, read_samples(cfg.data, cfg.image_root), batch_size=cfg.batch_size,
                     max_new_tokens=cfg.max_new_tokens, max_samples=cfg.max_samples, progress=progress)
 
