@@ -1,0 +1,129 @@
+"""`divico bench prep`: data-prep throughput next to the work it cannot avoid.
+
+On one synthetic set of photo-sized JPEGs (640x480, ~100 KB, page-cached before timing):
+  decode   a bare loop that opens and fully decodes every entry's image with PIL (1 process)
+  prep     `divico prep shard` at default validation (full decode) with 1 and 2 workers
+  fast     `divico prep shard --fast-validate` (1 worker and the default worker count)
+  tar      the system `tar` packing the same files (1 process)
+  loader   pipeline.data.loader decoding the shards, samples/s for one loader worker
+Targets (issue 2): ratio_to_decode = prep(1 worker) / decode >= 0.8; fast_ratio_to_tar =
+fast(1 worker) / tar >= 0.5; worker_scaling = prep(2) / prep(1) >= 1.7 on >= 2 free cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from data_prep.shard import ShardConfig, run_shard
+from data_prep.synth import DATA_FILE, SynthConfig, generate
+
+
+@dataclass
+class BenchConfig:
+    num_samples: int = 2000
+    work_dir: Path | None = None
+    shard_size: int = 250     # several shards, so 2 workers have shards to share
+
+
+def _timed_prep(data: Path, root: Path, out: Path, *, workers: int, fast: bool,
+                shard_size: int) -> tuple[float, dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    manifest = run_shard(ShardConfig(data=data, image_root=root, out=out, workers=workers,
+                                     shard_size=shard_size, fast_validate=fast, progress=False))
+    return time.perf_counter() - started, manifest
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Build the set, time every variant, return the figures."""
+    from pipeline.data.loader import measure_throughput
+
+    with tempfile.TemporaryDirectory(dir=cfg.work_dir) as tmp:
+        work = Path(tmp)
+        generate(SynthConfig(out=work / "set", num_samples=cfg.num_samples, seed=0,
+                             realistic=True, text_only=False))
+        data, root = work / "set" / DATA_FILE, work / "set" / "images"
+        images = [root / e["image"] for e in json.loads(data.read_text())]
+        image_bytes = sum(p.stat().st_size for p in images)
+        for path in images:  # page cache: every variant reads from memory
+            path.read_bytes()
+
+        started = time.perf_counter()
+        for path in images:
+            with Image.open(path) as img:
+                img.load()
+        decode_s = time.perf_counter() - started
+
+        seconds = {}
+        for name, workers, fast in (("prep_1", 1, False), ("prep_2", 2, False),
+                                    ("fast_1", 1, True), ("fast_default", os.cpu_count() or 1, True)):
+            seconds[name], manifest = _timed_prep(data, root, work / name, workers=workers,
+                                                  fast=fast, shard_size=cfg.shard_size)
+            if manifest["written"] != len(images):
+                raise RuntimeError(f"bench set: {manifest['written']} of {len(images)} written")
+
+        listing = work / "files.txt"
+        listing.write_text("".join(f"{p.relative_to(root)}\n" for p in images))
+        started = time.perf_counter()
+        subprocess.run(["tar", "-cf", str(work / "plain.tar"), "-C", str(root), "-T", str(listing)],
+                       check=True)
+        tar_s = time.perf_counter() - started
+
+        loader = measure_throughput(work / "prep_1", num_workers=1)
+
+    n = len(images)
+    rate = {k: n / s for k, s in seconds.items()}
+    decode_rate, tar_rate = n / decode_s, n / tar_s
+    return {
+        "samples": n,
+        "mean_image_kb": image_bytes / n / 1e3,
+        "cpu_count": os.cpu_count(),
+        "decode_samples_per_s": decode_rate,
+        "prep_samples_per_s": rate["prep_1"],
+        "prep_mb_per_s": image_bytes / seconds["prep_1"] / 1e6,
+        "prep_2_workers_samples_per_s": rate["prep_2"],
+        "prep_2_workers_mb_per_s": image_bytes / seconds["prep_2"] / 1e6,
+        "ratio_to_decode": rate["prep_1"] / decode_rate,
+        "worker_scaling": rate["prep_2"] / rate["prep_1"],
+        "fast_samples_per_s": rate["fast_1"],
+        "fast_mb_per_s": image_bytes / seconds["fast_1"] / 1e6,
+        "fast_default_workers_samples_per_s": rate["fast_default"],
+        "tar_samples_per_s": tar_rate,
+        "tar_mb_per_s": image_bytes / tar_s / 1e6,
+        "fast_ratio_to_tar": rate["fast_1"] / tar_rate,
+        "loader_samples_per_s_per_worker": loader["samples_per_s_per_worker"],
+    }
+
+
+def print_report(figures: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"divico bench prep: {figures['samples']} JPEGs of "
+                        f"{figures['mean_image_kb']:.0f} KB, {figures['cpu_count']} CPUs")
+    for column in ("", "samples/s", "MB/s", "figure", "target"):
+        table.add_column(column, justify="right" if column else "left")
+    f = figures
+    table.add_row("PIL decode loop (1 process)", f"{f['decode_samples_per_s']:,.0f}", "", "", "")
+    table.add_row("prep, full decode, 1 worker", f"{f['prep_samples_per_s']:,.0f}",
+                  f"{f['prep_mb_per_s']:,.0f}", f"ratio_to_decode {f['ratio_to_decode']:.2f}", ">= 0.8")
+    table.add_row("prep, full decode, 2 workers", f"{f['prep_2_workers_samples_per_s']:,.0f}",
+                  f"{f['prep_2_workers_mb_per_s']:,.0f}", f"worker_scaling {f['worker_scaling']:.2f}",
+                  ">= 1.7")
+    table.add_row("system tar (1 process)", f"{f['tar_samples_per_s']:,.0f}", f"{f['tar_mb_per_s']:,.0f}",
+                  "", "")
+    table.add_row("prep --fast-validate, 1 worker", f"{f['fast_samples_per_s']:,.0f}",
+                  f"{f['fast_mb_per_s']:,.0f}", f"fast_ratio_to_tar {f['fast_ratio_to_tar']:.2f}", ">= 0.5")
+    table.add_row(f"prep --fast-validate, {f['cpu_count']} workers",
+                  f"{f['fast_default_workers_samples_per_s']:,.0f}", "", "", "")
+    table.add_row("loader decode, per worker", f"{f['loader_samples_per_s_per_worker']:,.0f}", "", "", "")
+    Console().print(table)

@@ -1,0 +1,197 @@
+"""Validation of one LLaVA-665K entry and its image, with the reason codes of rejected.jsonl.
+
+Every check returns a `Rejection` (reason code + human-readable detail) or the facts the
+shard writer needs. The order is fixed: entry structure, <image> marker count, the path
+string, then the file system (symlink escape, missing, empty, undecodable). An entry is
+rejected for the first problem found, so each entry has exactly one reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from PIL import Image
+
+IMAGE_MARKER = "<image>"
+
+# Reason codes written to rejected.jsonl and counted in manifest.json.
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+UNREADABLE_IMAGE = "unreadable_image"
+PATH_ESCAPES_ROOT = "path_escapes_root"
+MALFORMED_ENTRY = "malformed_entry"
+IMAGE_MARKER_COUNT = "image_marker_count"
+REASONS = (MISSING_FILE, EMPTY_FILE, UNREADABLE_IMAGE, PATH_ESCAPES_ROOT, MALFORMED_ENTRY,
+           IMAGE_MARKER_COUNT)
+
+TEXT_SOURCE = "text"
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What validation learned about an accepted image file."""
+    width: int
+    height: int
+    ext: str         # member extension in the shard: "jpg" or "png"
+    convert: bool    # True when the stored bytes are a PNG re-encoding (GIF, palette, other)
+    size: int        # file size in bytes, re-checked when the shard is written
+
+
+def entry_id(entry: object) -> str | None:
+    """The entry's id as a string, or None when it has none (for rejected.jsonl)."""
+    if isinstance(entry, dict) and isinstance(entry.get("id"), (str, int)) \
+            and not isinstance(entry.get("id"), bool):
+        return str(entry["id"])
+    return None
+
+
+def source_of(entry: object) -> str:
+    """The entry's top-level image folder ("coco", "gqa", "ocr_vqa", "textvqa", "vg"), "text"
+    for text-only entries, "unknown" when the entry has no usable image path."""
+    if not isinstance(entry, dict):
+        return "unknown"
+    image = entry.get("image")
+    if image is None:
+        return TEXT_SOURCE
+    parts = PurePosixPath(image).parts if isinstance(image, str) else ()
+    return parts[0] if parts and parts[0] != "/" else "unknown"
+
+
+def check_entry(entry: object) -> Rejection | None:
+    """Structure, marker count and path string of one entry (no file system access)."""
+    if not isinstance(entry, dict):
+        return Rejection(MALFORMED_ENTRY, f"entry is a JSON {type(entry).__name__}, not an object")
+    if entry_id(entry) is None:
+        return Rejection(MALFORMED_ENTRY, "missing or non-string 'id'")
+    image = entry.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        return Rejection(MALFORMED_ENTRY, "'image' is not a non-empty string")
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return Rejection(MALFORMED_ENTRY, "missing or empty 'conversations' list")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return Rejection(MALFORMED_ENTRY, f"turn {i} is not an object")
+        expected = ROLES[i % 2]
+        if turn.get("from") != expected:
+            return Rejection(MALFORMED_ENTRY, f"turn {i} is from {turn.get('from')!r}, expected "
+                                              f"{expected!r} (human/gpt alternating, human first)")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            return Rejection(MALFORMED_ENTRY, f"turn {i} value is {type(value).__name__}, not a string")
+        if not value.strip():
+            return Rejection(MALFORMED_ENTRY, f"turn {i} value is empty")
+    if len(turns) < 2:
+        return Rejection(MALFORMED_ENTRY, "conversation has no gpt answer")
+
+    markers = sum(turn["value"].count(IMAGE_MARKER) for turn in turns)
+    if image is not None and markers != 1:
+        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_MARKER} markers for one image")
+    if image is None and markers:
+        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_MARKER} markers but no image")
+
+    if image is not None:
+        path = PurePosixPath(image)
+        if path.is_absolute() or image.startswith("\\") or ":" in path.parts[0]:
+            return Rejection(PATH_ESCAPES_ROOT, f"absolute path {image!r}")
+        if ".." in path.parts:
+            return Rejection(PATH_ESCAPES_ROOT, f"'..' in path {image!r}")
+    return None
+
+
+def resolve_image(root_real: str, image: str) -> str | Rejection:
+    """The real path of `image` under the (already resolved) root, or why it escapes."""
+    real = os.path.realpath(os.path.join(root_real, image))
+    if os.path.commonpath([root_real, real]) != root_real:
+        return Rejection(PATH_ESCAPES_ROOT, f"{image!r} resolves outside the image root (symlink)")
+    return real
+
+
+def _jpeg_complete(tail: bytes) -> bool:
+    # Some encoders pad after the end-of-image marker; the marker must still be there.
+    return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def _png_complete(tail: bytes) -> bool:
+    return tail.endswith(b"IEND\xaeB`\x82")
+
+
+def _stored_format(image: Image.Image) -> tuple[str, bool]:
+    """(member extension, needs conversion) for an opened image.
+
+    JPEG and non-palette PNG bytes are stored as they are (no re-encoding, no quality loss);
+    GIF, palette images and any other format are re-encoded losslessly as PNG so that the
+    loader only ever meets jpg and png.
+    """
+    if image.format in ("JPEG", "MPO"):  # MPO: camera JPEGs with an extra preview frame
+        return "jpg", False
+    if image.format == "PNG" and image.mode not in ("P", "PA"):
+        return "png", False
+    return "png", True
+
+
+def check_image_file(root_real: str, image: str, *, fast: bool) -> ImageInfo | Rejection:
+    """Validate an image file: full decode by default, header + end marker if `fast`.
+
+    The file is opened once; PIL reads from it directly. Images that must be converted are
+    always fully decoded, since the conversion will decode them anyway.
+    """
+    real = resolve_image(root_real, image)
+    if isinstance(real, Rejection):
+        return real
+    try:
+        with open(real, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return Rejection(EMPTY_FILE, f"{image!r} is a zero-byte file")
+            with Image.open(f) as img:
+                ext, convert = _stored_format(img)
+                width, height = img.size
+                if fast and not convert:
+                    f.seek(max(0, size - 64))
+                    tail = f.read()
+                    complete = _jpeg_complete(tail) if ext == "jpg" else _png_complete(tail)
+                    if not complete:
+                        return Rejection(UNREADABLE_IMAGE, f"{image!r}: {img.format} end marker "
+                                                           "missing (truncated file)")
+                else:
+                    img.load()
+    except FileNotFoundError:
+        return Rejection(MISSING_FILE, f"{image!r} does not exist under the image root")
+    except IsADirectoryError:
+        return Rejection(MISSING_FILE, f"{image!r} is a directory, not a file")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return Rejection(UNREADABLE_IMAGE, f"{image!r}: {err}")
+    if width <= 0 or height <= 0:
+        return Rejection(UNREADABLE_IMAGE, f"{image!r}: empty size {width}x{height}")
+    return ImageInfo(width, height, ext, convert, size)
+
+
+def stored_image_bytes(root_real: str, image: str, info: ImageInfo) -> bytes:
+    """The bytes to store in the shard: the original file, or its lossless PNG conversion.
+
+    Raises RuntimeError if the file changed since it was validated.
+    """
+    with open(os.path.join(root_real, image), "rb") as f:
+        data = f.read()
+    if len(data) != info.size:
+        raise RuntimeError(f"image {image!r} changed size since validation "
+                           f"({info.size} -> {len(data)} bytes); re-run without --resume")
+    if not info.convert:
+        return data
+    with Image.open(io.BytesIO(data)) as img:
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+        converted = img.convert("RGBA" if has_alpha else "RGB")
+    out = io.BytesIO()
+    converted.save(out, format="PNG")
+    return out.getvalue()

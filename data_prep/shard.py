@@ -1,0 +1,489 @@
+"""`divico prep shard`: a LLaVA-665K-format JSON + image root -> webdataset shards.
+
+    setup     check the inputs and scan the JSON list into byte offsets (nothing written yet)
+    validate  workers check every entry and image (full decode, or header + end marker);
+              results go to OUT/.prep/validated.jsonl in entry order, so a kill loses at most
+              the chunks in flight
+    plan      accepted entries, shuffled with the seed, cut into balanced shards
+    write     workers write whole shards (temp name, fsync, rename); the parent only collects
+              sizes and hashes
+    finish    rejected.jsonl, manifest.json (last), then the work folder is removed
+
+The output depends only on the input bytes, the seed and the shard size - never on the
+worker count or on where a previous run was killed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import tarfile
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from tqdm import tqdm
+
+from data_prep import checks
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+WORK_DIR = ".prep"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+class PrepError(Exception):
+    """A problem with the user's inputs or output folder; the message says which and why."""
+
+
+@dataclass
+class ShardConfig:
+    data: Path
+    image_root: Path
+    out: Path
+    workers: int = max(1, os.cpu_count() or 1)
+    seed: int = 0
+    shard_size: int = 5000          # ~0.8 GB shards at LLaVA-665K's ~160 KB per image
+    resume: bool = False
+    fast_validate: bool = False
+    chunk_size: int = 32            # entries per validation task (small: even end of phase)
+    progress: bool = True
+
+
+class Accepted(NamedTuple):
+    index: int
+    id: str
+    source: str
+    image: str | None
+    width: int | None
+    height: int | None
+    ext: str | None
+    convert: bool
+    size: int
+
+
+class Rejected(NamedTuple):
+    index: int
+    id: str | None
+    reason: str
+    detail: str
+    source: str
+
+
+# ---------------------------------------------------------------------------- setup
+
+def scan_json_list(path: Path, block_size: int = 1 << 22) -> tuple[array, str]:
+    """Byte offsets [start0, end0, start1, end1, ...] of the elements of a top-level JSON
+    list, and the file's sha256, reading the file in blocks.
+
+    The parsed elements are dropped at once, so memory is 16 bytes per entry rather than the
+    several GB the parsed 665K list would take; workers re-read entries by offset.
+    """
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"[ \t\n\r]*")
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    sha = hashlib.sha256()
+    offsets = array("q")
+    with open(path, "rb") as f:
+        buf, pos, pos_byte, eof = "", 0, 0, False
+
+        def read_more() -> None:
+            nonlocal buf, pos, eof
+            data = f.read(block_size)
+            eof = not data
+            sha.update(data)
+            buf = buf[pos:] + utf8.decode(data, final=eof)
+            pos = 0
+
+        def fail(message: str) -> PrepError:
+            return PrepError(f"{path}: not a valid JSON list of entries near byte {pos_byte}: "
+                             f"{message}")
+
+        def skip_whitespace() -> str:
+            """The next non-whitespace character ('' at end of file)."""
+            nonlocal pos, pos_byte
+            while True:
+                end = whitespace.match(buf, pos).end()
+                pos_byte += end - pos
+                pos = end
+                if pos < len(buf) or eof:
+                    return buf[pos:pos + 1]
+                read_more()
+
+        try:
+            if skip_whitespace() != "[":
+                raise fail("the file must hold one JSON list")
+            pos, pos_byte = pos + 1, pos_byte + 1
+            if skip_whitespace() == "]":
+                pos += 1
+            else:
+                while True:
+                    while True:  # decode one element, reading more until it is complete
+                        try:
+                            _, end = decoder.raw_decode(buf, pos)
+                            if end < len(buf) or eof:
+                                break
+                        except json.JSONDecodeError as err:
+                            if eof:
+                                raise fail(err.msg) from None
+                            if len(buf) - pos > 256 * block_size:
+                                raise fail(f"an entry longer than {256 * block_size} bytes: "
+                                           f"{err.msg}") from None
+                        read_more()
+                    size = len(buf[pos:end].encode("utf-8"))
+                    offsets.extend((pos_byte, pos_byte + size))
+                    pos, pos_byte = end, pos_byte + size
+                    sep = skip_whitespace()
+                    pos, pos_byte = pos + 1, pos_byte + 1
+                    if sep == "]":
+                        break
+                    if sep != ",":
+                        raise fail(f"expected ',' or ']' after an entry, found {sep!r}")
+                    skip_whitespace()
+            if skip_whitespace() != "":
+                raise fail("text after the end of the list")
+        except UnicodeDecodeError as err:
+            raise fail(f"not UTF-8 ({err.reason})") from None
+    return offsets, sha.hexdigest()
+
+
+def read_entries(f, starts: list[int], ends: list[int]) -> list[object]:
+    """Parse entries from an open data file by byte offsets (one read for a consecutive run)."""
+    f.seek(starts[0])
+    blob = f.read(ends[-1] - starts[0])
+    base = starts[0]
+    return [json.loads(blob[s - base:e - base]) for s, e in zip(starts, ends)]
+
+
+# ---------------------------------------------------------------------------- validate
+
+_worker: dict = {}
+
+
+def _init_worker(data: str, root_real: str, fast: bool) -> None:
+    _worker.update(data=data, root_real=root_real, fast=fast)
+
+
+def _validate_chunk(task: tuple[int, list[int], list[int]]) -> list[Accepted | Rejected]:
+    first, starts, ends = task
+    with open(_worker["data"], "rb") as f:
+        entries = read_entries(f, starts, ends)
+    return [validate_entry(first + i, entry, _worker["root_real"], fast=_worker["fast"])
+            for i, entry in enumerate(entries)]
+
+
+def validate_entry(index: int, entry: object, root_real: str, *, fast: bool) -> Accepted | Rejected:
+    """Accept or reject one entry; an accepted image has been decoded (or header-checked)."""
+    entry_id = checks.entry_id(entry)
+    source = checks.source_of(entry)
+    problem = checks.check_entry(entry)
+    if problem is not None:
+        return Rejected(index, entry_id, problem.reason, problem.detail, source)
+    image = entry.get("image")
+    if image is None:
+        return Accepted(index, entry_id, source, None, None, None, None, False, 0)
+    info = checks.check_image_file(root_real, image, fast=fast)
+    if isinstance(info, checks.Rejection):
+        return Rejected(index, entry_id, info.reason, info.detail, source)
+    return Accepted(index, entry_id, source, image, info.width, info.height,
+                    info.ext, info.convert, info.size)
+
+
+# ---------------------------------------------------------------------------- plan
+
+def plan_shards(num_samples: int, shard_size: int, seed: int) -> list[list[int]]:
+    """Positions of accepted samples per shard: shuffled with `seed`, as few shards as
+    `shard_size` allows, sizes differing by at most one."""
+    order = list(range(num_samples))
+    random.Random(seed).shuffle(order)
+    num_shards = math.ceil(num_samples / shard_size)
+    base, extra = divmod(num_samples, max(num_shards, 1))
+    shards, start = [], 0
+    for k in range(num_shards):
+        stop = start + base + (k < extra)
+        shards.append(order[start:stop])
+        start = stop
+    return shards
+
+
+def sample_key(index: int, entry_id: str, digits: int) -> str:
+    """webdataset-safe key: unique through the entry index, readable through the id."""
+    return f"{index:0{digits}d}_{re.sub(r'[^A-Za-z0-9_-]', '_', entry_id)[:64]}"
+
+
+# ---------------------------------------------------------------------------- write
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes through it (no re-read)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata so the bytes depend only on the content.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))  # BytesIO shares the bytes, no copy
+
+
+def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
+    """Write one shard to a temp name, fsync, rename. Returns (name, samples, bytes, sha256)."""
+    path, samples, digits = task
+    tmp = path + ".tmp"
+    with open(_worker["data"], "rb") as data, open(tmp, "wb") as f:
+        out = _HashingWriter(f)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            tar.copybufsize = 1 << 26  # copy each member in one piece, not 16 KB slices
+            for start, end, sample in samples:
+                entry = read_entries(data, [start], [end])[0]
+                key = sample_key(sample.index, sample.id, digits)
+                meta = {"id": sample.id, "index": sample.index, "source": sample.source,
+                        "image": sample.image, "width": sample.width, "height": sample.height,
+                        "conversations": entry["conversations"]}
+                _add_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+                if sample.image is not None:
+                    info = checks.ImageInfo(sample.width, sample.height, sample.ext,
+                                            sample.convert, sample.size)
+                    image = checks.stored_image_bytes(_worker["root_real"], sample.image, info)
+                    _add_member(tar, f"{key}.{sample.ext}", image)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return os.path.basename(path), len(samples), out.bytes, out.sha.hexdigest()
+
+
+def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str] | None:
+    """A shard left by an earlier run: its stats if its members are the planned ones, else None."""
+    path, samples, digits = task
+    expected = []
+    for _, _, s in samples:
+        key = sample_key(s.index, s.id, digits)
+        expected += sorted([f"{key}.json"] + ([f"{key}.{s.ext}"] if s.image is not None else []))
+    try:
+        with tarfile.open(path, "r:") as tar:
+            names = [m.name for m in tar]
+    except (OSError, tarfile.TarError):
+        return None
+    if names != expected:
+        return None
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+            size += len(block)
+    return os.path.basename(path), len(samples), size, sha.hexdigest()
+
+
+def _write_or_keep(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
+    if os.path.exists(task[0]):
+        kept = _check_shard(task)
+        if kept is not None:
+            return kept
+        log.warning("%s does not match the plan; rewriting it", task[0])
+    return _write_shard(task)
+
+
+# ---------------------------------------------------------------------------- driver
+
+def _job_identity(cfg: ShardConfig, data_sha256: str) -> dict:
+    return {"format_version": FORMAT_VERSION, "data": str(cfg.data.resolve()),
+            "data_sha256": data_sha256, "image_root": str(cfg.image_root.resolve()),
+            "seed": cfg.seed, "shard_size": cfg.shard_size, "fast_validate": cfg.fast_validate}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
+    """Create or reopen the output folder. Returns False when a finished job is there."""
+    work = cfg.out / WORK_DIR
+    existing = sorted(p.name for p in cfg.out.iterdir()) if cfg.out.is_dir() else []
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise PrepError(f"--out {cfg.out} exists and is not a folder")
+    if existing and not cfg.resume:
+        raise PrepError(f"--out {cfg.out} is not empty ({', '.join(existing[:3])}...); pass "
+                        "--resume to finish an interrupted job, or choose an empty folder")
+    if cfg.resume and existing:
+        if not work.is_dir():
+            if MANIFEST in existing:
+                return False
+            raise PrepError(f"--out {cfg.out} holds files but no interrupted job ({WORK_DIR}/ "
+                            "is missing); choose an empty folder")
+        previous = json.loads((work / "job.json").read_text())
+        changed = [k for k in identity if previous.get(k) != identity[k]]
+        if changed:
+            raise PrepError(f"--resume: {', '.join(changed)} differ from the interrupted job in "
+                            f"{cfg.out}; use the same inputs, or an empty folder")
+        for stale in cfg.out.glob("*.tmp"):  # partial files of the killed run
+            stale.unlink()
+        return True
+    work.mkdir(parents=True)
+    _atomic_write(work / "job.json", json.dumps(identity, indent=2))
+    return True
+
+
+def _load_validated(path: Path) -> list[Accepted | Rejected]:
+    """Results saved by an interrupted run; a torn last line is dropped (and redone)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    complete = raw[:raw.rfind(b"\n") + 1]
+    if len(complete) != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    results = []
+    for line in complete.decode("utf-8").splitlines():
+        kind, *fields = json.loads(line)
+        results.append(Accepted(*fields) if kind == "ok" else Rejected(*fields))
+    return results
+
+
+def _chunks(offsets: array, start: int, chunk: int) -> Iterator[tuple[int, list[int], list[int]]]:
+    n = len(offsets) // 2
+    for first in range(start, n, chunk):
+        last = min(first + chunk, n)
+        yield first, offsets[2 * first:2 * last:2].tolist(), offsets[2 * first + 1:2 * last:2].tolist()
+
+
+def run_shard(cfg: ShardConfig) -> dict:
+    """Run the whole job (or finish an interrupted one); returns the manifest."""
+    if cfg.shard_size < 1 or cfg.workers < 1:
+        raise PrepError("--shard-size and --workers must be at least 1")
+    if not cfg.image_root.is_dir():
+        raise PrepError(f"--image-root {cfg.image_root} is not an existing folder")
+    if not cfg.data.is_file():
+        raise PrepError(f"--data {cfg.data} is not an existing file")
+    log.info("scanning %s", cfg.data)
+    offsets, data_sha256 = scan_json_list(cfg.data)
+    num_entries = len(offsets) // 2
+    identity = _job_identity(cfg, data_sha256)
+    if not _prepare_out(cfg, identity):
+        log.info("%s already holds a finished job; nothing to do", cfg.out)
+        return json.loads((cfg.out / MANIFEST).read_text())
+
+    work = cfg.out / WORK_DIR
+    results = _load_validated(work / "validated.jsonl")
+    root_real = os.path.realpath(cfg.image_root)
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(cfg.workers, _init_worker, (str(cfg.data), root_real, cfg.fast_validate)) as pool:
+        # validate: ordered results, appended to the state file as they arrive
+        mode = "full decode" if not cfg.fast_validate else "header + end marker"
+        with open(work / "validated.jsonl", "a", encoding="utf-8") as state, \
+                tqdm(total=num_entries, initial=len(results), unit="samples", smoothing=0.1,
+                     desc=f"validate ({mode})", disable=not cfg.progress) as bar:
+            for chunk in pool.imap(_validate_chunk, _chunks(offsets, len(results), cfg.chunk_size)):
+                state.write("".join(json.dumps(["ok" if isinstance(r, Accepted) else "rejected", *r],
+                                               ensure_ascii=False) + "\n" for r in chunk))
+                state.flush()
+                results.extend(chunk)
+                bar.update(len(chunk))
+        accepted = [r for r in results if isinstance(r, Accepted)]
+        rejected = [r for r in results if isinstance(r, Rejected)]
+        del results
+
+        # plan + write: one task per shard, so workers never send image bytes to the parent
+        digits = max(7, len(str(max(num_entries - 1, 0))))
+        tasks = [(str(cfg.out / SHARD_PATTERN.format(k)),
+                  [(offsets[2 * accepted[p].index], offsets[2 * accepted[p].index + 1], accepted[p])
+                   for p in positions], digits)
+                 for k, positions in enumerate(plan_shards(len(accepted), cfg.shard_size, cfg.seed))]
+        shard_stats = {}
+        with tqdm(total=len(accepted), unit="samples", desc="write shards", smoothing=0.1,
+                  disable=not cfg.progress) as bar:
+            for name, samples, size, sha in pool.imap_unordered(_write_or_keep, tasks):
+                shard_stats[name] = {"name": name, "samples": samples, "bytes": size, "sha256": sha}
+                bar.update(samples)
+
+    manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
+                         [shard_stats[k] for k in sorted(shard_stats)])
+    _atomic_write(cfg.out / REJECTED, "".join(
+        json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in rejected))
+    _atomic_write(cfg.out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    shutil.rmtree(work)
+    _fsync_dir(cfg.out)
+    return manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list[Accepted],
+              rejected: list[Rejected], shards: list[dict]) -> dict:
+    written_by_source = Counter(a.source for a in accepted)
+    rejected_by_source = Counter(r.source for r in rejected)
+    sources = {s: {"written": written_by_source[s], "rejected": rejected_by_source[s]}
+               for s in sorted(written_by_source.keys() | rejected_by_source.keys())}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "inputs": {k: identity[k] for k in ("data", "data_sha256", "image_root", "shard_size",
+                                            "fast_validate")},
+        "seed": cfg.seed,
+        "entries": num_entries,
+        "written": len(accepted),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r.reason for r in rejected).items())),
+        "sources": sources,
+        "shards": shards,
+    }
+    if manifest["written"] + manifest["rejected"] != num_entries:
+        raise RuntimeError("accounting error: written + rejected != entries")  # a bug, never input
+    return manifest
+
+
+def summary_table(manifest: dict, seconds: float | None = None):
+    """A rich table of what a shard directory holds."""
+    from rich.table import Table
+
+    table = Table(title="divico prep shard", show_header=True)
+    table.add_column("")
+    table.add_column("count", justify="right")
+    table.add_row("entries", f"{manifest['entries']:,}")
+    table.add_row("written", f"{manifest['written']:,}")
+    table.add_row("rejected", f"{manifest['rejected']:,}")
+    for reason, n in manifest["rejected_by_reason"].items():
+        table.add_row(f"  {reason}", f"{n:,}")
+    for source, n in manifest["sources"].items():
+        table.add_row(f"source {source}", f"{n['written']:,} written, {n['rejected']:,} rejected")
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    sizes = [s["samples"] for s in manifest["shards"]] or [0]
+    table.add_row("shards", f"{len(manifest['shards']):,} ({min(sizes)}-{max(sizes)} samples, "
+                            f"{total_bytes / 1e9:.2f} GB)")
+    if seconds:
+        table.add_row("time", f"{seconds:.1f} s ({manifest['entries'] / seconds:,.0f} entries/s)")
+    return table
