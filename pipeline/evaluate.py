@@ -294,6 +294,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-max-length", type=int, default=2048)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--predictions", type=Path, default=None,
+                        help="also write every answer (key, question, answer, prediction, correct) as JSON lines")
     parser.set_defaults(func=run)
 
 
@@ -302,6 +304,9 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=args.template,
                      model_max_length=args.model_max_length, mode=args.mode, tau=args.tau, device=args.device)
     result = main(cfg, progress=not args.json)
+    if args.predictions:
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
+        args.predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
     if args.json:
         print(json.dumps(result.summary()))
     else:

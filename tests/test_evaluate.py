@@ -160,15 +160,18 @@ def test_evaluate_reads_a_shard_directory(make_shard_dir, tiny_llava_dir, collat
         list(read_samples(shards.parent))
 
 
-def test_divico_eval_command_prints_json(tiny_llava_dir, eval_json, capsys):
+def test_divico_eval_command_prints_json(tiny_llava_dir, eval_json, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "--model", str(tiny_llava_dir), "--data", str(eval_json),
                   "--image-root", str(eval_json.parent / "images"), "--max-samples", "4", "--max-new-tokens", "2",
-                  "--json"])
+                  "--json", "--predictions", str(tmp_path / "answers.jsonl")])
     assert exit_info.value.code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 4 and summary["visual_tokens"] == 100 and "predictions" not in summary
     assert set(summary) >= {"accuracy", "chance", "by_type", "tokens_per_s", "visual_tokens_kept"}
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["answer"] for a in answers] == COLOR_ANSWERS[:4]
+    assert summary["accuracy"] == sum(a["correct"] for a in answers) / 4
 
 
 def test_bad_settings_are_rejected(tiny_llava_dir, eval_json):
