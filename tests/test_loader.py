@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, measure_throughput
 
@@ -263,3 +265,36 @@ def test_unreadable_tar(shard_copy):
     shard.write_bytes(b"x" * shard.stat().st_size)
     with pytest.raises(ValueError, match="shard-000002.tar is not a readable tar file"):
         dataset(shard_copy)
+
+
+@pytest.mark.slow
+def test_reads_real_prep_output_like_webdataset(tmp_path):
+    """`divico prep shard` output (with defect-injected input): the loader's epoch over 3 ranks is
+    the set webdataset reads from the shards, with the same json and the same decoded images."""
+    from data_prep.shard import ShardConfig, run_shard
+    from data_prep.synth import DATA_FILE, SynthConfig, generate
+
+    generate(SynthConfig(out=tmp_path / "raw", num_samples=80, seed=5, defects=0.1, width=48, height=40))
+    run_shard(ShardConfig(data=tmp_path / "raw" / DATA_FILE, image_root=tmp_path / "raw" / "images",
+                          out=tmp_path / "shards", workers=1, shard_size=16, progress=False))
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    expected = {}
+    for shard in manifest["shards"]:
+        for sample in wds.WebDataset(str(tmp_path / "shards" / shard["name"]), shardshuffle=False):
+            image = next((sample[ext] for ext in ("jpg", "png") if ext in sample), None)
+            expected[sample["__key__"]] = (json.loads(sample["json"]), image)
+    assert len(expected) == manifest["written"] > 0 and manifest["rejected"] > 0
+
+    world_size = 3
+    seen = {}
+    for rank in range(world_size):
+        for sample in dataset(tmp_path / "shards", rank, world_size):
+            record, image = expected[sample.key]
+            assert {"conversations": sample.conversations, **sample.meta} == record
+            if image is None:
+                assert sample.image is None
+            else:
+                with Image.open(io.BytesIO(image)) as reference:
+                    assert sample.image.tobytes() == reference.convert("RGB").tobytes()
+            seen[sample.key] = rank
+    assert len(seen) == len(expected) // world_size * world_size
