@@ -194,9 +194,12 @@ def _dependency_order(path: Path, raw: DictConfig) -> list[str]:
 def _expand_stage(path: Path, raw: DictConfig, name: str, workdir: Path) -> Stage:
     where = f"pipeline file {path}: stage {name}"
     stage = raw.stages[name]
-    if (stage.command is None) == (stage.train is None):
+    # Unresolved: ${tau} and friends only have values per sweep point (see _task).
+    spec = OmegaConf.to_container(stage, resolve=False)
+    has_command, has_train = spec["command"] is not None, spec["train"] is not None
+    if has_command == has_train:
         raise PipelineError(f"{where}: give exactly one of `command` (a shell command) or `train`")
-    kind = "command" if stage.command is not None else "train"
+    kind = "command" if has_command else "train"
     resources = OmegaConf.to_object(stage.resources)
     _check_resources(where, kind, resources)
     for variable, values in stage.sweep.items():
@@ -234,12 +237,13 @@ def _task(where: str, raw: DictConfig, name: str, kind: str, index: int, point: 
     outputs = [Path(output) for output in stage["outputs"]]
     if kind == "command":
         return Task(stage=name, index=index, label=label, command=stage["command"].strip(), outputs=tuple(outputs))
-    train_args, output_dir = _train_args(where, raw, name, stage["train"], workdir)
+    run_name = f"{name}-{label}" if point else name  # one TensorBoard run per stage and sweep point
+    train_args, output_dir = _train_args(where, raw, run_name, stage["train"], workdir)
     return Task(stage=name, index=index, label=label, command=shlex.join(["divico", "train", *train_args]),
                 outputs=(*outputs, output_dir / TRAIN_DONE_FILE), train_args=train_args)
 
 
-def _train_args(where: str, raw: DictConfig, name: str, train: dict[str, Any],
+def _train_args(where: str, raw: DictConfig, run_name: str, train: dict[str, Any],
                 workdir: Path) -> tuple[tuple[str, ...], Path]:
     if not train["config"]:
         raise PipelineError(f"{where}: train.config lists no recipe YAML")
@@ -250,8 +254,8 @@ def _train_args(where: str, raw: DictConfig, name: str, train: dict[str, Any],
                             f"to {workdir}, the directory you launch from)")
     output_dir = Path(train["output_dir"])
     # The launcher owns where a run writes and how its TensorBoard run is named, so that all
-    # stages and sweep points share one TensorBoard root, one run each (<stage>-<mode>-tau<tau>).
-    owned = {"train.output_dir": str(output_dir), "train.stage": name,
+    # stages and sweep points share one TensorBoard root, one run each (e.g. divico-tau-0.111).
+    owned = {"train.output_dir": str(output_dir), "train.stage": run_name,
              "train.tensorboard_dir": str(Path(raw.root) / "tensorboard")}
     clash = [o for o in train["overrides"] if o.split("=", 1)[0] in owned]
     if clash:

@@ -1,0 +1,171 @@
+"""launch/: the stage graph, its validation, the rendered sbatch scripts, the local runner on
+command stages, and the deepspeed launcher scripts' up-front checks. No SLURM needed here
+(tests/test_launch_slurm.py uses the real cluster)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launch import local, slurm
+from launch.stages import TRAIN_DONE_FILE, PipelineError, load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED_SCRIPTS = REPO / "launch" / "deepspeed"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_local_pipeline_graph(tmp_path: Path) -> None:
+    pipeline = load_pipeline(REPO / "configs/cluster/local.yaml", [f"root={tmp_path}"], workdir=REPO)
+    names = [stage.name for stage in pipeline.stages]
+    for stage in pipeline.stages:  # dependency order
+        assert all(names.index(dep) < names.index(stage.name) for dep in stage.after)
+    divico = pipeline.stage("divico")
+    assert divico.kind == "train" and divico.swept
+    assert [task.label for task in divico.tasks] == ["tau-0.0667", "tau-0.1111", "tau-0.1667"]
+    task = divico.tasks[1]
+    assert "divico.tau=0.1111" in task.train_args and f"model.base={tmp_path}/base/model" in task.train_args
+    assert f"train.output_dir={tmp_path}/divico/tau-0.1111" in task.train_args
+    assert f"train.tensorboard_dir={tmp_path}/tensorboard" in task.train_args
+    assert "train.stage=divico-tau-0.1111" in task.train_args  # one TensorBoard run per stage and tau
+    assert task.train_args[-2:] == ("--resume", "auto")
+    assert task.outputs == (tmp_path / "divico/tau-0.1111" / TRAIN_DONE_FILE,)
+    assert task.command.startswith("divico train --config configs/debug/tiny.yaml")
+    synth = pipeline.stage("synth")  # nested interpolation: per-split sizes and seeds from vars
+    assert [t.command for t in synth.tasks] == [
+        f"divico prep synth --out {tmp_path}/data/train --num-samples 2400 --seed 0",
+        f"divico prep synth --out {tmp_path}/data/heldout --num-samples 240 --seed 1"]
+    assert "train.stage=base" in pipeline.stage("base").tasks[0].train_args
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("a: {command: 'true', after: [nope]}", "unknown stage"),
+    ("a: {command: 'true', after: [b]}\n  b: {command: 'true', after: [a]}", "cycle"),
+    ("a: {after: []}", "exactly one of"),
+    ("a: {command: 'true', resources: {tasks_per_node: 2}}", "one process"),
+    ("a: {command: 'echo ${tau}'}", "tau"),
+    ("a: {command: 'true', sweep: {root: [1]}}", "hides the top-level key"),
+    ("a: {train: {config: [missing.yaml], output_dir: x}}", "missing.yaml"),
+    ("a: {train: {config: [c.yaml], output_dir: x, overrides: [train.stage=x]}}", "not as overrides"),
+    ("a: {train: {config: [c.yaml], output_dir: x}, resources: {tasks_per_node: 2, gpus_per_node: 4}}",
+     "one rank per GPU"),
+    ("a: {command: 'true', resourcez: {}}", "resourcez"),
+])
+def test_invalid_pipelines_name_the_problem(tmp_path: Path, stages: str, message: str) -> None:
+    (tmp_path / "c.yaml").write_text("{}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(f"root: {tmp_path}/run\nstages:\n  {stages}\n")
+    with pytest.raises(PipelineError, match=re.escape(message)) as error:
+        load_pipeline(path, workdir=tmp_path)
+    assert str(path) in str(error.value)
+
+
+def test_a100_scripts(tmp_path: Path) -> None:
+    pipeline = load_pipeline(REPO / "configs/cluster/a100.yaml", [f"root={tmp_path}"], workdir=REPO)
+    scripts = slurm.render(pipeline)
+    train = scripts["divico"].read_text()
+    for line in ["--partition=a100", "--account=my-project", "--nodes=2", "--ntasks-per-node=4",
+                 "--gpus-per-node=a100:4", "--cpus-per-task=16", "--mem=480G", "--time=24:00:00",
+                 "--array=0-2", "--signal=B:USR1@300", "--requeue", "--open-mode=append",
+                 f"--output={tmp_path}/logs/divico/job-%A_%a.out"]:
+        assert f"#SBATCH {line}\n" in train
+    # sbatch reads directives only up to the first command.
+    header, _, body = train.partition("\nset -euo pipefail")
+    assert "#SBATCH" not in body and header.count("#SBATCH") >= 13
+    assert 'MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)' in train
+    assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in train
+    prep = scripts["shards"].read_text()
+    assert not {"#SBATCH --gpus-per-node", "#SBATCH --signal", "#SBATCH --array"} & set(
+        line.split("=")[0] for line in prep.splitlines())
+    baselines = pipeline.stage("baselines")
+    assert [t.train_args[:4] for t in baselines.tasks][0] == (
+        "--config", "configs/llava15_lora.yaml", "--config", "configs/sweep/lora.yaml")
+    for script in scripts.values():
+        subprocess.run(["bash", "-n", str(script)], check=True)  # syntax
+
+
+def test_local_runner_order_skip_and_failure(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    path = write(tmp_path / "p.yaml", f"""\
+        root: {tmp_path}/run
+        stages:
+          second:
+            after: [first]
+            sweep: {{n: [1, 2]}}
+            command: echo second-${{n}} >> {trace} && touch ${{root}}/second-${{n}}
+            outputs: ["${{root}}/second-${{n}}"]
+          first:
+            command: mkdir -p ${{root}} && echo first >> {trace} && touch ${{root}}/first
+            outputs: ["${{root}}/first"]
+          last:
+            after: [second]
+            command: echo last >> {trace}; exit 7
+            outputs: ["${{root}}/never"]
+        """)
+    pipeline = load_pipeline(path, workdir=tmp_path)
+    messages = []
+    assert local.run(pipeline, echo=messages.append) == 7
+    assert trace.read_text().split() == ["first", "second-1", "second-2", "last"]
+    log = tmp_path / "run/logs/last/local-last.log"
+    assert any(str(log) in message and "exit status 7" in message for message in messages)
+    # Again: complete tasks are skipped, the failing one runs again.
+    messages.clear()
+    assert local.run(pipeline, echo=messages.append) == 7
+    assert trace.read_text().split() == ["first", "second-1", "second-2", "last", "last"]
+    assert sum("skipped" in message for message in messages) == 3
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO):
+    return subprocess.run([str(DEEPSPEED_SCRIPTS / script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.mark.parametrize("script, args, env, message", [
+    ("single_node.sh", ["--ranks", "2", "--", "--config", "configs/debug/tiny.yaml"], {"DS_ACCELERATOR": "cpu"},
+     "--logs DIR is required"),
+    ("single_node.sh", ["--ranks", "2", "--logs", "x", "--", "--config", "nope.yaml"], {"DS_ACCELERATOR": "cpu"},
+     "--config nope.yaml: not found"),
+    ("single_node.sh", ["--ranks", "0", "--logs", "x", "--", "--config", "configs/debug/tiny.yaml"],
+     {"DS_ACCELERATOR": "cpu"}, "--ranks must be a positive integer"),
+    ("single_node.sh", ["--gpus", "0,1", "--logs", "x", "--", "--config", "configs/debug/tiny.yaml"],
+     {"DS_ACCELERATOR": "cpu"}, "use --ranks N, not --gpus"),
+    ("single_node.sh", ["--gpus", "0,x", "--logs", "x", "--", "--config", "configs/debug/tiny.yaml"],
+     {"DS_ACCELERATOR": ""}, "--gpus must list GPU indices"),
+    ("multi_node.sh", ["--hostfile", "missing", "--logs", "x", "--", "--config", "configs/debug/tiny.yaml"],
+     {}, "hostfile missing: not found"),
+])
+def test_deepspeed_scripts_fail_fast(script: str, args: list[str], env: dict[str, str], message: str) -> None:
+    result = run_script(script, *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_deepspeed_gpu_count_is_checked(tmp_path: Path) -> None:
+    result = run_script("single_node.sh", "--gpus", "0,1,2,3", "--logs", str(tmp_path), "--",
+                        "--config", "configs/debug/tiny.yaml", env={"DS_ACCELERATOR": ""})
+    assert result.returncode == 2
+    # Without GPUs there is no nvidia-smi; with fewer than 4 the missing index is named.
+    assert ("nvidia-smi not found" in result.stderr or "does not exist; this machine has" in result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("hostfile, extra, message", [
+    ("node1 slots=4\nnode2 slot=4\n", [], "line 2: 'node2 slot=4' is not 'hostname slots=N'"),
+    ("node1 slots=4\nnode1 slots=4\n", [], "lists a host twice"),
+    ("# only a comment\n", [], "lists no hosts"),
+    ("node1 slots=4\nnode2 slots=4\n", ["--node-rank", "2"], "must be 0..1"),
+])
+def test_hostfile_checks(tmp_path: Path, hostfile: str, extra: list[str], message: str) -> None:
+    path = write(tmp_path / "hosts", hostfile)
+    result = run_script("multi_node.sh", "--hostfile", str(path), *extra, "--logs", str(tmp_path / "logs"), "--",
+                        "--config", "configs/debug/tiny.yaml", env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 2
+    assert message in result.stderr
