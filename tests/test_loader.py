@@ -73,6 +73,7 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers(shard_dirs, num_shar
         assert [len(data) for data in ranks] == [per_rank] * world_size
         assert ranks[0].dropped_per_epoch == NUM_SAMPLES - per_rank * world_size <= world_size - 1
         reference = [delivered_keys(data, 0) for data in ranks]
+        assert [len(keys) for keys in reference] == [per_rank] * world_size
         seen = [key for keys in reference for key in keys]
         assert len(seen) == len(set(seen)) == per_rank * world_size
         assert set(seen) <= all_keys()
