@@ -54,8 +54,12 @@ def delivered_keys(data: ShardDataset, num_workers: int) -> list[str]:
     return keys
 
 
+def keys_of(batch: list[Sample]) -> list[str]:  # module level: picklable for any worker start method
+    return [sample.key for sample in batch]
+
+
 def loader_keys(data: ShardDataset, num_workers: int) -> list[str]:
-    loader = build_loader(data, num_workers=num_workers, collate_fn=lambda batch: [s.key for s in batch])
+    loader = build_loader(data, num_workers=num_workers, collate_fn=keys_of)
     return [key for batch in loader for key in batch]
 
 
@@ -107,6 +111,15 @@ def test_dropped_tail_is_logged(shard_dirs, caplog):
         data = dataset(shard_dirs[3], 0, 5)
     assert data.dropped_per_epoch == 2
     assert "37 samples over 5 rank(s) = 7 per rank, 2 dropped" in caplog.text
+
+
+def test_dropped_samples_change_with_the_epoch(shard_dirs):
+    def dropped(epoch: int) -> set[str]:
+        kept = {s.key for rank in range(5) for s in dataset(shard_dirs[3], rank, 5, epoch=epoch)}
+        return all_keys() - kept
+
+    assert len(dropped(0)) == len(dropped(1)) == 2
+    assert dropped(0) != dropped(1)
 
 
 def test_order_depends_on_seed_and_epoch_only(shard_dirs):
