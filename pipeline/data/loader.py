@@ -207,6 +207,7 @@ class ShardDataset(IterableDataset):
     len() is the number of samples the iterator yields: samples_per_rank - start_sample, equal on
     all ranks. The order depends only on (seed, epoch, rank, world_size), never on num_workers;
     `start_sample=n` continues an interrupted epoch after the n samples this rank consumed.
+    `index_path` is where the member index is cached (default: loader-index.npz in shard_dir).
     """
 
     def __init__(self, shard_dir: str | os.PathLike, *, rank: int, world_size: int, batch_size: int,
