@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="print measured throughput and efficiency figures")
     benches = bench.add_subparsers(dest="bench_command", required=True)
     prep_cli.add_bench_parser(benches)
+    from pipeline.model import bench as model_bench
+
+    model_bench.add_bench_parser(benches)
     from pipeline.data import loader
 
     loader.add_bench_parser(benches)

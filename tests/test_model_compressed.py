@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import MODES, DiViCoConfig
@@ -133,21 +133,44 @@ def test_batch_equals_samples_one_by_one(llava, processor, mode):
 def test_generation_cache_batch_and_recompute_agree(llava, processor, mode):
     batch = prompts_batch(processor, [True, False, True])
     wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))
-    cached = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[])
-    recomputed = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[], use_cache=False)
+    cached = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    recomputed = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False)
     assert torch.equal(cached, recomputed)
     width = batch["input_ids"].shape[1]
     for i, sample in enumerate(split_samples(batch, llava.config.image_token_id)):
-        alone = wrapper.generate(**sample, max_new_tokens=6, eos_token_id=[])
+        alone = wrapper.generate(**sample, max_new_tokens=4, eos_token_id=[])
         assert torch.equal(alone[0, sample["input_ids"].shape[1]:], cached[i, width:])
+
+
+@pytest.mark.parametrize("mode", ["fastv", "divico"])
+def test_cached_decode_logits_equal_recompute(llava, processor, mode):
+    """Two decode steps over the split cache (layers < K full, >= K compressed) give the
+    logits of a full forward over prompt + new tokens with the same selection."""
+    batch = prompts_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))
+    mask = batch["attention_mask"].bool()
+    queries = wrapper.query_positions(mask, batch["input_ids"] == llava.config.image_token_id)
+    cache = DynamicCache(config=wrapper.decoder.config)
+    with torch.no_grad():
+        out = wrapper(**batch, query_positions=queries, past_key_values=cache, logits_to_keep=1)
+        assert cache.get_seq_length(0) == mask.shape[1] > cache.get_seq_length(wrapper.config.layer)
+        ids, kept, position = batch["input_ids"], out.compressed_attention_mask, mask.sum(1, keepdim=True)
+        for new_token in (torch.tensor([[5], [6], [7]]), torch.tensor([[8], [9], [10]])):
+            ids = torch.cat([ids, new_token], 1)
+            ones = torch.ones_like(mask[:, :1])
+            mask, kept = torch.cat([mask, ones], 1), torch.cat([kept, ones], 1)
+            step = wrapper._decode_step(new_token, mask, kept, position, cache)
+            position = position + 1
+            recomputed = wrapper(ids, mask, batch["pixel_values"], query_positions=queries).logits[:, -1]
+            torch.testing.assert_close(step, recomputed, atol=1e-5, rtol=1e-5)
 
 
 def test_none_generation_equals_transformers_generate(llava, processor):
     batch = prompts_batch(processor, [True, True])
     wrapper = CompressedLlava(llava, DiViCoConfig(mode="none"))
-    ours = wrapper.generate(**batch, max_new_tokens=6, eos_token_id=[])
-    reference = llava.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                               min_new_tokens=6)
+    ours = wrapper.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    reference = llava.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               min_new_tokens=5)
     assert torch.equal(ours, reference)
 
 

@@ -24,8 +24,8 @@ checkpointing, PEFT and attention implementations (eager, sdpa, flash_attention_
 the library's own. Only `decoder_parts` knows the backbone's attribute names.
 
 Sequence plumbing after dropping: kept tokens keep their order and original position ids
-(cos/sin are gathered, not recomputed from new indices); dropped slots become left
-padding, so the last token stays last; the 2D mask is always passed explicitly, so
+(cos/sin are gathered, not recomputed from new indices); dropped tokens and padding are
+removed and each sample is re-padded on the left, so the last token stays last; the 2D mask is always passed explicitly, so
 transformers never reads the position gaps as packed sequences; next-token targets are
 formed on the full sequence and then gathered, so labels stay aligned whatever is dropped.
 
@@ -218,9 +218,11 @@ class CompressedLlava(nn.Module):
             keep_visual = self.divico.select(scores, image_mask)
             hidden, kl = self.divico(hidden, image_mask, keep_visual)
 
-            index, valid = right_aligned_gather_index(~image_mask | keep_visual)
+            # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
+            # compressed sequence as long as the input.
+            index, valid = right_aligned_gather_index(attention_mask & (~image_mask | keep_visual))
             hidden = _gather_tokens(hidden, index)
-            kept_mask = attention_mask.gather(1, index) & valid
+            kept_mask = valid
             kept_positions = index.masked_fill(~valid, -1)
             kept_position_ids = position_ids.gather(1, index)
             cos, sin = position_embeddings

@@ -1,0 +1,290 @@
+"""`divico bench model`: prefill cost with and without compression, measured.
+
+A decoder with LLaVA-1.5-7B's geometry (32 layers, head dim 128, FFN width 11008/4096 of
+the hidden size, vocabulary 32000) at a width this machine can hold (random weights),
+fed a realistic prompt: 40 system tokens + 576 visual tokens + 60 text tokens. The vision
+tower is the same for every mode, so it is left out: the projector's output is given as
+random image features. For none / fastv / divico at each tau, one prefill (the one that
+starts generation: KV cache filled, logits for the last position) is measured:
+
+  flops           FLOPs counted by torch's FlopCounterMode on that forward (eager attention,
+                  whose matmuls it counts on every device)
+  flops_ratio     against `none`; theory_flops_ratio: the paper's eqs. 10-11 (layers only)
+  prefill_ms      median wall time over --repeats runs after --warmup runs (torch.inference_mode)
+  time_ratio      against `none`
+  peak_mem_mib    peak memory of the tensors the prefill allocates (weights excluded):
+                  torch.cuda.max_memory_allocated on CUDA, a tracking dispatch mode on CPU
+  overhead_share  median time of scoring + selection + gap encoder (run alone on the same
+                  shapes) / prefill_ms
+
+Targets (issue 3) at tau = 11.1%: 1 - flops_ratio within 1 point of 1 - theory_flops_ratio;
+time_ratio <= 0.30; overhead_share <= 3%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.divico import DiViCoConfig, query_attention_scores
+from pipeline.model.flops import DecoderGeometry, theory_ratio
+
+TAUS = (1 / 15, 1 / 9, 1 / 6)  # the paper's 6.7%, 11.1%, 16.7%
+IMAGE_TOKEN_ID = 32000
+
+
+@dataclass
+class ModelBenchConfig:
+    width: int = 512
+    layers: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    layer: int = 2  # K
+    system_tokens: int = 40
+    visual_tokens: int = 576
+    text_tokens: int = 60
+    batch: int = 1
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.width % 128:
+            raise ValueError(f"--width {self.width}: must be a multiple of 128 (LLaVA-1.5's head dim)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+
+
+def build_model(cfg: ModelBenchConfig) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's decoder geometry at `cfg.width`, random weights, sdpa attention."""
+    text = LlamaConfig(hidden_size=cfg.width, intermediate_size=round(cfg.width * 11008 / 4096 / 16) * 16,
+                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.width // 128,
+                       num_key_value_heads=cfg.width // 128, vocab_size=IMAGE_TOKEN_ID + 2,
+                       max_position_embeddings=4096)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=336, patch_size=14)  # never run: image features are given
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed)
+    with torch.device(cfg.device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, cfg.dtype))
+    return model.eval()
+
+
+def build_inputs(cfg: ModelBenchConfig, model: LlavaForConditionalGeneration) -> dict:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pieces = [torch.randint(3, IMAGE_TOKEN_ID, (cfg.batch, cfg.system_tokens), generator=generator),
+              torch.full((cfg.batch, cfg.visual_tokens), IMAGE_TOKEN_ID),
+              torch.randint(3, IMAGE_TOKEN_ID, (cfg.batch, cfg.text_tokens), generator=generator)]
+    input_ids = torch.cat(pieces, dim=1).to(cfg.device)
+    features = torch.randn(cfg.batch, cfg.visual_tokens, cfg.width, generator=generator) * 0.02
+    return {"input_ids": input_ids, "image_features": features.to(cfg.device, getattr(torch, cfg.dtype))}
+
+
+class _PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated inside the block and still alive: a
+    CPU stand-in for torch.cuda.max_memory_allocated (views and in-place results are
+    not new allocations and are skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor, inputs)
+        return out
+
+    def _track(self, tensor: torch.Tensor, inputs: set[int]) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in inputs and key not in self.live:
+            return
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.live[key][1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _round_robin_medians(fns: list, cfg: ModelBenchConfig) -> list[float]:
+    """Median wall time (ms) of each function, the repeats interleaved across functions so
+    that load from other processes on a shared machine falls on all of them alike."""
+    for _ in range(cfg.warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(cfg.repeats):
+        for fn, record in zip(fns, times):
+            _sync(cfg.device)
+            started = time.perf_counter()
+            fn()
+            _sync(cfg.device)
+            record.append((time.perf_counter() - started) * 1e3)
+    return [statistics.median(record) for record in times]
+
+
+def _prefill(wrapper: CompressedLlava, inputs: dict):
+    cache = DynamicCache(config=wrapper.decoder.config)
+    return wrapper(inputs["input_ids"], image_features=inputs["image_features"], past_key_values=cache,
+                   logits_to_keep=1)
+
+
+def _count_flops(model: LlavaForConditionalGeneration, wrapper: CompressedLlava, inputs: dict) -> int:
+    model.set_attn_implementation("eager")
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            _prefill(wrapper, inputs)
+        return counter.get_total_flops()
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _peak_mib(wrapper: CompressedLlava, inputs: dict, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _prefill(wrapper, inputs)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    tracker = _PeakTensorBytes()
+    with tracker:
+        _prefill(wrapper, inputs)
+    return tracker.peak / 2**20
+
+
+def _overhead_step(wrapper: CompressedLlava, inputs: dict, cfg: ModelBenchConfig):
+    """A function running scoring + selection + gap encoder alone, on the prefill's shapes."""
+    parts = wrapper.decoder
+    input_ids = inputs["input_ids"]
+    hidden = torch.randn(*input_ids.shape, cfg.width, device=cfg.device, dtype=getattr(torch, cfg.dtype)) * 0.02
+    image_mask = input_ids == IMAGE_TOKEN_ID
+    attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    position_ids = torch.arange(input_ids.shape[1], device=cfg.device).expand_as(input_ids)
+    position_embeddings = parts.rotary_emb(hidden, position_ids)
+    queries = wrapper.query_positions(attention_mask, image_mask)
+
+    def step():
+        scores = query_attention_scores(parts.layers[wrapper.config.layer - 1], hidden, position_embeddings,
+                                        queries, attention_mask)
+        keep_visual = wrapper.divico.select(scores, image_mask)
+        wrapper.divico(hidden, image_mask, keep_visual)
+
+    return step
+
+
+def run_bench(cfg: ModelBenchConfig) -> dict:
+    cfg.validate()
+    model = build_model(cfg)
+    inputs = build_inputs(cfg, model)
+    num_tokens = inputs["input_ids"].shape[1]
+    geometry = DecoderGeometry.from_config(model.config.text_config)
+    geometry_ratio = {tau: theory_ratio(geometry, num_tokens, cfg.visual_tokens, tau, cfg.layer)
+                      for tau in TAUS}
+    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico")]
+    wrappers = [CompressedLlava(model, DiViCoConfig(mode=mode, tau=tau, layer=cfg.layer)).eval()
+                for mode, tau in settings]
+    with torch.inference_mode():
+        # One interleaved timing loop: prefills, and scoring + encoder for the compressing modes.
+        prefills = [lambda w=w: _prefill(w, inputs) for w in wrappers]
+        overheads = [_overhead_step(w, inputs, cfg) for w in wrappers[1:]]
+        medians = _round_robin_medians(prefills + overheads, cfg)
+        prefill_ms, overhead_ms = medians[:len(wrappers)], [0.0] + medians[len(wrappers):]
+        runs = []
+        for (mode, tau), wrapper, ms, extra_ms in zip(settings, wrappers, prefill_ms, overhead_ms):
+            runs.append({"mode": mode, "tau": tau, "flops": _count_flops(model, wrapper, inputs), "prefill_ms": ms,
+                         "peak_mem_mib": _peak_mib(wrapper, inputs, cfg.device),
+                         "overhead_share": extra_ms / ms,
+                         "theory_flops_ratio": geometry_ratio[tau] if mode != "none" else 1.0})
+    base = runs[0]
+    for run in runs:
+        run["flops_ratio"] = run["flops"] / base["flops"]
+        run["time_ratio"] = run["prefill_ms"] / base["prefill_ms"]
+    setup = {"width": cfg.width, "layers": cfg.layers, "layer_k": cfg.layer, "tokens": num_tokens,
+             "visual_tokens": cfg.visual_tokens, "batch": cfg.batch, "device": cfg.device, "dtype": cfg.dtype,
+             "repeats": cfg.repeats, "torch_threads": torch.get_num_threads()}
+    return {"runs": runs, "setup": setup}
+
+
+def print_report(figures: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = figures["setup"]
+    table = Table(title=f"divico bench model: LLaVA-1.5-7B geometry at width {s['width']} ({s['layers']} layers, "
+                        f"K={s['layer_k']}), {s['tokens']} tokens ({s['visual_tokens']} visual), batch {s['batch']}, "
+                        f"{s['device']} {s['dtype']}, median of {s['repeats']}")
+    for column in ("mode", "tau", "kept", "GFLOPs", "FLOPs ratio", "theory", "prefill ms", "time ratio",
+                   "peak MiB", "scoring+encoder"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for r in figures["runs"]:
+        kept = "all" if r["mode"] == "none" else str(round(r["tau"] * s["visual_tokens"]))
+        table.add_row(r["mode"], f"{r['tau']:.1%}", kept, f"{r['flops'] / 1e9:,.1f}", f"{r['flops_ratio']:.3f}",
+                      f"{r['theory_flops_ratio']:.3f}", f"{r['prefill_ms']:,.1f}", f"{r['time_ratio']:.3f}",
+                      f"{r['peak_mem_mib']:,.1f}", f"{r['overhead_share']:.2%}")
+    console = Console(width=max(Console().width, 130))
+    console.print(table)
+    console.print("targets at tau 11.1%: reduction within 1 point of theory, time ratio <= 0.30, "
+                    "scoring+encoder <= 3%")
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none / fastv / divico at each tau")
+    parser.add_argument("--width", type=int, default=512, help="hidden size (multiple of 128; 4096 = LLaVA-1.5-7B)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    cfg = ModelBenchConfig(width=args.width, layers=args.layers, device=args.device, dtype=dtype, batch=args.batch,
+                           repeats=args.repeats, warmup=args.warmup)
+    figures = run_bench(cfg)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_report(figures)
+    return 0

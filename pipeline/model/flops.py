@@ -1,0 +1,93 @@
+"""Analytic FLOPs of a prefill with and without DiViCo (the paper's eqs. 10-15, extended).
+
+Counted as FLOPs = 2 x multiply-adds (what torch's FlopCounterMode counts); the paper's
+eq. 10, L * (4 n d^2 + 2 n^2 d + 2 n d m), counts multiply-adds, and ratios are the same
+either way. Per decoder layer on n query tokens attending over n_k keys:
+- q and o projections: 2 * n * d * d each; k and v: 2 * n * d * d_kv each (d_kv = d with
+  multi-head attention, smaller with grouped-query attention);
+- attention scores and weighted sum: 2 * 2 * n * n_k * d (the full n x n_k product, as the
+  kernels compute it; no credit for the causal half);
+- Llama's gated FFN has three d x m matrices: 3 * 2 * n * d * m (eq. 10 has two).
+Plus, with compression: the selection scoring (one query row: q for one token, k for all
+N tokens, one row of scores), the gap encoder (2 * N_i' * (2d*d + d*2d)), and the lm_head
+on the positions whose logits are computed. Norms, RoPE and element-wise ops are not
+counted (nor by FlopCounterMode); the vision tower is the same for every mode and left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.model.divico import DiViCoConfig, kept_count
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, text_config) -> DecoderGeometry:
+        return cls(hidden=text_config.hidden_size, intermediate=text_config.intermediate_size,
+                   layers=text_config.num_hidden_layers, heads=text_config.num_attention_heads,
+                   kv_heads=text_config.num_key_value_heads, vocab=text_config.vocab_size)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+
+def layer_flops(g: DecoderGeometry, n: int, n_keys: int | None = None) -> int:
+    n_keys = n if n_keys is None else n_keys
+    d, m = g.hidden, g.intermediate
+    projections = 2 * n * d * (2 * d + 2 * g.kv_dim)
+    attention = 2 * 2 * n * n_keys * d
+    ffn = 3 * 2 * n * d * m
+    return projections + attention + ffn
+
+
+def scoring_flops(g: DecoderGeometry, n: int) -> int:
+    """One query row of layer K-1: q for one token, k for n tokens, n scores per head."""
+    return 2 * g.hidden * g.hidden + 2 * n * g.hidden * g.kv_dim + 2 * n * g.hidden
+
+
+def encoder_flops(g: DecoderGeometry, num_kept: int) -> int:
+    d = g.hidden
+    return 2 * num_kept * (2 * d * d + d * 2 * d)
+
+
+def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: DiViCoConfig,
+                  num_logits: int = 1) -> dict[str, int]:
+    """FLOPs of one sample's forward over `num_tokens` tokens, `num_visual` of them visual,
+    by part; `num_logits` positions go through the lm_head (1 for a generation prefill,
+    all tokens in training)."""
+    if not config.compresses or num_visual == 0:
+        parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
+    else:
+        num_kept = kept_count(num_visual, config.tau)
+        short = num_tokens - num_visual + num_kept
+        parts = {
+            "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
+            "scoring": scoring_flops(g, num_tokens) if config.mode != "random" else 0,
+            "encoder": encoder_flops(g, num_kept) if config.uses_gap_encoder else 0,
+        }
+        num_logits = min(num_logits, short)
+    parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def theory_ratio(g: DecoderGeometry, num_tokens: int, num_visual: int, tau: float, layer: int) -> float:
+    """The paper's ratio (eqs. 10-11 with the gated FFN): decoder layers only,
+    (K f(N) + (L-K) f(N - N_i + N_i')) / (L f(N)), f(n) = 4 n d^2 + 2 n^2 d + 3 n d m."""
+    d, m = g.hidden, g.intermediate
+
+    def f(n: int) -> int:
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+    short = num_tokens - num_visual + kept_count(num_visual, tau)
+    return (layer * f(num_tokens) + (g.layers - layer) * f(short)) / (g.layers * f(num_tokens))
