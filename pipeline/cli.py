@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     loader.add_bench_parser(benches)
 
-    from pipeline import train
+    from pipeline import bench_train, export, run, train
 
+    bench_train.add_parser(benches)
     train.add_parser(commands)
+    export.add_parser(commands)
+    run.add_parser(commands)
     from pipeline import evaluate
 
     evaluate.add_parser(commands)

@@ -69,7 +69,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "divico"  # names the TensorBoard run: <stage>-<mode>-tau<tau>
+    stage: str = "divico-tau111"  # names the TensorBoard run; unique per stage and tau
     output_dir: str = "outputs/run"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     global_batch_size: int = 128
@@ -133,16 +133,16 @@ def model_config_json(base: str) -> dict[str, Any]:
     if Path(base).is_dir():
         path = Path(base) / "config.json"
         if not path.is_file():
-            raise ConfigError(f"model.base {base}: no config.json in that folder")
+            raise ConfigError(f"model.base={base}: no config.json in that folder")
         return json.loads(path.read_text())
     if Path(base).exists() or base.startswith((".", "/")) or base.count("/") != 1:
-        raise ConfigError(f"model.base {base}: not a model folder or a hub id (owner/name)")
+        raise ConfigError(f"model.base={base}: not a model folder or a hub id (owner/name)")
     from huggingface_hub import hf_hub_download
 
     try:
         return json.loads(Path(hf_hub_download(base, "config.json")).read_text())
     except Exception as error:
-        raise ConfigError(f"model.base {base}: cannot read config.json from the hub ({error})") from error
+        raise ConfigError(f"model.base={base}: cannot read config.json from the hub ({error})") from error
 
 
 def num_decoder_layers(model_json: dict[str, Any]) -> int:
@@ -196,6 +196,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         divico.validate()
     except ValueError as error:
         raise ConfigError(f"divico: {error}") from error
+    if divico.mode == "fastv":
+        raise ConfigError("divico.mode=fastv is the training-free baseline: evaluate it with `divico eval "
+                          "--mode fastv --tau T` on the base model; its trained counterpart is mode select_only")
 
     if not check_paths:
         return
@@ -211,9 +214,21 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
 
 
 def divico_config(cfg: RunConfig):
+    """cfg.divico as a DiViCoConfig, each value converted to its field's type (`divico.beta=nan` from the
+    command line arrives as a string)."""
+    from dataclasses import fields
+
     from pipeline.model.divico import DiViCoConfig
 
-    return DiViCoConfig.from_dict(dict(cfg.divico))
+    casts = {"float": float, "int": int, "str": str, "bool": bool}
+    kinds = {f.name: casts.get(str(f.type)) for f in fields(DiViCoConfig)}
+    values = {}
+    for name, value in cfg.divico.items():
+        try:
+            values[name] = kinds[name](value) if kinds.get(name) and value is not None else value
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"divico.{name}={value!r}: expected {kinds[name].__name__}") from error
+    return DiViCoConfig.from_dict(values)
 
 
 def collator_config(cfg: RunConfig):

@@ -14,7 +14,7 @@ step boundary, a complete checkpoint is written, and the process exits with EXIT
 from __future__ import annotations
 
 import argparse
-import copy
+import atexit
 import json
 import logging
 import math
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint
-from pipeline.config import RunConfig, collator_config, divico_config, load_config, save_config, to_dict, validate
+from pipeline.config import ConfigError, RunConfig, collator_config, divico_config, load_config, save_config, to_dict, validate
 from pipeline.metrics import Metrics, peak_memory_gib
 
 log = logging.getLogger(__name__)
@@ -89,24 +89,34 @@ def _request_preemption(signum: int, _frame) -> None:
 
 
 def setup(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    map_slurm_env()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size)  # before any heavy import or model load
+    return train(args.config, args.overrides, resume=args.resume)
+
+
+def train(config_paths: list[str | Path], overrides: list[str] | None = None, *, resume: str = "none") -> int:
+    """Validate, join (or create) the process group, run one stage; the exit status."""
+    try:
+        cfg = load_config(config_paths, overrides)
+        map_slurm_env()
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any heavy import or model load
+        absolute_paths(cfg)
+        resume_from = _resume_checkpoint(Path(cfg.train.output_dir), resume)
+    except (ConfigError, TrainingError) as error:
+        log.error("%s", error)
+        return 2
     _single_process_env()
 
     import deepspeed
 
-    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+    if not dist.is_initialized():  # `divico run` trains several stages in one process
+        deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
+        atexit.register(dist.destroy_process_group)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, _request_preemption)
     try:
-        return main(cfg, resume=args.resume)
+        return main(cfg, resume_from=resume_from)
     except TrainingError as error:
         log.error("%s", error)
         return 1
-    finally:
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- main
@@ -131,7 +141,7 @@ class Run:
     sample_log: Path | None
 
 
-def main(cfg: RunConfig, *, resume: str = "none") -> int:
+def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -140,10 +150,14 @@ def main(cfg: RunConfig, *, resume: str = "none") -> int:
     on_gpu = get_accelerator().device_name() != "cpu"
     if on_gpu:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # OpenMP threads spin while they wait: more threads than free cores (ranks x threads +
+        # loader workers) makes CPU training 10-30x slower, so leave a core per loader worker.
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here - cfg.data.num_workers))
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
     output_dir = Path(t.output_dir)
-    resume_from = _resume_checkpoint(output_dir, resume)
     torch.manual_seed(t.seed)
 
     built = build_model(cfg, dtype=torch.bfloat16 if bf16 else torch.float32, on_gpu=on_gpu)
@@ -176,7 +190,7 @@ def main(cfg: RunConfig, *, resume: str = "none") -> int:
     stop_step = min(total_steps, start_step + t.max_steps) if t.max_steps else total_steps
 
     config_yaml = _yaml(cfg)
-    run_name = tensorboard_run_name(cfg)
+    run_name = cfg.train.stage
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -199,17 +213,21 @@ def main(cfg: RunConfig, *, resume: str = "none") -> int:
     return fit(run)
 
 
+def absolute_paths(cfg: RunConfig) -> None:
+    """Local paths made absolute, so the config saved with each checkpoint works from any directory."""
+    if Path(cfg.model.base).is_dir():
+        cfg.model.base = str(Path(cfg.model.base).resolve())
+    for section, name in (("data", "shards"), ("train", "output_dir"), ("train", "deepspeed_config"),
+                          ("train", "tensorboard_dir")):
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            setattr(getattr(cfg, section), name, str(Path(value).resolve()))
+
+
 def _yaml(cfg: RunConfig) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def tensorboard_run_name(cfg: RunConfig) -> str:
-    mode = cfg.divico.get("mode", "divico")
-    if mode == "none":
-        return cfg.train.stage
-    return f"{cfg.train.stage}-{mode}-tau{cfg.divico.get('tau', 0):.3f}"
 
 
 def _resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -362,7 +380,7 @@ _LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE, _PREEMPT = range(8)
 def fit(run: Run) -> int:
     engine, t = run.engine, run.cfg.train
     accumulation = engine.gradient_accumulation_steps()
-    batches = iter(run.loader)
+    batches = _start_loader(run.loader)
     if run.resumed_from:  # after the loader iterator drew its seed, exactly as the uninterrupted run's had
         checkpoint.restore_rng(run.resumed_from, run.rank)
     step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(8, dtype=torch.float64)
@@ -410,10 +428,22 @@ def fit(run: Run) -> int:
             return EXIT_PREEMPTED
     if step == run.total_steps and run.rank == 0:
         _write_summary(run, last)
-    run.metrics.close({k.split("/")[1]: v for k, v in last.items() if k.startswith("train/")} if step == run.total_steps else None)
-    if run.rank == 0 and step < run.total_steps:
+    finished = step == run.total_steps
+    run.metrics.close({name: last[f"train/{name}"] for name in ("loss", "lm_loss", "kl")} if finished else None)
+    if run.rank == 0 and not finished:
         log.info("stopped after train.max_steps at step %d/%d; continue with --resume auto", step, run.total_steps)
     return 0
+
+
+def _start_loader(loader: torch.utils.data.DataLoader):
+    """Start the loader's workers with SIGTERM/SIGUSR1 blocked (they inherit the mask): a job-wide
+    signal must not kill them, since the trainer still needs their batches to finish its step."""
+    preemption = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered now
 
 
 def _to_device(batch: dict, engine) -> dict:
@@ -455,6 +485,6 @@ def _save(run: Run, step: int) -> None:
 
 
 def _write_summary(run: Run, last: dict[str, float]) -> None:
-    summary = {"stage": run.cfg.train.stage, "steps": run.total_steps, "run_name": tensorboard_run_name(run.cfg),
+    summary = {"stage": run.cfg.train.stage, "steps": run.total_steps, "run_name": run.cfg.train.stage,
                "checkpoint": str(checkpoint.latest_checkpoint(run.cfg.train.output_dir)), **last}
     (Path(run.cfg.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))

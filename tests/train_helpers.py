@@ -1,0 +1,59 @@
+"""Running `divico train` the way users do (one process, or the real deepspeed launcher) from tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_RECIPE = REPO / "configs" / "debug" / "tiny.yaml"
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_args(model_dir: Path, shards: Path, output_dir: Path, *overrides: str) -> list[str]:
+    return ["train", "--config", str(TINY_RECIPE), f"model.base={model_dir}", f"data.shards={shards}",
+            f"train.output_dir={output_dir}", f"train.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}",
+            "train.log_sample_keys=true", *overrides]
+
+
+def command(args: list[str], ranks: int = 1) -> list[str]:
+    if ranks == 1:
+        return [str(BIN / "divico"), *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            str(BIN / "divico"), *args]
+
+
+def run(args: list[str], ranks: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every trained weight of the newest checkpoint: the LoRA adapter + the other trainables."""
+    from pipeline.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(output_dir)
+    weights = load_file(str(newest / "trainables.safetensors"))
+    weights.update({f"adapter.{k}": v for k, v in load_file(str(newest / "adapter" / "adapter_model.safetensors")).items()})
+    return weights
+
+
+def sample_log(output_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """rank file -> [(step, key), ...] as the trainer recorded them."""
+    return {path.name: [(int(step), key) for step, key in (line.split("\t") for line in path.read_text().splitlines())]
+            for path in sorted((output_dir / "samples").glob("rank-*.tsv"))}
