@@ -335,11 +335,21 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
         raise PrepError(f"--out {cfg.out} is not empty ({', '.join(existing[:3])}...); pass "
                         "--resume to finish an interrupted job, or choose an empty folder")
     if cfg.resume and existing:
-        if not work.is_dir():
-            if MANIFEST in existing:
+        if not (work / "job.json").is_file():
+            if MANIFEST in existing and not work.exists():
+                finished = json.loads((cfg.out / MANIFEST).read_text())
+                recorded = {**finished["inputs"], "seed": finished["seed"]}
+                changed = [k for k in recorded if recorded[k] != identity.get(k)]
+                if changed:
+                    raise PrepError(f"--resume: {cfg.out} holds a finished job with other "
+                                    f"{', '.join(changed)}; choose an empty folder")
                 return False
-            raise PrepError(f"--out {cfg.out} holds files but no interrupted job ({WORK_DIR}/ "
-                            "is missing); choose an empty folder")
+            if existing != [WORK_DIR]:
+                raise PrepError(f"--out {cfg.out} holds files but no interrupted job "
+                                f"({WORK_DIR}/job.json is missing); choose an empty folder")
+            shutil.rmtree(work)  # killed before the job was recorded: start afresh
+            existing = []
+    if cfg.resume and existing:
         previous = json.loads((work / "job.json").read_text())
         changed = [k for k in identity if previous.get(k) != identity[k]]
         if changed:
