@@ -102,6 +102,16 @@ def test_fastv_keeping_everything_equals_none(llava, processor):
 
 
 @pytest.mark.parametrize("mode", COMPRESSING_MODES)
+def test_text_only_batch_passes_unchanged(llava, processor, mode):
+    batch = prompts_batch(processor, [False, False])
+    with torch.no_grad():
+        none = CompressedLlava(llava, DiViCoConfig(mode="none"))(**batch).logits
+        out = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))(**batch)
+    torch.testing.assert_close(out.logits, none, atol=0, rtol=0)
+    assert out.kl == 0
+
+
+@pytest.mark.parametrize("mode", COMPRESSING_MODES)
 def test_sequence_shrinks_by_the_dropped_visual_tokens(llava, processor, mode):
     batch = prompts_batch(processor, [True, False, True])
     wrapper = CompressedLlava(llava, DiViCoConfig(mode=mode, tau=1 / 9))

@@ -208,9 +208,8 @@ class CompressedLlava(nn.Module):
         kept_mask = attention_mask
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if compress:
-            if self.config.mode == "random":
-                scores = torch.zeros(image_mask.shape, device=hidden.device)
-            else:
+            scores = None  # random mode draws its own
+            if self.config.mode != "random":
                 queries = (query_positions if query_positions is not None
                            else self.query_positions(attention_mask, image_mask, labels))
                 scores = query_attention_scores(parts.layers[split - 1], layer_input, position_embeddings,

@@ -240,7 +240,9 @@ class DiViCo(nn.Module):
         self.config = config
         self.gap_encoder = GapEncoder(hidden_size) if config.uses_gap_encoder else None
 
-    def select(self, scores: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    def select(self, scores: torch.Tensor | None, image_mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool of the kept visual tokens; `scores` from query_attention_scores
+        (None in random mode, which draws its own)."""
         if self.config.mode == "random":
             scores = random_scores(image_mask, self.config.seed)
         return select_visual_tokens(scores, image_mask, self.config.tau)
@@ -257,7 +259,11 @@ class DiViCo(nn.Module):
         pooled = (hidden * dropped).sum(1) / dropped.sum(1).clamp(min=1)
         sample_idx, token_idx = keep_visual.nonzero(as_tuple=True)
         selected = hidden[sample_idx, token_idx]
-        estimate = self.gap_encoder(selected, pooled[sample_idx], keep_ratio=self.config.tau)
+        # The encoder may be kept in another dtype than the decoder (e.g. fp32 beside a
+        # quantised or bf16 model): it computes in its own.
+        encoder_dtype = next(self.gap_encoder.parameters()).dtype
+        estimate = self.gap_encoder(selected.to(encoder_dtype), pooled[sample_idx].to(encoder_dtype),
+                                    keep_ratio=self.config.tau)
         gap = estimate.mu
         if self.config.uses_kl and self.training:
             sigma = (estimate.log_ratio * 0.5).exp() * self.config.sigma0
