@@ -75,7 +75,7 @@ def _print_submitted(pipeline, submitted) -> None:
         log = pipeline.log_dir(submission.stage) / f"job-{submission.job_id}{'_<task>' if submission.swept else ''}.out"
         table.add_row(submission.stage, submission.job_id, " ".join(t.label for t in submission.tasks),
                       " ".join(pipeline.stage(submission.stage).after), str(log))
-    console = Console(width=200)
+    console = Console(width=200, markup=False)  # paths and labels are plain text
     console.print(table)
     if done:
         console.print(f"complete already, not submitted: {', '.join(done)}")
@@ -92,10 +92,14 @@ def _report(task_states) -> int:
     table = Table("stage", "task", "job", "state", "exit", "restarts")
     for task in task_states:
         table.add_row(task.stage, task.label, task.job, task.state, task.exit_code, str(task.restarts))
-    console = Console(width=200)
+    console = Console(width=200, markup=False)  # paths and labels are plain text
     console.print(table)
     failed = [task for task in task_states if task.finished and task.state != "COMPLETED"]
     for task in failed:
+        if task.state == "UNKNOWN":
+            console.print(f"{task.stage} {task.label}: job {task.job} is no longer known to scontrol; "
+                          f"ask sacct -j {task.job}; log {task.log}")
+            continue
         if not Path(task.log).exists():
             console.print(f"{task.stage} {task.label}: {task.state}, never started (a stage it depends on "
                           "failed, or it was cancelled)")

@@ -57,7 +57,9 @@ class TaskState:
     stage: str
     label: str
     job: str  # "123" or "123_1" (array element)
-    state: str  # SLURM's JobState, or "DEPENDENCY_NEVER_SATISFIED" for a job that can never start
+    # SLURM's JobState; "DEPENDENCY_NEVER_SATISFIED" for a job that can never start; "UNKNOWN" once
+    # scontrol has forgotten the job (MinJobAge after it ended; sacct still knows it).
+    state: str
     exit_code: str
     restarts: int
     log: str
@@ -65,7 +67,7 @@ class TaskState:
 
     @property
     def finished(self) -> bool:
-        return self.state in FINISHED or self.state == "DEPENDENCY_NEVER_SATISFIED"
+        return self.state in FINISHED or self.state in ("DEPENDENCY_NEVER_SATISFIED", "UNKNOWN")
 
 
 def render(pipeline: Pipeline) -> dict[str, Path]:

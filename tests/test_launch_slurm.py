@@ -203,6 +203,8 @@ def test_failing_stage_stops_its_dependants(tmp_path: Path) -> None:
     bad = job_fields(jobs["bad_train"]["job_id"])
     assert bad["JobState"] == "FAILED" and bad["Restarts"] == "0" and bad["ExitCode"] != "3:0", bad
     assert f"{tmp_path}/run/logs/bad_train/bad_train/rank-N.log" in result.stdout
+    status = launch("status", "--config", str(pipeline))
+    assert status.returncode == 1 and str(failed_log) in status.stdout, status.stdout
 
 
 def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
