@@ -8,6 +8,7 @@ rejected for the first problem found, so each entry has exactly one reason.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -101,17 +102,29 @@ def check_entry(entry: object) -> Rejection | None:
         return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_MARKER} markers but no image")
 
     if image is not None:
-        path = PurePosixPath(image)
-        if path.is_absolute() or image.startswith("\\") or ":" in path.parts[0]:
+        parts = image.replace("\\", "/").split("/")
+        if image.startswith(("/", "\\")) or ":" in parts[0]:
             return Rejection(PATH_ESCAPES_ROOT, f"absolute path {image!r}")
-        if ".." in path.parts:
+        if ".." in parts:
             return Rejection(PATH_ESCAPES_ROOT, f"'..' in path {image!r}")
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _real_dir(path: str) -> str:
+    # Images sit in a handful of folders: resolve each folder's symlinks once per worker.
+    return os.path.realpath(path)
+
+
 def resolve_image(root_real: str, image: str) -> str | Rejection:
-    """The real path of `image` under the (already resolved) root, or why it escapes."""
-    real = os.path.realpath(os.path.join(root_real, image))
+    """The real path of `image` under the (already resolved) root, or why it escapes.
+
+    A missing file resolves to its would-be path; opening it then reports it missing.
+    """
+    folder, name = os.path.split(os.path.join(root_real, image))
+    real = os.path.join(_real_dir(folder), name)
+    if os.path.islink(real):
+        real = os.path.realpath(real)
     if os.path.commonpath([root_real, real]) != root_real:
         return Rejection(PATH_ESCAPES_ROOT, f"{image!r} resolves outside the image root (symlink)")
     return real

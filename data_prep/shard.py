@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import tarfile
+import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -394,9 +395,10 @@ def run_shard(cfg: ShardConfig) -> dict:
         raise PrepError(f"--image-root {cfg.image_root} is not an existing folder")
     if not cfg.data.is_file():
         raise PrepError(f"--data {cfg.data} is not an existing file")
-    log.info("scanning %s", cfg.data)
+    started = time.perf_counter()
     offsets, data_sha256 = scan_json_list(cfg.data)
     num_entries = len(offsets) // 2
+    log.info("%s: %d entries (scanned in %.1f s)", cfg.data, num_entries, time.perf_counter() - started)
     identity = _job_identity(cfg, data_sha256)
     if not _prepare_out(cfg, identity):
         log.info("%s already holds a finished job; nothing to do", cfg.out)
@@ -405,7 +407,10 @@ def run_shard(cfg: ShardConfig) -> dict:
     work = cfg.out / WORK_DIR
     results = _load_validated(work / "validated.jsonl")
     root_real = os.path.realpath(cfg.image_root)
+    # forkserver: workers never inherit the parent's threads or locks; the preload makes the
+    # server import this module once, so each worker starts in milliseconds.
     ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     with ctx.Pool(cfg.workers, _init_worker, (str(cfg.data), root_real, cfg.fast_validate)) as pool:
         # validate: ordered results, appended to the state file as they arrive
         mode = "full decode" if not cfg.fast_validate else "header + end marker"
@@ -418,6 +423,7 @@ def run_shard(cfg: ShardConfig) -> dict:
                 state.flush()
                 results.extend(chunk)
                 bar.update(len(chunk))
+        log.info("validated %d entries in %.1f s", num_entries, time.perf_counter() - started)
         accepted = [r for r in results if isinstance(r, Accepted)]
         rejected = [r for r in results if isinstance(r, Rejected)]
         del results
@@ -435,6 +441,7 @@ def run_shard(cfg: ShardConfig) -> dict:
                 shard_stats[name] = {"name": name, "samples": samples, "bytes": size, "sha256": sha}
                 bar.update(samples)
 
+    log.info("wrote %d shards; %.1f s in all", len(shard_stats), time.perf_counter() - started)
     manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
                          [shard_stats[k] for k in sorted(shard_stats)])
     _atomic_write(cfg.out / REJECTED, "".join(
