@@ -199,6 +199,8 @@ class CompressedLlava(nn.Module):
         mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   past_key_values=past_key_values, position_ids=position_ids)
         use_cache = past_key_values is not None
+        # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
+        # would read the gaps left by dropping as packed sequences.
         for layer in parts.layers[:split]:
             layer_input = hidden
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,

@@ -189,6 +189,8 @@ def query_attention_scores(
     Only one query row per sample is formed: O(N d) memory, no H x N x N matrix, and no
     dependence on the attention implementation. Keys after the query or padded
     (attention_mask == 0) get zero weight. Returns (B, N) float32 scores.
+    In training, LoRA dropout (if any) draws its own mask here, so the scores can differ
+    slightly from the attention the layer itself computed; selection is a no-grad choice.
     """
     attn = layer.self_attn
     batch, length, _ = layer_input.shape
