@@ -16,7 +16,6 @@ free cores. Every prep time includes the JSON scan, worker start-up, fsyncs and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.shard import ShardConfig, run_shard
+from data_prep.shard import ShardConfig, default_workers, run_shard
 from data_prep.synth import DATA_FILE, SynthConfig, generate
 
 
@@ -68,7 +67,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
         seconds = {}
         for name, workers, fast in (("prep_1", 1, False), ("prep_2", 2, False),
-                                    ("fast_1", 1, True), ("fast_default", os.cpu_count() or 1, True)):
+                                    ("fast_1", 1, True), ("fast_default", default_workers(), True)):
             seconds[name], manifest = _timed_prep(data, root, work / name, workers=workers,
                                                   fast=fast, shard_size=cfg.shard_size)
             if manifest["written"] != len(images):
@@ -89,7 +88,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     return {
         "samples": n,
         "mean_image_kb": image_bytes / n / 1e3,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": default_workers(),
         "decode_samples_per_s": decode_rate,
         "prep_samples_per_s": rate["prep_1"],
         "prep_mb_per_s": image_bytes / seconds["prep_1"] / 1e6,

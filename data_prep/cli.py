@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     shard.add_argument("--image-root", type=Path, required=True,
                        help="folder holding coco/, gqa/, ocr_vqa/, textvqa/, vg/")
     shard.add_argument("--out", type=Path, required=True, help="shard folder (empty or new)")
-    shard.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
+    shard.add_argument("--workers", type=int, default=None,
+                       help="processes that validate and write (default: the CPUs this job may use)")
     shard.add_argument("--seed", type=int, default=0, help="shuffle seed")
     shard.add_argument("--shard-size", type=int, default=5000, help="target samples per shard")
     shard.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
@@ -70,11 +70,12 @@ def _synth(args: argparse.Namespace) -> int:
 def _shard(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from data_prep.shard import PrepError, ShardConfig, run_shard, summary_table
+    from data_prep.shard import PrepError, ShardConfig, default_workers, run_shard, summary_table
 
     cfg = ShardConfig(data=args.data, image_root=args.image_root, out=args.out,
-                      workers=args.workers, seed=args.seed, shard_size=args.shard_size,
-                      resume=args.resume, fast_validate=args.fast_validate)
+                      workers=args.workers or default_workers(), seed=args.seed,
+                      shard_size=args.shard_size, resume=args.resume,
+                      fast_validate=args.fast_validate)
     started = time.perf_counter()
     try:
         manifest = run_shard(cfg)

@@ -30,7 +30,7 @@ import tarfile
 import time
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -51,12 +51,17 @@ class PrepError(Exception):
     """A problem with the user's inputs or output folder; the message says which and why."""
 
 
+def default_workers() -> int:
+    """CPUs this process may use (a SLURM allocation, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class ShardConfig:
     data: Path
     image_root: Path
     out: Path
-    workers: int = max(1, os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
     shard_size: int = 5000          # ~0.8 GB shards at LLaVA-665K's ~160 KB per image
     resume: bool = False
