@@ -1,9 +1,9 @@
 """`divico run`: the embedded default. The whole pipeline on CPU, on a tiny LLaVA, in minutes.
 
-    synthetic data (train + held-out)  ->  shards  ->  tiny LLaVA (random init)
-      -> stage "base": the tiny model's language model + projector trained in full, no compression
-         (standing in for the released LLaVA-1.5 weights)
-      -> stage "divico-tauXXX" for each tau: LoRA + DiViCo from that base
+    synthetic data (train, finetune, held-out: three seeds)  ->  shards  ->  tiny LLaVA (random init)
+      -> stage "base": the tiny model's language model + projector trained in full on "train", no
+         compression (standing in for the released LLaVA-1.5 weights)
+      -> stage "divico-tauXXX" for each tau: LoRA + DiViCo from that base, one epoch of "finetune"
       -> held-out answer accuracy of each model (and of training-free FastV on the base) vs chance
 
 Everything goes under --root (runs/demo); a stage whose output is complete is skipped on rerun,
@@ -31,6 +31,7 @@ TAUS = (1 / 15, 1 / 9, 1 / 6)  # the paper's large / medium / small compression
 class DemoConfig:
     root: Path = Path("runs/demo")
     train_samples: int = 2400
+    finetune_samples: int = 800
     heldout_samples: int = 240
     taus: tuple[float, ...] = TAUS
     seed: int = 0
@@ -41,23 +42,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DemoConfig.root, help="output folder (default runs/demo)")
     parser.add_argument("--train-samples", type=int, default=DemoConfig.train_samples)
+    parser.add_argument("--finetune-samples", type=int, default=DemoConfig.finetune_samples)
     parser.add_argument("--heldout-samples", type=int, default=DemoConfig.heldout_samples)
     parser.add_argument("--taus", type=float, nargs="+", default=list(TAUS), help="kept fractions, one stage each")
-    parser.set_defaults(func=lambda args: run(DemoConfig(root=args.root, train_samples=args.train_samples,
-                                                         heldout_samples=args.heldout_samples, taus=tuple(args.taus))))
+    parser.set_defaults(func=lambda args: run(DemoConfig(
+        root=args.root, train_samples=args.train_samples, finetune_samples=args.finetune_samples,
+        heldout_samples=args.heldout_samples, taus=tuple(args.taus))))
 
 
 def stage_name(tau: float) -> str:
     return f"divico-tau{round(tau * 1000):03d}"
 
 
-def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
-    """Synthetic train and held-out sets (different seeds), each sharded; skipped when present."""
+def prepare_data(cfg: DemoConfig) -> list[Path]:
+    """Synthetic train, finetune and held-out sets (different seeds), each sharded; skipped when present."""
     from data_prep.shard import ShardConfig, run_shard
     from data_prep.synth import SynthConfig, generate
 
     shard_dirs = []
-    for split, samples, seed in (("train", cfg.train_samples, cfg.seed), ("heldout", cfg.heldout_samples, cfg.seed + 1)):
+    splits = (("train", cfg.train_samples), ("finetune", cfg.finetune_samples), ("heldout", cfg.heldout_samples))
+    for offset, (split, samples) in enumerate(splits):
+        seed = cfg.seed + offset
         raw, shards = cfg.root / "data" / split, cfg.root / "shards" / split
         if not (raw / "llava_v1_5_mix665k.json").is_file():
             partial = raw.with_name(f"{split}.tmp")
@@ -68,7 +73,7 @@ def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
             run_shard(ShardConfig(data=raw / "llava_v1_5_mix665k.json", image_root=raw / "images", out=shards,
                                   seed=seed, shard_size=1000, resume=shards.exists(), progress=False))
         shard_dirs.append(shards)
-    return shard_dirs[0], shard_dirs[1]
+    return shard_dirs
 
 
 def tiny_model(cfg: DemoConfig) -> Path:
@@ -98,6 +103,7 @@ def train_stage(cfg: DemoConfig, name: str, base: Path, shards: Path, config_fil
     if model_dir.is_dir():
         log.info("stage %s: complete, skipped (%s)", name, model_dir)
         return model_dir
+    started = time.perf_counter()
     status = train([CONFIGS / "debug" / f for f in config_files],
                    [f"model.base={base}", f"data.shards={shards}", f"train.output_dir={out}",
                     f"train.tensorboard_dir={cfg.root / 'tensorboard'}", f"train.stage={name}",
@@ -106,7 +112,9 @@ def train_stage(cfg: DemoConfig, name: str, base: Path, shards: Path, config_fil
         raise SystemExit(status)
     if status != 0:
         raise RuntimeError(f"stage {name} failed with status {status}; see the log above")
-    return export(out, model_dir, dtype=torch.float32)
+    export(out, model_dir, dtype=torch.float32)
+    log.info("stage %s: trained and exported in %.0f s", name, time.perf_counter() - started)
+    return model_dir
 
 
 def evaluate_model(cfg: DemoConfig, name: str, model: Path, heldout: Path, mode: str | None = None,
@@ -125,7 +133,7 @@ def evaluate_model(cfg: DemoConfig, name: str, model: Path, heldout: Path, mode:
 
 def run(cfg: DemoConfig) -> int:
     started = time.perf_counter()
-    train_shards, heldout = prepare_data(cfg)
+    train_shards, finetune_shards, heldout = prepare_data(cfg)
     tiny = tiny_model(cfg)
     log.info("data and tiny model ready in %.0f s", time.perf_counter() - started)
 
@@ -136,7 +144,7 @@ def run(cfg: DemoConfig) -> int:
         rows.append((f"fastv-tau{round(tau * 1000):03d}", "fastv (no training)", tau, None,
                      evaluate_model(cfg, f"fastv-tau{round(tau * 1000):03d}", base, heldout, mode="fastv", tau=tau)))
         name = stage_name(tau)
-        model = train_stage(cfg, name, base, train_shards, ["tiny.yaml"], [f"divico.tau={tau}"])
+        model = train_stage(cfg, name, base, finetune_shards, ["tiny.yaml"], [f"divico.tau={tau}"])
         rows.append((name, "divico", tau, model, evaluate_model(cfg, name, model, heldout)))
     print_summary(cfg, rows, time.perf_counter() - started)
     return 0
@@ -157,7 +165,7 @@ def print_summary(cfg: DemoConfig, rows: list, seconds: float) -> None:
                       f"{result['visual_tokens_kept']} / {result['visual_tokens']}",
                       f"{result['accuracy']:.1%}", f"{result['chance']:.1%}",
                       f"{train['train/lm_loss']:.3f}" if train else "-",
-                      f"{train['perf/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
+                      f"{train['run/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
     console = Console()
     console.print(table)
     console.print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common "

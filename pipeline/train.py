@@ -384,7 +384,7 @@ def fit(run: Run) -> int:
     if run.resumed_from:  # after the loader iterator drew its seed, exactly as the uninterrupted run's had
         checkpoint.restore_rng(run.resumed_from, run.rank)
     step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(8, dtype=torch.float64)
-    last = {}
+    fit_started, totals, last = time.perf_counter(), torch.zeros(8, dtype=torch.float64), {}
     while step < run.stop_step:
         sums = torch.zeros(8, dtype=torch.float64)
         keys_this_step = []
@@ -409,6 +409,7 @@ def fit(run: Run) -> int:
         engine.step()
         step += 1
         window += sums
+        totals += sums
         if run.sample_log is not None:
             with run.sample_log.open("a") as file:
                 file.writelines(f"{step}\t{key}\n" for key in keys_this_step)
@@ -427,7 +428,9 @@ def fit(run: Run) -> int:
             run.metrics.close()
             return EXIT_PREEMPTED
     if step == run.total_steps and run.rank == 0:
-        _write_summary(run, last)
+        seconds = time.perf_counter() - fit_started
+        _write_summary(run, {**last, "run/tokens_per_s": totals[_TOKENS].item() / seconds,
+                             "run/samples_per_s": totals[_SAMPLES].item() / seconds, "run/seconds": seconds})
     finished = step == run.total_steps
     run.metrics.close({name: last[f"train/{name}"] for name in ("loss", "lm_loss", "kl")} if finished else None)
     if run.rank == 0 and not finished:

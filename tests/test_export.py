@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tiny_llava_dir, make_shard_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_run")
-    result = run(train_args(tiny_llava_dir, make_shard_dir(32, 1), out, "train.max_steps=2", "optim.lr=5e-3"))
+    result = run(train_args(tiny_llava_dir, make_shard_dir(32, 1), out, "train.max_steps=3", "optim.lr=5e-3"))
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
