@@ -20,10 +20,10 @@ import torch
 def add_parser(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("train", help="training throughput: divico (tau=1/9) vs uncompressed LoRA",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=128, help="decoder width (7B: 4096)")
+    parser.add_argument("--hidden", type=int, default=256, help="decoder width (7B: 4096; attention weighs more at small widths)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode (after 1 warm-up step), alternating")
     parser.add_argument("--tau", type=float, default=1 / 9)
     parser.add_argument("--device", default="auto", help="auto (cuda if present, bf16), cpu, cuda")

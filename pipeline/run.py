@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,7 @@ def print_summary(cfg: DemoConfig, rows: list, seconds: float) -> None:
     table = Table(title=f"divico run: held-out accuracy on {cfg.heldout_samples} synthetic questions")
     for column in ("stage", "mode", "tau", "visual tokens kept", "accuracy", "chance", "final train loss",
                    "train tokens/s", "eval tokens/s"):
-        table.add_column(column, justify="left" if column in ("stage", "mode") else "right")
+        table.add_column(column, justify="left" if column in ("stage", "mode") else "right", no_wrap=True)
     for name, mode, tau, model, result in rows:
         summary_path = cfg.root / name / "train_summary.json"
         train = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -166,7 +167,6 @@ def print_summary(cfg: DemoConfig, rows: list, seconds: float) -> None:
                       f"{result['accuracy']:.1%}", f"{result['chance']:.1%}",
                       f"{train['train/lm_loss']:.3f}" if train else "-",
                       f"{train['run/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
-    console = Console()
-    console.print(table)
-    console.print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common "
-                  f"answer. Models: {cfg.root}/<stage>/model. TensorBoard: tensorboard --logdir {cfg.root / 'tensorboard'}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer.\n"
+          f"Models: {cfg.root}/<stage>/model. TensorBoard: tensorboard --logdir {cfg.root / 'tensorboard'}")
