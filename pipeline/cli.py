@@ -1,62 +1,64 @@
-"""The `divico` command. Each component adds its own subcommands here.
+"""The `divico` command. Each component defines its own subcommands:
 
-    divico prep {synth,shard,verify}   data_prep/
-    divico bench {prep,loader,model,train}  measured figures, printed
-    divico train / export              pipeline/train.py, pipeline/export.py
-    divico eval                        pipeline/evaluate.py: answer accuracy on a held-out set
-    divico launch {local,slurm}        launch/
-    divico run                         the embedded default: every stage, tiny model, CPU
+    divico prep {synth,shard,verify}         data_prep/
+    divico train / export                    pipeline/train.py, pipeline/export.py
+    divico eval                              pipeline/evaluate.py: answer accuracy on a held-out set
+    divico run                               pipeline/run.py: the embedded default (tiny model, CPU)
+    divico launch {local,slurm,status}       launch/
+    divico bench {prep,loader,model,train}   measured figures, printed
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+# command -> (help, [(module, function that adds the command's parser)]). Only the chosen
+# command's modules are imported, so `divico prep` starts without loading torch.
+COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "prep": ("shard LLaVA-665K-format data into webdataset tars", [("data_prep.cli", "add_parsers")]),
+    "train": ("fine-tune one stage (DeepSpeed ZeRO-2; one epoch)", [("pipeline.train", "add_parser")]),
+    "export": ("merge a checkpoint into a Hugging Face model folder", [("pipeline.export", "add_parser")]),
+    "eval": ("answer accuracy of a model on a held-out set", [("pipeline.evaluate", "add_parser")]),
+    "run": ("the embedded default: every stage on a tiny model, on CPU", [("pipeline.run", "add_parser")]),
+    "launch": ("run a pipeline's stage graph on SLURM or on this machine", [("launch.cli", "add_parser")]),
+    "bench": ("print measured throughput and efficiency figures", [
+        ("data_prep.cli", "add_bench_parser"),
+        ("pipeline.data.loader", "add_bench_parser"),
+        ("pipeline.model.bench", "add_bench_parser"),
+        ("pipeline.bench_train", "add_parser"),
+    ]),
+}
+# Commands whose parser is a group: the components add leaves to it.
+GROUPS = ("prep", "bench")
 
-def build_parser() -> argparse.ArgumentParser:
-    # Component imports stay inside so `divico --help` is fast and a missing optional
-    # dependency only breaks the subcommand that needs it.
-    from data_prep import cli as prep_cli
 
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; only `command`'s component is imported and parses its arguments."""
     parser = argparse.ArgumentParser(prog="divico", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
     # The deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK is read instead.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    prep = commands.add_parser("prep", help="shard LLaVA-665K-format data into webdataset tars")
-    prep_cli.add_parsers(prep.add_subparsers(dest="prep_command", required=True))
-
-    bench = commands.add_parser("bench", help="print measured throughput and efficiency figures")
-    benches = bench.add_subparsers(dest="bench_command", required=True)
-    prep_cli.add_bench_parser(benches)
-    from pipeline.model import bench as model_bench
-
-    model_bench.add_bench_parser(benches)
-    from pipeline.data import loader
-
-    loader.add_bench_parser(benches)
-
-    from pipeline import bench_train, export, run, train
-
-    bench_train.add_parser(benches)
-    train.add_parser(commands)
-    export.add_parser(commands)
-    run.add_parser(commands)
-    from pipeline import evaluate
-
-    evaluate.add_parser(commands)
-    from launch import cli as launch_cli
-
-    launch_cli.add_parser(commands)
+    for name, (help_text, registrations) in COMMANDS.items():
+        if name != command:
+            commands.add_parser(name, help=help_text)  # listed in --help, never parsed here
+            continue
+        target = commands
+        if name in GROUPS:
+            target = commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
+        for module, function in registrations:
+            getattr(importlib.import_module(module), function)(target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(args.func(args) or 0)
