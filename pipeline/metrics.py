@@ -45,7 +45,8 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        # purge_step: after a resume, points a crashed run logged past its checkpoint are dropped.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step or None)
         self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step",
                         dynamic_ncols=True, file=sys.stderr)

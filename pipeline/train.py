@@ -146,6 +146,7 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from pipeline.data.loader import ShardDataset, build_loader
+
     rank, world_size = dist.get_rank(), dist.get_world_size()
     on_gpu = get_accelerator().device_name() != "cpu"
     if on_gpu:
@@ -189,8 +190,7 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
             log.info("resuming from %s at step %d/%d", resume_from, start_step, total_steps)
     stop_step = min(total_steps, start_step + t.max_steps) if t.max_steps else total_steps
 
-    config_yaml = _yaml(cfg)
-    run_name = cfg.train.stage
+    config_yaml, run_name = _yaml(cfg), cfg.train.stage
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
