@@ -3,7 +3,9 @@
 Stages run in dependency order; a task whose outputs are complete is skipped, so running the
 command again continues where it stopped (train stages also resume inside the epoch,
 --resume auto). Each task's output is shown and kept in <root>/logs/<stage>/local-<task>.log;
-each rank of a train stage logs under <root>/logs/<stage>/<task>/.
+each rank of a train stage logs under <root>/logs/<stage>/<task>/. The cluster's `env` applies
+here too; its `setup` lines do not (run from the environment you want). A train stage gets
+nodes x tasks_per_node ranks on this machine.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +96,9 @@ def render(pipeline: Pipeline) -> dict[str, Path]:
 
 def submit(pipeline: Pipeline, scripts: dict[str, Path]) -> list[Submission]:
     """sbatch every stage with unfinished tasks, each after the stages it depends on."""
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch is not on PATH: submit from a SLURM login node, or use --dry-run "
+                          "(scripts only) or `divico launch local`")
     submitted: list[Submission] = []
     job_ids: dict[str, str] = {}
     for stage in pipeline.stages:

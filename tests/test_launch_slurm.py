@@ -143,10 +143,19 @@ def test_preempted_job_checkpoints_requeues_and_resumes(chain, tmp_path: Path) -
              "the job to requeue itself")
     preempted_at = latest_checkpoint(output_dir)
     assert preempted_at.name > first.name  # the checkpoint written on the signal
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue delay
+    # Skip the requeue delay, but not within the second of the requeue: slurmd refuses a job
+    # credential created in the same second its previous run's was revoked ("credential revoked").
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
     # 2nd warning: checkpoint and exit 3 again, but max_requeues=1 is used up: the job fails.
-    wait_for(lambda: latest_checkpoint(output_dir).name > preempted_at.name, "a checkpoint after the resume")
+    def resumed_and_checkpointed() -> bool:
+        if latest_checkpoint(output_dir).name > preempted_at.name:
+            return True
+        assert job_fields(job)["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED"), log.read_text()
+        return False
+
+    wait_for(resumed_and_checkpointed, "a checkpoint after the resume")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for(lambda: job_fields(job)["JobState"] == "FAILED", "the job to fail after its last requeue")
     fields = job_fields(job)
