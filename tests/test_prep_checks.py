@@ -137,3 +137,40 @@ def test_scan_json_list_empty(tmp_path: Path) -> None:
     path = tmp_path / "empty.json"
     path.write_text("[ ]")
     assert len(scan_json_list(path)[0]) == 0
+
+
+def _encoded(fmt: str, mode: str, **save) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((97, 61), 60).convert(mode).save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+_BIG_EXIF = Image.Exif()
+_BIG_EXIF[0x010E] = "x" * 40000  # image description: a JPEG header longer than the first read
+FORMATS = {
+    "jpeg rgb": _encoded("JPEG", "RGB"),
+    "jpeg gray progressive": _encoded("JPEG", "L", progressive=True),
+    "jpeg cmyk": _encoded("JPEG", "CMYK"),
+    "jpeg 40 KB exif": _encoded("JPEG", "RGB", exif=_BIG_EXIF.tobytes()),
+    "png rgb": _encoded("PNG", "RGB"),
+    "png rgba": _encoded("PNG", "RGBA"),
+    "png la": _encoded("PNG", "LA"),
+    "png 16-bit": _encoded("PNG", "I;16"),
+    "png 1-bit": _encoded("PNG", "1"),
+    "png palette": _encoded("PNG", "P"),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_fast_header_check_agrees_with_decode(tmp_path: Path, name: str) -> None:
+    """Fast mode reads JPEG/PNG headers itself: same size, extension and conversion as PIL's
+    full decode, and a cut file (end marker gone) is rejected."""
+    data = FORMATS[name]
+    (tmp_path / "whole.jpg").write_bytes(data)
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) * 2 // 3])
+    root = os.path.realpath(tmp_path)
+    fast = checks.check_image_file(root, "whole.jpg", fast=True)
+    assert fast == checks.check_image_file(root, "whole.jpg", fast=False)
+    assert (fast.width, fast.height, fast.convert) == (97, 61, name == "png palette")
+    cut = checks.check_image_file(root, "cut.jpg", fast=True)
+    assert isinstance(cut, checks.Rejection) and cut.reason == checks.UNREADABLE_IMAGE
