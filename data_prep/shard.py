@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import io
 import json
 import logging
 import math
@@ -233,28 +232,38 @@ def sample_key(index: int, entry_id: str, digits: int) -> str:
 
 # ---------------------------------------------------------------------------- write
 
-class _HashingWriter:
-    """File wrapper that hashes and counts what tarfile writes through it (no re-read)."""
+class _TarWriter:
+    """Writes a USTAR tar member by member, exactly as tarfile.TarFile.addfile + close would
+    (headers from tarfile's own TarInfo.tobuf), and hashes the bytes as they go out, so the
+    shard is never re-read. Skips addfile's per-member copies and file-object plumbing."""
 
     def __init__(self, f):
         self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
 
-    def write(self, data: bytes) -> int:
+    def _write(self, data: bytes) -> None:
         self.sha.update(data)
+        self.f.write(data)
         self.bytes += len(data)
-        return self.f.write(data)
 
-    def tell(self) -> int:
-        return self.bytes
+    def add(self, name: str, data: bytes) -> None:
+        # Fixed metadata so the bytes depend only on the content.
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        self._write(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record as tarfile does."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.bytes + end) % tarfile.RECORDSIZE
+        self._write(tarfile.NUL * end)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so the bytes depend only on the content.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))  # BytesIO shares the bytes, no copy
+_json = json.JSONEncoder(ensure_ascii=False)  # what json.dumps(..., ensure_ascii=False) builds per call
 
 
 def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
@@ -262,25 +271,24 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tupl
     path, samples, digits = task
     tmp = path + ".tmp"
     with open(_worker["data"], "rb") as data, open(tmp, "wb") as f:
-        out = _HashingWriter(f)
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            tar.copybufsize = 1 << 26  # copy each member in one piece, not 16 KB slices
-            for start, end, sample in samples:
-                entry = read_entries(data, [start], [end])[0]
-                key = sample_key(sample.index, sample.id, digits)
-                meta = {"id": sample.id, "index": sample.index, "source": sample.source,
-                        "image": sample.image, "width": sample.width, "height": sample.height,
-                        "conversations": entry["conversations"]}
-                _add_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                if sample.image is not None:
-                    info = checks.ImageInfo(sample.width, sample.height, sample.ext,
-                                            sample.convert, sample.size)
-                    image = checks.stored_image_bytes(_worker["root_real"], sample.image, info)
-                    _add_member(tar, f"{key}.{sample.ext}", image)
+        tar = _TarWriter(f)
+        for start, end, sample in samples:
+            entry = read_entries(data, [start], [end])[0]
+            key = sample_key(sample.index, sample.id, digits)
+            meta = {"id": sample.id, "index": sample.index, "source": sample.source,
+                    "image": sample.image, "width": sample.width, "height": sample.height,
+                    "conversations": entry["conversations"]}
+            tar.add(f"{key}.json", _json.encode(meta).encode())
+            if sample.image is not None:
+                info = checks.ImageInfo(sample.width, sample.height, sample.ext,
+                                        sample.convert, sample.size)
+                tar.add(f"{key}.{sample.ext}",
+                        checks.stored_image_bytes(_worker["root_real"], sample.image, info))
+        tar.close()
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return os.path.basename(path), len(samples), out.bytes, out.sha.hexdigest()
+    return os.path.basename(path), len(samples), tar.bytes, tar.sha.hexdigest()
 
 
 def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str] | None:
