@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
+
+# Tests start `divico`, `deepspeed` and the launch scripts as programs: they must be the ones
+# installed beside this interpreter, whether or not its environment was activated.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
