@@ -19,7 +19,8 @@ imported, and prep's worker server (a Python that imports the prep module, ~0.3 
 command) is started by an untimed warm-up run. tar is timed as a whole command plus an fsync of
 its archive, since prep's figures include making each shard durable; the figure without the
 fsync is reported too (tar_page_cache_*). Each figure is the fastest of `repeats` runs, so
-that other processes on a shared machine disturb it less.
+that other processes on a shared machine disturb it less; before each run, untimed, the
+previous output is deleted and dirty pages are written back (os.sync).
 """
 
 from __future__ import annotations
@@ -57,9 +58,16 @@ class BenchConfig:
     repeats: int = 3          # each figure is the fastest run
 
 
-def _fastest(repeats: int, run: Callable[[], None]) -> float:
+def _fastest(repeats: int, run: Callable[[], None], output: Path | None = None) -> float:
+    """Seconds of the fastest of `repeats` runs. Before each, untimed, the previous run's
+    `output` is removed and every dirty page written back, so all runs start alike."""
     best = float("inf")
     for _ in range(repeats):
+        if output is not None and output.is_dir():
+            shutil.rmtree(output)
+        elif output is not None:
+            output.unlink(missing_ok=True)
+        os.sync()
         started = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - started)
@@ -68,7 +76,6 @@ def _fastest(repeats: int, run: Callable[[], None]) -> float:
 
 def _prep(data: Path, root: Path, out: Path, *, workers: int, fast: bool, shard_size: int,
           expected: int) -> None:
-    shutil.rmtree(out, ignore_errors=True)
     manifest = run_shard(ShardConfig(data=data, image_root=root, out=out, workers=workers,
                                      shard_size=shard_size, fast_validate=fast, progress=False))
     if manifest["written"] != expected:
@@ -115,10 +122,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                                     ("fast_1", 1, True), ("fast_default", default_workers(), True)):
             seconds[name] = _fastest(cfg.repeats, partial(
                 _prep, data, root, work / name, workers=workers, fast=fast,
-                shard_size=cfg.shard_size, expected=len(images)))
+                shard_size=cfg.shard_size, expected=len(images)), output=work / name)
         for name, fsync in (("tar", True), ("tar_page_cache", False)):
-            seconds[name] = _fastest(cfg.repeats, partial(_tar, root, listing, work / "plain.tar",
-                                                          fsync=fsync))
+            archive = work / f"{name}.tar"
+            seconds[name] = _fastest(cfg.repeats, partial(_tar, root, listing, archive, fsync=fsync),
+                                     output=archive)
 
         loader = measure_throughput(work / "prep_1", num_workers=1)
 

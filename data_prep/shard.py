@@ -5,8 +5,8 @@
               results go to OUT/.prep/validated.jsonl in entry order, so a kill loses at most
               the chunks in flight
     plan      accepted entries, shuffled with the seed, cut into balanced shards
-    write     workers write whole shards (temp name, fsync, rename); the parent only collects
-              sizes and hashes
+    write     workers write whole shards under temp names; parent threads fsync and rename
+              them (so no worker waits for the disk) and collect sizes and hashes
     finish    rejected.jsonl, manifest.json (last), then the work folder is removed
 
 The output depends only on the input bytes, the seed and the shard size - never on the
@@ -29,6 +29,7 @@ import tarfile
 import time
 from array import array
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -265,11 +266,18 @@ class _TarWriter:
         self._write(tarfile.NUL * end)
 
 
-def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
-    """Write one shard to a temp name, fsync, rename. Returns (name, samples, bytes, sha256)."""
+class ShardFile(NamedTuple):
+    path: str
+    samples: int
+    bytes: int
+    sha256: str
+    durable: bool  # False: still under its temp name, not yet fsynced (see _publish)
+
+
+def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> ShardFile:
+    """Write one shard under its temp name; the parent makes it durable and renames it."""
     path, samples, digits = task
-    tmp = path + ".tmp"
-    with open(_worker["data"], "rb") as data, open(tmp, "wb") as f:
+    with open(_worker["data"], "rb") as data, open(path + ".tmp", "wb") as f:
         tar = _TarWriter(f)
         for start, end, sample in samples:
             entry = read_entries(data, [start], [end])[0]
@@ -284,13 +292,20 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tupl
                 tar.add(f"{key}.{sample.ext}",
                         checks.stored_image_bytes(_worker["root_real"], sample.image, info))
         tar.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return os.path.basename(path), len(samples), tar.bytes, tar.sha.hexdigest()
+    return ShardFile(path, len(samples), tar.bytes, tar.sha.hexdigest(), durable=False)
 
 
-def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str] | None:
+def _publish(path: str) -> None:
+    """fsync a shard written under its temp name, then give it its final name."""
+    fd = os.open(path + ".tmp", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path + ".tmp", path)
+
+
+def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> ShardFile | None:
     """A shard left by an earlier run: its stats if its members are the planned ones, else None."""
     path, samples, digits = task
     expected = []
@@ -309,10 +324,10 @@ def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tupl
         while block := f.read(1 << 20):
             sha.update(block)
             size += len(block)
-    return os.path.basename(path), len(samples), size, sha.hexdigest()
+    return ShardFile(path, len(samples), size, sha.hexdigest(), durable=True)
 
 
-def _write_or_keep(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> tuple[str, int, int, str]:
+def _write_or_keep(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> ShardFile:
     if os.path.exists(task[0]):
         kept = _check_shard(task)
         if kept is not None:
@@ -446,12 +461,18 @@ def run_shard(cfg: ShardConfig) -> dict:
                   [(offsets[2 * accepted[p].index], offsets[2 * accepted[p].index + 1], accepted[p])
                    for p in positions], digits)
                  for k, positions in enumerate(plan_shards(len(accepted), cfg.shard_size, cfg.seed))]
-        shard_stats = {}
+        shard_stats, publishing = {}, []
         with tqdm(total=len(accepted), unit="samples", desc="write shards", smoothing=0.1,
-                  disable=not cfg.progress) as bar:
-            for name, samples, size, sha in pool.imap_unordered(_write_or_keep, tasks):
-                shard_stats[name] = {"name": name, "samples": samples, "bytes": size, "sha256": sha}
-                bar.update(samples)
+                  disable=not cfg.progress) as bar, ThreadPoolExecutor(cfg.workers) as publisher:
+            for shard in pool.imap_unordered(_write_or_keep, tasks):
+                if not shard.durable:
+                    publishing.append(publisher.submit(_publish, shard.path))
+                name = os.path.basename(shard.path)
+                shard_stats[name] = {"name": name, "samples": shard.samples, "bytes": shard.bytes,
+                                     "sha256": shard.sha256}
+                bar.update(shard.samples)
+            for done in publishing:
+                done.result()  # raises an fsync or rename error here
 
     log.info("wrote %d shards; %.1f s in all", len(shard_stats), time.perf_counter() - started)
     manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
