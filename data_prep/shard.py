@@ -29,10 +29,11 @@ import tarfile
 import time
 from array import array
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
 
@@ -414,6 +415,18 @@ def _chunks(offsets: array, start: int, chunk: int) -> Iterator[tuple[int, list[
         yield first, offsets[2 * first:2 * last:2].tolist(), offsets[2 * first + 1:2 * last:2].tolist()
 
 
+def _in_order(pool: Executor, fn: Callable, tasks: Iterable, window: int) -> Iterator:
+    """fn(task) for each task, in order, with at most `window` tasks submitted at a time (the
+    task list is never all in memory, and results come back as soon as they are next)."""
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def run_shard(cfg: ShardConfig) -> dict:
     """Run the whole job (or finish an interrupted one); returns the manifest."""
     if cfg.shard_size < 1 or cfg.workers < 1:
@@ -435,16 +448,20 @@ def run_shard(cfg: ShardConfig) -> dict:
     results = _load_validated(work / "validated.jsonl")
     root_real = os.path.realpath(cfg.image_root)
     # forkserver: workers never inherit the parent's threads or locks; the preload makes the
-    # server import this module once, so each worker starts in milliseconds.
+    # server import this module once, so each worker starts in milliseconds. The executor, not
+    # multiprocessing.Pool: a worker that dies (a crash in an image decoder) fails the run with
+    # BrokenProcessPool instead of hanging it, and the parent does not spin on each result.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with ctx.Pool(cfg.workers, _init_worker, (str(cfg.data), root_real, cfg.fast_validate)) as pool:
+    with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(str(cfg.data), root_real, cfg.fast_validate)) as pool:
         # validate: ordered results, appended to the state file as they arrive
         mode = "full decode" if not cfg.fast_validate else "header + end marker"
         with open(work / "validated.jsonl", "a", encoding="utf-8") as state, \
                 tqdm(total=num_entries, initial=len(results), unit="samples", smoothing=0.1,
                      desc=f"validate ({mode})", disable=not cfg.progress) as bar:
-            for chunk in pool.imap(_validate_chunk, _chunks(offsets, len(results), cfg.chunk_size)):
+            for chunk in _in_order(pool, _validate_chunk,
+                                   _chunks(offsets, len(results), cfg.chunk_size), 4 * cfg.workers):
                 state.write("".join(_json.encode(["ok" if isinstance(r, Accepted) else "rejected", *r])
                                     + "\n" for r in chunk))
                 state.flush()
@@ -464,7 +481,8 @@ def run_shard(cfg: ShardConfig) -> dict:
         shard_stats, publishing = {}, []
         with tqdm(total=len(accepted), unit="samples", desc="write shards", smoothing=0.1,
                   disable=not cfg.progress) as bar, ThreadPoolExecutor(cfg.workers) as publisher:
-            for shard in pool.imap_unordered(_write_or_keep, tasks):
+            for done in as_completed([pool.submit(_write_or_keep, task) for task in tasks]):
+                shard = done.result()
                 if not shard.durable:
                     publishing.append(publisher.submit(_publish, shard.path))
                 name = os.path.basename(shard.path)
