@@ -1,11 +1,17 @@
 """`divico prep synth`: a small, learnable dataset in the exact llava_v1_5_mix665k.json format.
 
-Images are 3x3 grids of large, flat-coloured shapes (or one large rendered word) on a light
-background, sized so they survive the tiny model's 140 px / 14 px-patch view. Questions:
-  - local: "What color is the shape in the top left?", "What shape is in the bottom right?"
-  - whole picture: counting shapes, POPE-style "Is there a red circle in the image?",
-    TextVQA-style "What word is written in the image?"
-Answers come from small vocabularies (4 colours, 3 shapes, counts 1-4, yes/no, 8 words), so
+Images hold 1-3 large shapes of one colour in cells of a 3x3 grid (or one large rendered
+word) on a light background, sized so they survive the tiny model's 140 px / 14 px-patch view;
+a shape covers a few of the 100 patches, so which visual tokens are kept decides the answer.
+Questions (most image entries have 2-4 turns, as VQAv2/GQA entries in the real file do):
+  - whole picture, from the shapes' colour and amount (most of the mix, so a small model
+    learns them from a few thousand samples): "What color is the circle?", counting
+    ("How many shapes are there in the image?"), POPE-style "Is there a red circle in the
+    image?" (half present, half with a colour the scene lacks)
+  - local, bound to one cell: "What color is the shape in the top left of the image?",
+    "What shape is in the bottom right of the image?"
+  - TextVQA-style "What word is written in the image?" (mostly ocr_vqa/textvqa folders)
+Answers come from small vocabularies (4 colours, 3 shapes, counts 1-3, yes/no, 8 words), so
 chance level is clear. About 6% of entries are text-only (arithmetic, word questions).
 Sources, folder names, id styles and the <image> placement follow the real file.
 
@@ -77,7 +83,7 @@ def draw_scene(cells: dict[tuple[int, int], tuple[str, str]], size: tuple[int, i
     draw = ImageDraw.Draw(img)
     for (row, col), (color, shape) in cells.items():
         cx, cy = (col + 0.5) * w / 3, (row + 0.5) * h / 3
-        r = 0.35 * min(w, h) / 3
+        r = 0.4 * min(w, h) / 3
         box = (cx - r, cy - r, cx + r, cy + r)
         fill = COLORS[color]
         if shape == "circle":
@@ -139,39 +145,47 @@ def ask(rng: random.Random, question: str) -> str:
     return f"{question}\n{SHORT_ANSWER}" if rng.random() < 0.5 else question
 
 
+# Question kinds of a scene and their shares. Most can be answered from the colour and amount
+# of the (few, large) shapes, which a small model picks up from a few thousand samples; the
+# position-bound ones need the right cell's tokens.
+SCENE_KINDS = {"color": 0.3, "count": 0.2, "pope": 0.3, "color_at": 0.1, "shape_at": 0.1}
+
+
 def scene_questions(rng: random.Random, cells: dict, n: int) -> list[tuple[str, str]]:
     """n question/answer pairs about a scene, mixing local and whole-picture questions."""
     qa = []
-    for _ in range(n):
-        kind = rng.choice(("color_at", "shape_at", "count", "pope"))
+    present = sorted(set(cells.values()))
+    for kind in rng.choices(list(SCENE_KINDS), list(SCENE_KINDS.values()), k=n):
         if kind in ("color_at", "shape_at"):
             cell = rng.choice(sorted(cells))
             color, shape = cells[cell]
             where = POSITIONS[cell]
             qa.append((f"What color is the shape in the {where} of the image?", color)
                       if kind == "color_at" else (f"What shape is in the {where} of the image?", shape))
+        elif kind == "color":
+            color, shape = rng.choice(present)
+            qa.append((f"What color is the {shape}?", color))
         elif kind == "count":
-            shape = rng.choice(SHAPES)
-            count = sum(s == shape for _, s in cells.values())
-            qa.append((f"How many {shape}s are there in the image?", str(count)))
+            qa.append(("How many shapes are there in the image?", str(len(cells))))
         else:
-            present = sorted(set(cells.values()))
-            absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+            # POPE: half the objects asked about are present; an absent one has a colour the
+            # scene lacks (POPE's "random" negatives).
             yes = rng.random() < 0.5
-            color, shape = rng.choice(present if yes else absent)
+            if yes:
+                color, shape = rng.choice(present)
+            else:
+                color = rng.choice([c for c in COLORS if c != present[0][0]])
+                shape = rng.choice(SHAPES)
             qa.append((f"Is there a {color} {shape} in the image?", "yes" if yes else "no"))
     return qa
 
 
 def random_scene(rng: random.Random) -> dict[tuple[int, int], tuple[str, str]]:
-    """3 to 6 occupied cells; the count of one shape is drawn uniformly from 1-4 first, so
-    counting answers are balanced."""
-    target = rng.choice(SHAPES)
-    k = rng.randint(1, 4)
-    others = rng.randint(max(0, 3 - k), 6 - k)
-    cells = rng.sample(sorted(POSITIONS), k + others)
-    shapes = [target] * k + [rng.choice([s for s in SHAPES if s != target]) for _ in range(others)]
-    return {cell: (rng.choice(sorted(COLORS)), shape) for cell, shape in zip(cells, shapes)}
+    """1 to 3 large shapes of one colour in distinct cells (the count drawn uniformly, so
+    counting answers are balanced); shapes vary."""
+    color = rng.choice(sorted(COLORS))
+    cells = rng.sample(sorted(POSITIONS), rng.randint(1, 3))
+    return {cell: (color, rng.choice(SHAPES)) for cell in cells}
 
 
 def text_only_turns(rng: random.Random) -> list[tuple[str, str]]:
@@ -284,7 +298,7 @@ def generate(cfg: SynthConfig) -> Path:
             continue
         entry_id, image = _image_name(rng, source, folder, used)
         background = textured_background(rng, size, grains) if cfg.realistic else None
-        reading = rng.random() < (0.8 if source in ("ocr_vqa", "textvqa") else 0.1)
+        reading = rng.random() < (0.5 if source in ("ocr_vqa", "textvqa") else 0.02)
         if reading:
             word = rng.choice(WORDS)
             picture = draw_word(word, size, background)
@@ -292,7 +306,7 @@ def generate(cfg: SynthConfig) -> Path:
         else:
             cells = random_scene(rng)
             picture = draw_scene(cells, size, background)
-            qa = scene_questions(rng, cells, rng.choices((1, 2, 3), (0.6, 0.25, 0.15))[0])
+            qa = scene_questions(rng, cells, rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0])
             earlier.append((entry_id, image, cells))
         entry = {"id": entry_id, "image": image,
                  "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)}
