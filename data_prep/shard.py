@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from tqdm import tqdm
 
 from data_prep import checks
+from pipeline.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +301,7 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Shar
 
 def _publish(path: str) -> None:
     """fsync a shard written under its temp name, then give it its final name."""
-    fd = os.open(path + ".tmp", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -502,16 +499,9 @@ def run_shard(cfg: ShardConfig) -> dict:
         json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in rejected))
     _atomic_write(cfg.out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work)
-    _fsync_dir(cfg.out)
+    fsync_path(cfg.out)
     return manifest
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list[Accepted],

@@ -12,7 +12,7 @@ Layout of <output_dir>/checkpoints/step-00000120/:
     trainer_state.json       step, samples consumed per rank, world size, schedule length
     config.yaml              the resolved run configuration
 
-All ranks write into `step-XXXXXXXX.tmp/`; after a barrier rank 0 renames it to its final
+All ranks write into `step-<N>.tmp/`; after a barrier rank 0 renames it to its final
 name. A rename is atomic, so a crash at any moment leaves either the new checkpoint complete
 or no directory under its final name: the previous one stays the newest complete checkpoint.
 """
@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from pipeline.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +148,12 @@ def save(engine, model: torch.nn.Module, peft_model, *, output_dir: str | Path, 
         if final.exists():  # the same step saved again (e.g. preempted right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         _prune(output_dir, keep_last)
         log.info("checkpoint written: %s", final)
     _barrier()
     return final
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(output_dir: str | Path, keep_last: int) -> None:
