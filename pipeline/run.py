@@ -3,7 +3,7 @@
     synthetic data (train, finetune, held-out: three seeds)  ->  shards  ->  tiny LLaVA (random init)
       -> stage "base": the tiny model's language model + projector trained in full on "train", no
          compression (standing in for the released LLaVA-1.5 weights)
-      -> stage "divico-tauXXX" for each tau: LoRA + DiViCo from that base, one epoch of "finetune"
+      -> stage "divico-tau<1000*tau>" for each tau: LoRA + DiViCo from that base, one epoch of "finetune"
       -> held-out answer accuracy of each model (and of training-free FastV on the base) vs chance
 
 Everything goes under --root (runs/demo); a stage whose output is complete is skipped on rerun,
