@@ -362,16 +362,17 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
     if existing and not cfg.resume:
         raise PrepError(f"--out {cfg.out} is not empty ({', '.join(existing[:3])}...); pass "
                         "--resume to finish an interrupted job, or choose an empty folder")
+    if cfg.resume and MANIFEST in existing:  # written last, atomically: the job had finished
+        finished = json.loads((cfg.out / MANIFEST).read_text())
+        recorded = {**finished["inputs"], "seed": finished["seed"]}
+        changed = [k for k in recorded if recorded[k] != identity.get(k)]
+        if changed:
+            raise PrepError(f"--resume: {cfg.out} holds a finished job with other "
+                            f"{', '.join(changed)}; choose an empty folder")
+        shutil.rmtree(work, ignore_errors=True)  # a kill during the final clean-up leaves it
+        return False
     if cfg.resume and existing:
         if not (work / "job.json").is_file():
-            if MANIFEST in existing and not work.exists():
-                finished = json.loads((cfg.out / MANIFEST).read_text())
-                recorded = {**finished["inputs"], "seed": finished["seed"]}
-                changed = [k for k in recorded if recorded[k] != identity.get(k)]
-                if changed:
-                    raise PrepError(f"--resume: {cfg.out} holds a finished job with other "
-                                    f"{', '.join(changed)}; choose an empty folder")
-                return False
             if existing != [WORK_DIR]:
                 raise PrepError(f"--out {cfg.out} holds files but no interrupted job "
                                 f"({WORK_DIR}/job.json is missing); choose an empty folder")

@@ -159,6 +159,17 @@ def test_resume_guards(defect_set: Path, reference: Path, tmp_path: Path, capsys
     assert exit_.value.code == 0
     assert _files(reference) == before
 
+    # killed after the manifest, while removing the work folder: the job is finished
+    cleaning = tmp_path / "cleaning"
+    (cleaning / ".prep").mkdir(parents=True)
+    for name, data in before.items():
+        (cleaning / name).write_bytes(data)
+    (cleaning / ".prep" / "validated.jsonl").write_text('["ok"')
+    with pytest.raises(SystemExit) as exit_:
+        divico(args[:-5] + [str(cleaning)] + args[-4:] + ["--resume"])
+    assert exit_.value.code == 0
+    assert not (cleaning / ".prep").exists() and _files(cleaning) == before
+
     partial = tmp_path / "partial"
     (partial / ".prep").mkdir(parents=True)
     run_cfg = _config(defect_set, partial, workers=1)
