@@ -37,6 +37,8 @@ class ModelConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     train_projector: bool = True
+    # The CLIP tower stays frozen in LLaVA-1.5; the demo's base stage trains its random tiny one.
+    train_vision_tower: bool = False
     qlora: bool = False  # 4-bit base weights through bitsandbytes (GPU only)
     gradient_checkpointing: bool = True
     # "auto": flash_attention_2 when flash-attn is installed and a GPU is used, else sdpa.

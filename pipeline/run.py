@@ -31,7 +31,7 @@ TAUS = (1 / 15, 1 / 9, 1 / 6)  # the paper's large / medium / small compression
 @dataclass
 class DemoConfig:
     root: Path = Path("runs/demo")
-    train_samples: int = 2400
+    train_samples: int = 4800
     finetune_samples: int = 800
     heldout_samples: int = 240
     taus: tuple[float, ...] = TAUS

@@ -346,6 +346,7 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
         llava.model.language_model.requires_grad_(True)
         llava.lm_head.requires_grad_(True)
     llava.model.multi_modal_projector.requires_grad_(m.train_projector)
+    llava.model.vision_tower.requires_grad_(m.train_vision_tower)
     if m.gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -354,10 +355,12 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
     model.train()
     llava_params = {id(p) for p in llava.parameters()}
     projector = {id(p) for p in llava.model.multi_modal_projector.parameters()}
-    groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "gap_encoder": (o.encoder_lr, [])}
+    vision = {id(p) for p in llava.model.vision_tower.parameters()}
+    groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "vision_tower": (o.projector_lr, []),
+              "gap_encoder": (o.encoder_lr, [])}
     for param in model.parameters():
         if param.requires_grad:
-            name = ("projector" if id(param) in projector else
+            name = ("projector" if id(param) in projector else "vision_tower" if id(param) in vision else
                     "language_model" if id(param) in llava_params else "gap_encoder")
             groups[name][1].append(param)
     param_groups = [{"name": name, "params": params, "lr": lr, "weight_decay": o.weight_decay}

@@ -42,7 +42,7 @@ def test_local_pipeline_graph(tmp_path: Path) -> None:
     assert task.command.startswith("divico train --config configs/debug/tiny.yaml")
     synth = pipeline.stage("synth")  # nested interpolation: per-split sizes and seeds from vars
     assert [t.command for t in synth.tasks] == [
-        f"divico prep synth --out {tmp_path}/data/train --num-samples 2400 --seed 0",
+        f"divico prep synth --out {tmp_path}/data/train --num-samples 4800 --seed 0",
         f"divico prep synth --out {tmp_path}/data/heldout --num-samples 240 --seed 1"]
     assert "train.stage=base" in pipeline.stage("base").tasks[0].train_args
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.torch import load_file
 from train_helpers import run
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,12 @@ def test_divico_run_trains_every_stage_evaluates_and_skips_them_on_rerun(tmp_pat
         assert (root / "tensorboard" / stage).is_dir()
     assert json.loads((root / "divico-tau111" / "model" / "divico.json").read_text())["config"]["tau"] == 0.111
     assert not (root / "base" / "model" / "adapter_config.json").exists()  # the base stage trains in full
+    # The base stage trains the random tiny CLIP tower too (tiny_base.yaml); the DiViCo stages keep it frozen.
+    towers = {name: {k: v for k, v in load_file(root / name / "model.safetensors").items() if "vision_tower" in k}
+              for name in ("tiny_llava", "base/model", "divico-tau111/model")}
+    assert towers["tiny_llava"] and towers["tiny_llava"].keys() == towers["base/model"].keys()
+    assert any(not towers["tiny_llava"][k].equal(towers["base/model"][k]) for k in towers["tiny_llava"])
+    assert all(towers["base/model"][k].equal(towers["divico-tau111/model"][k]) for k in towers["base/model"])
     for name in ("base", "fastv-tau111", "divico-tau111"):
         result = json.loads((root / "eval" / f"{name}.json").read_text())
         assert result["samples"] == 16 and 0 <= result["accuracy"] <= 1
