@@ -56,6 +56,8 @@ class DataConfig:
     image_aspect_ratio: str = "pad"  # LLaVA-1.5's square padding with the image mean
     num_workers: int = 2
     seed: int = 0  # data order
+    # Batches of one modality and similar length (LLaVA-1.5's group_by_modality_length): less padding.
+    group_by_modality_length: bool = False
 
 
 @dataclass

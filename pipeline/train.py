@@ -165,7 +165,8 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
     state = checkpoint.read_state(resume_from) if resume_from else None
     dataset = ShardDataset(cfg.data.shards, rank=rank, world_size=world_size, batch_size=t.micro_batch_size,
-                           seed=cfg.data.seed, start_sample=state.samples_per_rank if state else 0)
+                           seed=cfg.data.seed, start_sample=state.samples_per_rank if state else 0,
+                           group_by_length=cfg.data.group_by_modality_length)
     total_steps = dataset.samples_per_rank // (t.micro_batch_size * accumulation)
     if total_steps < 1:
         raise TrainingError(f"{cfg.data.shards}: {dataset.samples_per_rank} samples per rank is less than one "

@@ -13,7 +13,6 @@ from pipeline.data.collator import (
     MODEL_INPUTS,
     CollatorConfig,
     LlavaCollator,
-    group_by_modality_length,
     pad_to_square,
     visual_token_count,
 )
@@ -158,42 +157,3 @@ def test_the_model_trains_on_a_batch(collator, tiny_llava_dir):
     assert torch.isfinite(output.loss)
     output.loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-
-
-def stream(count: int) -> list[Sample]:
-    texts = ["short", "a bit longer text", "much longer text than the others " * 3, "mid length"]
-    return [sample(f"{index:07d}_s", RED if index % 3 else None, (texts[index % 4] * (1 + index % 5), "ok"))
-            for index in range(count)]
-
-
-@pytest.mark.parametrize("count", [0, 1, 7, 24, 50])
-def test_grouping_keeps_every_sample_exactly_once(count):
-    samples = stream(count)
-    grouped = list(group_by_modality_length(samples, batch_size=4, buffer_size=12, seed=3))
-    assert sorted(s.key for s in grouped) == [s.key for s in samples]
-
-
-def test_grouping_is_deterministic_and_groups_modalities():
-    samples = stream(48)
-    first = [s.key for s in group_by_modality_length(samples, batch_size=4, buffer_size=24, seed=3)]
-    again = [s.key for s in group_by_modality_length(iter(samples), batch_size=4, buffer_size=24, seed=3)]
-    other = [s.key for s in group_by_modality_length(samples, batch_size=4, buffer_size=24, seed=4)]
-    assert first == again and first != other
-    grouped = list(group_by_modality_length(samples, batch_size=4, buffer_size=24, seed=3))
-    batches = [grouped[start:start + 4] for start in range(0, 48, 4)]
-    mixed = [batch for batch in batches if len({s.image is None for s in batch}) > 1]
-    assert len(mixed) <= 2  # at most each buffer's one leftover batch
-    # Buffers hold the same samples as the input's buffers: the reordering stays local.
-    for start in (0, 24):
-        assert {s.key for s in grouped[start:start + 24]} == {s.key for s in samples[start:start + 24]}
-
-
-def test_grouping_rejects_unaligned_buffers():
-    with pytest.raises(ValueError, match="multiple of batch_size"):
-        list(group_by_modality_length(stream(4), batch_size=4, buffer_size=10, seed=0))
-
-
-def test_collator_batches_a_grouped_stream(collator):
-    grouped = group_by_modality_length(stream(8), batch_size=4, buffer_size=8, seed=0)
-    batches = [collator(list(itertools.islice(grouped, 4))) for _ in range(2)]
-    assert sum(batch["input_ids"].shape[0] for batch in batches) == 8

@@ -9,11 +9,13 @@ import shutil
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, measure_throughput
+from pipeline.data.loader import (INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length,
+                                  measure_throughput)
 
 NUM_SAMPLES = 37  # prime: uneven shards, a remainder for every world size > 1
 BATCH_SIZE = 3
@@ -140,6 +142,46 @@ def test_resume_continues_the_same_order(shard_dirs, workers_before, workers_aft
             resumed = dataset(shard_dirs[7], 1 % world_size, world_size, start_sample=consumed)
             assert len(resumed) == len(full) - consumed
             assert full[:consumed] + delivered_keys(resumed, workers_after) == full, consumed
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 24, 50])
+def test_grouping_is_a_permutation_within_buffers(count):
+    order = np.random.default_rng(0).permutation(count)
+    has_image, lengths = order % 3 > 0, (order * 7919) % 101
+    grouped = group_by_modality_length(order, has_image, lengths, batch_size=4, buffer_batches=3,
+                                       rng=np.random.default_rng(1))
+    for start in range(0, count, 12):  # each buffer of 3 batches keeps its own samples
+        assert sorted(grouped[start:start + 12]) == sorted(order[start:start + 12])
+
+
+def test_grouping_gives_one_modality_and_sorted_lengths_per_batch():
+    order = np.random.default_rng(0).permutation(96)
+    has_image, lengths = order % 3 > 0, (order * 7919) % 101
+    grouped = group_by_modality_length(order, has_image, lengths, batch_size=4, buffer_batches=8,
+                                       rng=np.random.default_rng(1))
+    batches = grouped.reshape(-1, 4)
+    mixed = [batch for batch in batches if len(set(has_image[batch])) > 1]
+    assert len(mixed) <= 3  # at most each buffer's one leftover batch
+    assert all((np.diff(lengths[batch]) >= 0).all() for batch in batches if len(set(has_image[batch])) == 1)
+    spread = np.mean([np.ptp(lengths[batch]) for batch in batches])
+    assert spread < np.mean([np.ptp(lengths[batch]) for batch in order.reshape(-1, 4)]) / 3
+    again = group_by_modality_length(order, has_image, lengths, batch_size=4, buffer_batches=8,
+                                     rng=np.random.default_rng(1))
+    assert (again == grouped).all()
+
+
+def test_grouped_epoch_is_exact_and_resumes(shard_dirs):
+    for world_size in (1, 3):
+        full = delivered_keys(dataset(shard_dirs[7], 1 % world_size, world_size, group_by_length=True), 2)
+        plain = delivered_keys(dataset(shard_dirs[7], 1 % world_size, world_size), 2)
+        assert sorted(full) == sorted(plain) and full != plain
+        batches = batched(full, BATCH_SIZE)
+        text_only = {key for key in all_keys() if int(key[:7]) % TEXT_ONLY_EVERY == TEXT_ONLY_EVERY - 1}
+        assert sum(len({key in text_only for key in batch}) > 1 for batch in batches) <= 1
+        for consumed in (0, BATCH_SIZE, 7, len(full)):
+            resumed = dataset(shard_dirs[7], 1 % world_size, world_size, start_sample=consumed,
+                              group_by_length=True)
+            assert full[:consumed] + delivered_keys(resumed, 3) == full
 
 
 @pytest.mark.slow

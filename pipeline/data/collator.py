@@ -7,16 +7,12 @@ samples with images in batch order; absent when none has one); query_positions (
 token before the first answer: DiViCo's selection query); and counts for logging (plain ints):
 num_tokens, num_visual_tokens, num_label_tokens, num_unlabelled, num_dropped_rounds.
 MODEL_INPUTS names the keys the model's forward takes.
-
-`group_by_modality_length` orders a sample stream so batches hold one modality and similar
-lengths, as LLaVA's group_by_modality_length does, within a bounded buffer.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,41 +166,3 @@ class LlavaCollator:
         images = [sample.image for sample in samples if sample.image is not None]
         if images:
             batch["pixel_values"] = self.pixel_values(images)
-
-
-def sample_length(sample: Any) -> int:
-    """Characters of text, a cheap stand-in for the token count when grouping."""
-    return sum(len(turn.get("value", "")) for turn in sample.conversations)
-
-
-def group_by_modality_length(samples: Iterable[Any], *, batch_size: int, buffer_size: int,
-                             seed: int) -> Iterator[Any]:
-    """Reorder a stream so consecutive runs of `batch_size` samples share a modality and have
-    similar lengths. Works on buffers of `buffer_size` samples (a multiple of batch_size, so
-    batches stay aligned): each modality is sorted by length and cut into batches, the batches
-    are shuffled (seeded), and the two modalities' leftovers form one mixed batch at the end of
-    the buffer. Every sample comes out exactly once; the order depends only on the input order
-    and `seed`."""
-    if batch_size <= 0 or buffer_size <= 0 or buffer_size % batch_size:
-        raise ValueError(f"buffer_size={buffer_size} must be a positive multiple of batch_size={batch_size}")
-    rng = random.Random(seed)
-    buffer: list[Any] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) == buffer_size:
-            yield from _grouped(buffer, batch_size, rng)
-            buffer = []
-    yield from _grouped(buffer, batch_size, rng)
-
-
-def _grouped(buffer: list[Any], batch_size: int, rng: random.Random) -> Iterator[Any]:
-    batches, leftovers = [], []
-    for has_image in (True, False):
-        group = sorted((sample for sample in buffer if (sample.image is not None) == has_image), key=sample_length)
-        full = len(group) - len(group) % batch_size
-        batches += [group[start:start + batch_size] for start in range(0, full, batch_size)]
-        leftovers += group[full:]
-    rng.shuffle(batches)
-    for batch in batches:
-        yield from batch
-    yield from leftovers

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "loader-index.npz"
 INDEX_VERSION = 1
+# Length grouping reorders within windows of this many batches: similar lengths, while the
+# epoch's shuffled order still decides which samples meet.
+GROUP_BUFFER_BATCHES = 64
 INDEX_ARRAYS = ("keys", "shard", "json_offset", "json_size", "image_offset", "image_size")
 IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
@@ -201,6 +204,29 @@ def load_index(shard_dir: Path, manifest: dict[str, Any], index_path: Path) -> S
     return index
 
 
+def group_by_modality_length(order: np.ndarray, has_image: np.ndarray, lengths: np.ndarray, *, batch_size: int,
+                             buffer_batches: int, rng: np.random.Generator) -> np.ndarray:
+    """`order` rearranged so that consecutive runs of `batch_size` share a modality and have similar
+    lengths, as LLaVA's group_by_modality_length: in each buffer of `buffer_batches` batches, each
+    modality is sorted by length and cut into batches, the batches are shuffled, and the leftovers of
+    both modalities form the buffer's last (mixed) batch. A permutation within each buffer, so every
+    sample stays and the result depends only on the inputs and `rng`."""
+    if batch_size < 1 or buffer_batches < 1:
+        raise ValueError(f"batch_size ({batch_size}) and buffer_batches ({buffer_batches}) must be >= 1")
+    grouped = []
+    for start in range(0, len(order), batch_size * buffer_batches):
+        buffer = order[start:start + batch_size * buffer_batches]
+        batches, leftovers = [], []
+        for modality in (True, False):
+            group = buffer[has_image[buffer] == modality]
+            group = group[np.argsort(lengths[group], kind="stable")]
+            full = len(group) - len(group) % batch_size
+            batches += np.split(group[:full], full // batch_size) if full else []
+            leftovers.append(group[full:])
+        grouped += [batches[i] for i in rng.permutation(len(batches))] + leftovers
+    return np.concatenate(grouped) if grouped else order
+
+
 class ShardDataset(IterableDataset):
     """This rank's share of one epoch of a shard directory, as decoded `Sample`s.
 
@@ -208,11 +234,13 @@ class ShardDataset(IterableDataset):
     all ranks. The order depends only on (seed, epoch, rank, world_size), never on num_workers;
     `start_sample=n` continues an interrupted epoch after the n samples this rank consumed.
     `index_path` is where the member index is cached (default: loader-index.npz in shard_dir).
+    `group_by_length`: batches of one modality and similar length (group_by_modality_length, with
+    the json member's size standing in for the text length), within buffers of GROUP_BUFFER_BATCHES.
     """
 
     def __init__(self, shard_dir: str | os.PathLike, *, rank: int, world_size: int, batch_size: int,
                  seed: int, epoch: int = 0, start_sample: int = 0,
-                 index_path: str | os.PathLike | None = None) -> None:
+                 index_path: str | os.PathLike | None = None, group_by_length: bool = False) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
@@ -240,6 +268,10 @@ class ShardDataset(IterableDataset):
                      epoch, total, world_size, self.samples_per_rank, self.dropped_per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(total)
         self.rank_order = order[rank * self.samples_per_rank:(rank + 1) * self.samples_per_rank]
+        if group_by_length:  # before the resume point is applied, so a resumed run regroups alike
+            self.rank_order = group_by_modality_length(
+                self.rank_order, self.index.image_size >= 0, self.index.json_size, batch_size=batch_size,
+                buffer_batches=GROUP_BUFFER_BATCHES, rng=np.random.default_rng([seed, epoch, rank]))
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start_sample
