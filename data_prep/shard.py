@@ -239,10 +239,31 @@ def sample_key(index: int, entry_id: str, digits: int) -> str:
 
 # ---------------------------------------------------------------------------- write
 
+# The USTAR header of every member but its name, size and checksum: mode 0444, uid/gid 0,
+# mtime 0, no owner names, so the bytes depend only on the content (tarfile's own layout).
+_HEADER_MODE_TO_SIZE = b"0000444\0" + b"0000000\0" * 2
+_HEADER_AFTER_SIZE = b"00000000000\0"  # mtime
+# type, then linkname, owner names, device numbers (empty for a regular file), prefix and padding
+_HEADER_TAIL = tarfile.REGTYPE + tarfile.NUL * 100 + tarfile.POSIX_MAGIC + tarfile.NUL * 247
+_HEADER_CONSTANT_SUM = sum(_HEADER_MODE_TO_SIZE + _HEADER_AFTER_SIZE + _HEADER_TAIL) + 8 * ord(" ")
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile.TarInfo(name).tobuf(USTAR_FORMAT) writes for a regular file with
+    the fixed metadata above, built in a few microseconds instead of tobuf's ~80 (it runs twice per
+    sample). Shard member names are ASCII keys well under USTAR's 100 bytes."""
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than USTAR's 100 bytes")
+    name_field, size_field = raw.ljust(100, tarfile.NUL), b"%011o\0" % size
+    checksum = _HEADER_CONSTANT_SUM + sum(raw) + sum(size_field)
+    return b"".join((name_field, _HEADER_MODE_TO_SIZE, size_field, _HEADER_AFTER_SIZE,
+                     b"%06o\0 " % checksum, _HEADER_TAIL))
+
+
 class _TarWriter:
-    """Writes a USTAR tar member by member, exactly as tarfile.TarFile.addfile + close would
-    (headers from tarfile's own TarInfo.tobuf), and hashes the bytes as they go out, so the
-    shard is never re-read. Skips addfile's per-member copies and file-object plumbing."""
+    """Writes a USTAR tar member by member, exactly as tarfile.TarFile.addfile + close would, and
+    hashes the bytes as they go out, so the shard is never re-read."""
 
     def __init__(self, f):
         self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
@@ -253,15 +274,11 @@ class _TarWriter:
         self.bytes += len(data)
 
     def add(self, name: str, data: bytes) -> None:
-        # Fixed metadata so the bytes depend only on the content.
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._write(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._write(ustar_header(name, len(data)))
         self._write(data)
-        if len(data) % tarfile.BLOCKSIZE:
-            self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        if padding:
+            self._write(tarfile.NUL * padding)
 
     def close(self) -> None:
         """The end-of-archive blocks, padded to a whole record as tarfile does."""

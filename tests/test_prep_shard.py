@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import checks
-from data_prep.shard import ShardConfig, run_shard
+from data_prep.shard import ShardConfig, run_shard, ustar_header
 from data_prep.synth import DATA_FILE, SynthConfig, generate
 from data_prep.verify import verify
 from pipeline.cli import main as divico
@@ -222,3 +222,12 @@ def test_verify_detects_damage(reference: Path, tmp_path: Path, capsys) -> None:
     assert exit_.value.code == 1
     assert "shard-000001.tar: sha256 differs" in err and "shard-000002.tar is in the manifest but missing" in err
     assert "written=" in err  # the total no longer matches either
+
+
+@pytest.mark.parametrize("name", ["a", "0000007_12345.json", "0000007_" + "x" * 64 + ".jpg", "k" * 100])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 123_456, 8**11 - 1])
+def test_member_headers_are_tarfiles_own(name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
