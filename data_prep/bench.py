@@ -40,6 +40,7 @@ from PIL import Image
 
 from data_prep.shard import ShardConfig, default_workers, run_shard
 from data_prep.synth import DATA_FILE, SynthConfig, generate
+from pipeline.durable import fsync_path
 
 TIMED = {
     "decode": "PIL open + load of every image, in the bench process",
@@ -91,11 +92,7 @@ def _decode(images: list[Path]) -> None:
 def _tar(root: Path, listing: Path, archive: Path, *, fsync: bool) -> None:
     subprocess.run(["tar", "-cf", str(archive), "-C", str(root), "-T", str(listing)], check=True)
     if fsync:
-        fd = os.open(archive, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(archive)
 
 
 def run_bench(cfg: BenchConfig) -> dict:

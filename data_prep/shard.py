@@ -28,8 +28,7 @@ import shutil
 import tarfile
 import time
 from array import array
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,7 +518,6 @@ def run_shard(cfg: ShardConfig) -> dict:
     shutil.rmtree(work)
     fsync_path(cfg.out)
     return manifest
-
 
 
 def _manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list[Accepted],

@@ -155,7 +155,6 @@ def save(engine, model: torch.nn.Module, peft_model, *, output_dir: str | Path, 
     return final
 
 
-
 def _prune(output_dir: str | Path, keep_last: int) -> None:
     for old in complete_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)

@@ -1,8 +1,8 @@
 """`divico run`: the embedded default. The whole pipeline on CPU, on a tiny LLaVA, in minutes.
 
     synthetic data (train, finetune, held-out: three seeds)  ->  shards  ->  tiny LLaVA (random init)
-      -> stage "base": the tiny model's language model + projector trained in full on "train", no
-         compression (standing in for the released LLaVA-1.5 weights)
+      -> stage "base": the tiny model (language model, projector and its random CLIP tower) trained
+         in full on "train", no compression (standing in for the released LLaVA-1.5 weights)
       -> stage "divico-tau<1000*tau>" for each tau: LoRA + DiViCo from that base, one epoch of "finetune"
       -> held-out answer accuracy of each model (and of training-free FastV on the base) vs chance
 

@@ -354,16 +354,16 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
     divico = divico_config(cfg)
     model = CompressedLlava(peft_model or llava, divico)
     model.train()
-    llava_params = {id(p) for p in llava.parameters()}
-    projector = {id(p) for p in llava.model.multi_modal_projector.parameters()}
-    vision = {id(p) for p in llava.model.vision_tower.parameters()}
+    # Every LLaVA parameter belongs to the language model unless it is the projector's or the
+    # tower's; what is not LLaVA's is DiViCo's gap encoder.
+    group_of = {id(p): "language_model" for p in llava.parameters()}
+    group_of |= {id(p): "projector" for p in llava.model.multi_modal_projector.parameters()}
+    group_of |= {id(p): "vision_tower" for p in llava.model.vision_tower.parameters()}
     groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "vision_tower": (o.projector_lr, []),
               "gap_encoder": (o.encoder_lr, [])}
     for param in model.parameters():
         if param.requires_grad:
-            name = ("projector" if id(param) in projector else "vision_tower" if id(param) in vision else
-                    "language_model" if id(param) in llava_params else "gap_encoder")
-            groups[name][1].append(param)
+            groups[group_of.get(id(param), "gap_encoder")][1].append(param)
     param_groups = [{"name": name, "params": params, "lr": lr, "weight_decay": o.weight_decay}
                     for name, (lr, params) in groups.items() if params]
 
