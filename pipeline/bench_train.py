@@ -46,7 +46,8 @@ def build(mode: str, tau: float, hidden: int, layers: int, device: str, dtype: t
                                 num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
                                 max_position_embeddings=2048),
         image_token_id=1000, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    llava = LlavaForConditionalGeneration(config).to(device, dtype)
+    with torch.device(device):  # built where it runs: a 7B-width model never passes through CPU fp32
+        llava = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     llava.config._attn_implementation = "sdpa"
     llava.requires_grad_(False)
     targets = [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
