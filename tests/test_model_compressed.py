@@ -1,5 +1,5 @@
-"""CompressedLlava on the tiny LLaVA (CPU, fp32): equality with transformers, batching,
-padding, caching, training gradients, save/load."""
+"""CompressedLlava on the tiny LLaVA (fp32): equality with transformers, batching, padding,
+caching, training gradients, save/load. On CPU; DIVICO_TEST_DEVICE=cuda runs them on a GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+from model_helpers import DEVICE, load_llava
+from transformers import AutoProcessor, DynamicCache
 
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import MODES, DiViCoConfig
@@ -30,11 +31,6 @@ def processor(tiny_llava_dir):
     return AutoProcessor.from_pretrained(tiny_llava_dir)
 
 
-def load_llava(path, attn: str = "sdpa") -> LlavaForConditionalGeneration:
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def llava(request, tiny_llava_dir):
     return load_llava(tiny_llava_dir, request.param)
@@ -46,7 +42,7 @@ def prompts_batch(processor, with_image: list[bool], padding_side: str = "left")
     images = [_image(i) for i, img in enumerate(with_image) if img] or None
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     processor.tokenizer.padding_side = "left"
-    return batch
+    return batch.to(DEVICE)
 
 
 def training_batch(processor, with_image: list[bool]):
@@ -64,7 +60,7 @@ def training_batch(processor, with_image: list[bool]):
         labels[i, :n] = -100
     labels[batch["attention_mask"] == 0] = -100
     batch["labels"] = labels
-    return batch
+    return batch.to(DEVICE)
 
 
 def split_samples(batch, image_token_id: int):
@@ -120,7 +116,7 @@ def test_sequence_shrinks_by_the_dropped_visual_tokens(llava, processor, mode):
     image_token_id = llava.config.image_token_id
     lengths = out.compressed_attention_mask.sum(1)
     # 100 visual tokens -> 11 kept; the text-only sample passes unchanged
-    expected = batch["attention_mask"].sum(1) - torch.tensor([89, 0, 89])
+    expected = batch["attention_mask"].sum(1).cpu() - torch.tensor([89, 0, 89])
     assert lengths.tolist() == expected.tolist()
     for i in range(3):
         positions = out.compressed_positions[i][out.compressed_attention_mask[i]]
@@ -165,7 +161,7 @@ def test_cached_decode_logits_equal_recompute(llava, processor, mode):
         out = wrapper(**batch, query_positions=queries, past_key_values=cache, logits_to_keep=1)
         assert cache.get_seq_length(0) == mask.shape[1] > cache.get_seq_length(wrapper.config.layer)
         ids, kept, position = batch["input_ids"], out.compressed_attention_mask, mask.sum(1, keepdim=True)
-        for new_token in (torch.tensor([[5], [6], [7]]), torch.tensor([[8], [9], [10]])):
+        for new_token in torch.tensor([[[5], [6], [7]], [[8], [9], [10]]], device=DEVICE):
             ids = torch.cat([ids, new_token], 1)
             ones = torch.ones_like(mask[:, :1])
             mask, kept = torch.cat([mask, ones], 1), torch.cat([kept, ones], 1)

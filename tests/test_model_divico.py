@@ -1,5 +1,6 @@
-"""The DiViCo module: token counts, selection scores against eager attention weights,
-selection, gap encoder numerics, KL, config validation."""
+"""The DiViCo module: token counts, selection scores (from captured projections, under sdpa
+and eager) against eager attention weights, selection, gap encoder numerics, KL, config
+validation."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from model_helpers import DEVICE, load_llava
 
 from pipeline.model.divico import (
     DiViCo,
     DiViCoConfig,
     GapEncoder,
     GapEstimate,
+    ProjectionCapture,
     kept_count,
     kl_divergence,
     query_attention_scores,
@@ -30,10 +32,12 @@ def test_kept_count_matches_the_paper():
     assert counts.tolist() == [64, 0, 11]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_scores_equal_eager_attention_weights(tiny_llava_dir, padding_side):
-    llava = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+def test_scores_equal_eager_attention_weights(tiny_llava_dir, padding_side, attn):
+    """Scores from the projections captured while the model runs under `attn` equal the
+    head-averaged rows of eager attention's weights."""
+    llava = load_llava(tiny_llava_dir, "eager")
     torch.manual_seed(0)
     lengths = [30, 22, 27]
     width, vocab = max(lengths), llava.config.text_config.vocab_size
@@ -44,22 +48,33 @@ def test_scores_equal_eager_attention_weights(tiny_llava_dir, padding_side):
             attention_mask[i, width - n:] = 1
         else:
             attention_mask[i, :n] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
     # queries anywhere in the sample (not only its last token): the causal range matters
     first = (attention_mask.argmax(1)).tolist()
-    queries = torch.tensor([first[0] + 25, first[1] + 10, first[2] + 26])
+    queries = torch.tensor([first[0] + 25, first[1] + 10, first[2] + 26], device=DEVICE)
+    lm = llava.model.language_model
     with torch.no_grad():
-        out = llava(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    output_attentions=True, output_hidden_states=True)
-        lm = llava.model.language_model
-        for layer_index in (0, 2):  # K = 1 and K = 3
-            layer_input = out.hidden_states[layer_index]
-            position_embeddings = lm.rotary_emb(layer_input, position_ids)
-            ours = query_attention_scores(lm.layers[layer_index], layer_input, position_embeddings, queries,
-                                          attention_mask.bool())
-            reference = out.attentions[layer_index][torch.arange(3), :, queries].mean(1)
-            torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
-            assert torch.all(ours.sum(1) - 1 < 1e-5)
+        reference = llava(**inputs, output_attentions=True).attentions
+        llava.set_attn_implementation(attn)
+        with ProjectionCapture(lm.layers[0].self_attn, queries) as layer_1, \
+                ProjectionCapture(lm.layers[2].self_attn, queries) as layer_3:
+            llava(**inputs)
+    position_embeddings = lm.rotary_emb(torch.zeros(1, device=DEVICE), inputs["position_ids"])
+    for layer_index, captured in ((0, layer_1), (2, layer_3)):  # K = 1 and K = 3
+        ours = query_attention_scores(captured, position_embeddings, inputs["attention_mask"].bool())
+        expected = reference[layer_index][torch.arange(3, device=DEVICE), :, queries].mean(1)
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+        assert torch.all(ours.sum(1) - 1 < 1e-5)
+    assert not lm.layers[0].self_attn.q_proj._forward_hooks, "the capture removes its hooks"
+
+
+def test_scores_need_the_layer_to_have_run(tiny_llava_dir):
+    attention = load_llava(tiny_llava_dir).model.language_model.layers[1].self_attn
+    with pytest.raises(RuntimeError, match="did not run inside its ProjectionCapture"):
+        query_attention_scores(ProjectionCapture(attention, torch.tensor([3])), (None, None),
+                               torch.ones(1, 5, dtype=torch.bool))
 
 
 def test_selection_keeps_top_scores_in_order_per_sample():

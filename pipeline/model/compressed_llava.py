@@ -38,6 +38,7 @@ selection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from pipeline.model.divico import DiViCo, DiViCoConfig, query_attention_scores
+from pipeline.model.divico import DiViCo, DiViCoConfig, ProjectionCapture, query_attention_scores
 
 SETTINGS_FILE = "divico.json"
 WEIGHTS_FILE = "divico.safetensors"
@@ -62,8 +63,8 @@ IGNORE_INDEX = -100
 class DecoderParts:
     """The modules of a decoder backbone the layer loop touches, and nothing else.
 
-    The scoring additionally reads, on layer K-1: input_layernorm and self_attn.{q_proj,
-    k_proj, head_dim, scaling}. Llama, Mistral and Qwen2 decoders in transformers share
+    The scoring additionally reads, on layer K-1: self_attn.{q_proj, k_proj} (hooked while
+    the layer runs), head_dim and scaling. Llama, Mistral and Qwen2 decoders in transformers share
     this layout; another backbone needs only its own `decoder_parts`.
     """
 
@@ -199,23 +200,25 @@ class CompressedLlava(nn.Module):
         mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   past_key_values=past_key_values, position_ids=position_ids)
         use_cache = past_key_values is not None
+        # Selection reuses layer K-1's own q/k projections, captured while it runs.
+        scoring = compress and self.config.mode != "random"  # random mode draws its own scores
+        capture = contextlib.nullcontext()
+        if scoring:
+            queries = (query_positions if query_positions is not None
+                       else self.query_positions(attention_mask, image_mask, labels))
+            capture = ProjectionCapture(parts.layers[split - 1].self_attn, queries)
         # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
         # would read the gaps left by dropping as packed sequences.
-        for layer in parts.layers[:split]:
-            layer_input = hidden
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           past_key_values=past_key_values, use_cache=use_cache)
+        with capture:
+            for layer in parts.layers[:split]:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                               past_key_values=past_key_values, use_cache=use_cache)
 
         kl = hidden.new_zeros((), dtype=torch.float32)
         kept_mask = attention_mask
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if compress:
-            scores = None  # random mode draws its own
-            if self.config.mode != "random":
-                queries = (query_positions if query_positions is not None
-                           else self.query_positions(attention_mask, image_mask, labels))
-                scores = query_attention_scores(parts.layers[split - 1], layer_input, position_embeddings,
-                                                queries.to(hidden.device), attention_mask)
+            scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
             keep_visual = self.divico.select(scores, image_mask)
             hidden, kl = self.divico(hidden, image_mask, keep_visual)
 

@@ -35,9 +35,10 @@ tokens of 0.5 * (-l + exp(l) + mu^2 - 1); xavier-uniform weights, biases truncat
 normal with std 0.001; eval uses mu.
 
 Deviations from the released code (each deliberate):
-- Scores come from one attention row computed with layer K-1's own (LoRA-wrapped)
-  q/k projections, RoPE and GQA handled, instead of re-running layer K-1 under no_grad
-  with output_attentions (that cost about 8% of the prefill and forced eager attention).
+- Scores come from one attention row formed from the q/k projections layer K-1 computed
+  in its own forward (captured by hooks; RoPE and GQA handled), instead of re-running
+  layer K-1 under no_grad with output_attentions (that cost about 8% of the prefill and
+  forced eager attention).
 - Image positions, token counts and query positions are per sample (the released code
   takes sample 0's image position for the whole batch).
 - The default query token is the one just before the first assistant answer (training:
@@ -173,42 +174,74 @@ def kl_divergence(estimate: GapEstimate, num_samples: int, sigma0: float, varian
     return per_entry.sum() / num_samples
 
 
+class ProjectionCapture:
+    """Keeps what layer K-1's own attention projects, while that layer runs: the query
+    rows of the query tokens (q_proj) and all keys (k_proj), detached. Selection then needs
+    no second projection of the sequence: the layer already paid for it.
+
+    Used as `with ProjectionCapture(layer.self_attn, query_positions) as captured:` around
+    the layer's call; the hooks are gone when the block ends, so a gradient-checkpointing
+    recompute in the backward pass does not fire them.
+    """
+
+    def __init__(self, attention: nn.Module, query_positions: torch.Tensor) -> None:
+        self.attention, self.query_positions = attention, query_positions
+        self.query: torch.Tensor | None = None  # (B, H * head_dim) before RoPE
+        self.keys: torch.Tensor | None = None  # (B, N, H_kv * head_dim) before RoPE
+        self._hooks: list = []
+
+    def _keep_query_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        rows = torch.arange(output.shape[0], device=output.device)
+        self.query = output.detach()[rows, self.query_positions.to(output.device)]
+
+    def _keep_keys(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.keys = output.detach()
+
+    def __enter__(self) -> "ProjectionCapture":
+        self._hooks = [self.attention.q_proj.register_forward_hook(self._keep_query_rows),
+                       self.attention.k_proj.register_forward_hook(self._keep_keys)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 @torch.no_grad()
 def query_attention_scores(
-    layer: nn.Module,
-    layer_input: torch.Tensor,
+    captured: ProjectionCapture,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    query_positions: torch.Tensor,
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """The query token's attention over the sequence in `layer`, averaged over heads (eq. 4).
+    """The query token's attention over the sequence in layer K-1, averaged over heads (eq. 4).
 
-    layer_input: (B, N, d) the residual stream entering the layer; the layer's own
-    input_layernorm, q_proj and k_proj (LoRA-wrapped ones included) are called on it, RoPE
-    applied with the model's (cos, sin), key heads shared across query groups (GQA).
+    `captured` holds that layer's own projections from its forward (LoRA included, and in
+    training its own dropout draw, so the scores are the attention the layer computed);
+    RoPE is applied with the model's (cos, sin), key heads shared across query groups (GQA).
     Only one query row per sample is formed: O(N d) memory, no H x N x N matrix, and no
     dependence on the attention implementation. Keys after the query or padded
     (attention_mask == 0) get zero weight. Returns (B, N) float32 scores.
-    In training, LoRA dropout (if any) draws its own mask here, so the scores can differ
-    slightly from the attention the layer itself computed; selection is a no-grad choice.
     """
-    attn = layer.self_attn
-    batch, length, _ = layer_input.shape
+    attn, query_positions = captured.attention, captured.query_positions
+    if captured.query is None or captured.keys is None:
+        raise RuntimeError("query_attention_scores: layer K-1 did not run inside its ProjectionCapture")
+    batch, length, _ = captured.keys.shape
     head_dim = attn.head_dim
-    rows = torch.arange(batch, device=layer_input.device)
-    normed = layer.input_layernorm(layer_input)
+    rows = torch.arange(batch, device=captured.keys.device)
+    query_positions = query_positions.to(rows.device)
     cos, sin = position_embeddings
 
-    query = attn.q_proj(normed[rows, query_positions]).view(batch, -1, head_dim)  # (B, H, hd)
+    query = captured.query.view(batch, -1, head_dim)  # (B, H, hd)
     cos_q, sin_q = cos[rows, query_positions].unsqueeze(1), sin[rows, query_positions].unsqueeze(1)
     query = query * cos_q + rotate_half(query) * sin_q
-    keys = attn.k_proj(normed).view(batch, length, -1, head_dim)  # (B, N, H_kv, hd)
+    keys = captured.keys.view(batch, length, -1, head_dim)  # (B, N, H_kv, hd)
     keys = keys * cos.unsqueeze(2) + rotate_half(keys) * sin.unsqueeze(2)
 
     num_kv_heads = keys.shape[2]
     query = query.view(batch, num_kv_heads, -1, head_dim)  # head h uses key head h // groups
     logits = torch.einsum("bkgd,bnkd->bkgn", query.float(), keys.float()) * attn.scaling
-    visible = (torch.arange(length, device=layer_input.device) <= query_positions[:, None]) & attention_mask.bool()
+    visible = (torch.arange(length, device=rows.device) <= query_positions[:, None]) & attention_mask.bool()
     logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=(1, 2))
 

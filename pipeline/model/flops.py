@@ -8,8 +8,8 @@ either way. Per decoder layer on n query tokens attending over n_k keys:
 - attention scores and weighted sum: 2 * 2 * n * n_k * d (the full n x n_k product, as the
   kernels compute it; no credit for the causal half);
 - Llama's gated FFN has three d x m matrices: 3 * 2 * n * d * m (eq. 10 has two).
-Plus, with compression: the selection scoring (one query row: q for one token, k for all
-N tokens, one row of scores), the gap encoder (2 * N_i' * (2d*d + d*2d)), and the lm_head
+Plus, with compression: the selection scoring (one row of scores per head from the q and k
+that layer K-1 projected anyway: 2 * N * d), the gap encoder (2 * N_i' * (2d*d + d*2d)), and the lm_head
 on the positions whose logits are computed. Norms, RoPE and element-wise ops are not
 counted (nor by FlopCounterMode); the vision tower is the same for every mode and left out.
 """
@@ -51,8 +51,8 @@ def layer_flops(g: DecoderGeometry, n: int, n_keys: int | None = None) -> int:
 
 
 def scoring_flops(g: DecoderGeometry, n: int) -> int:
-    """One query row of layer K-1: q for one token, k for n tokens, n scores per head."""
-    return 2 * g.hidden * g.hidden + 2 * n * g.hidden * g.kv_dim + 2 * n * g.hidden
+    """One row of n scores per head, from layer K-1's own projections (no projection here)."""
+    return 2 * n * g.hidden
 
 
 def encoder_flops(g: DecoderGeometry, num_kept: int) -> int:
