@@ -64,8 +64,8 @@ class DecoderParts:
     """The modules of a decoder backbone the layer loop touches, and nothing else.
 
     The scoring additionally reads, on layer K-1: self_attn.{q_proj, k_proj} (hooked while
-    the layer runs), head_dim and scaling. Llama, Mistral and Qwen2 decoders in transformers share
-    this layout; another backbone needs only its own `decoder_parts`.
+    the layer runs), head_dim and scaling. Llama, Mistral and Qwen2 decoders in transformers
+    share this layout; another backbone needs only its own `decoder_parts`.
     """
 
     embed_tokens: nn.Module
