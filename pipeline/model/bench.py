@@ -41,9 +41,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
 from pipeline.model.divico import DiViCoConfig, ProjectionCapture, kept_count, query_attention_scores
-from pipeline.model.flops import DecoderGeometry, theory_ratio
+from pipeline.model.flops import DecoderGeometry, compressed_length, theory_ratio
 
 TAUS = (1 / 15, 1 / 9, 1 / 6)  # the paper's 6.7%, 11.1%, 16.7%
 IMAGE_TOKEN_ID = 32000
@@ -219,7 +219,7 @@ def _overhead_step(wrapper: CompressedLlava, inputs: dict, cfg: ModelBenchConfig
 
 def _layer_step(model: LlavaForConditionalGeneration, cfg: ModelBenchConfig, length: int):
     """A function running one decoder layer alone on `length` tokens (causal, no cache)."""
-    parts = CompressedLlava(model, DiViCoConfig(mode="none")).decoder
+    parts = decoder_parts(model)
     hidden = torch.randn(cfg.batch, length, cfg.width, device=cfg.device, dtype=getattr(torch, cfg.dtype)) * 0.02
     position_embeddings = parts.rotary_emb(hidden, torch.arange(length, device=cfg.device)[None])
     layer = parts.layers[cfg.layer]
@@ -240,15 +240,15 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
     with torch.inference_mode():
         # One interleaved timing loop: prefills; scoring + encoder for the compressing modes; and
         # one decoder layer at the full and at each compressed length, for the layer floor.
-        short = {tau: num_tokens - cfg.visual_tokens + kept_count(cfg.visual_tokens, tau) for tau in TAUS}
+        short = {tau: compressed_length(num_tokens, cfg.visual_tokens, tau) for tau in TAUS}
         lengths = [num_tokens, *short.values()]
         prefills = [lambda w=w: _prefill(w, inputs) for w in wrappers]
         overheads = [_overhead_step(w, inputs, cfg) for w in wrappers[1:]]
         layer_steps = [_layer_step(model, cfg, n) for n in lengths]
         medians = _round_robin_medians(prefills + overheads + layer_steps, cfg)
-        prefill_ms = medians[:len(wrappers)]
-        overhead_ms = [0.0] + medians[len(wrappers):2 * len(wrappers) - 1]
-        layer_ms = dict(zip(lengths, medians[2 * len(wrappers) - 1:]))
+        prefill_ms, medians = medians[:len(prefills)], medians[len(prefills):]
+        overhead_ms = [0.0] + medians[:len(overheads)]  # `none` adds nothing
+        layer_ms = dict(zip(lengths, medians[len(overheads):]))
         runs = []
         for (mode, tau), wrapper, ms, extra_ms in zip(settings, wrappers, prefill_ms, overhead_ms):
             kept_length = short[tau] if mode != "none" else num_tokens

@@ -9,8 +9,8 @@ either way. Per decoder layer on n query tokens attending over n_k keys:
   kernels compute it; no credit for the causal half);
 - Llama's gated FFN has three d x m matrices: 3 * 2 * n * d * m (eq. 10 has two).
 Plus, with compression: the selection scoring (one row of scores per head from the q and k
-that layer K-1 projected anyway: 2 * N * d), the gap encoder (2 * N_i' * (2d*d + d*2d)), and the lm_head
-on the positions whose logits are computed. Norms, RoPE and element-wise ops are not
+that layer K-1 projected anyway: 2 * N * d), the gap encoder (2 * N_i' * (2d*d + d*2d)), and
+the lm_head on the positions whose logits are computed. Norms, RoPE and element-wise ops are not
 counted (nor by FlopCounterMode); the vision tower is the same for every mode and left out.
 """
 
@@ -50,6 +50,11 @@ def layer_flops(g: DecoderGeometry, n: int, n_keys: int | None = None) -> int:
     return projections + attention + ffn
 
 
+def compressed_length(num_tokens: int, num_visual: int, tau: float) -> int:
+    """The sequence layers >= K see: the text tokens and the kept visual ones."""
+    return num_tokens - num_visual + kept_count(num_visual, tau)
+
+
 def scoring_flops(g: DecoderGeometry, n: int) -> int:
     """One row of n scores per head, from layer K-1's own projections (no projection here)."""
     return 2 * n * g.hidden
@@ -69,7 +74,7 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
     else:
         num_kept = kept_count(num_visual, config.tau)
-        short = num_tokens - num_visual + num_kept
+        short = compressed_length(num_tokens, num_visual, config.tau)
         parts = {
             "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
             "scoring": scoring_flops(g, num_tokens) if config.mode != "random" else 0,
@@ -89,5 +94,5 @@ def theory_ratio(g: DecoderGeometry, num_tokens: int, num_visual: int, tau: floa
     def f(n: int) -> int:
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
-    short = num_tokens - num_visual + kept_count(num_visual, tau)
+    short = compressed_length(num_tokens, num_visual, tau)
     return (layer * f(num_tokens) + (g.layers - layer) * f(short)) / (g.layers * f(num_tokens))
