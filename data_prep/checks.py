@@ -14,7 +14,6 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from PIL import Image
 
@@ -70,8 +69,10 @@ def source_of(entry: object) -> str:
     image = entry.get("image")
     if image is None:
         return TEXT_SOURCE
-    parts = PurePosixPath(image).parts if isinstance(image, str) else ()
-    return parts[0] if parts and parts[0] != "/" else "unknown"
+    if not isinstance(image, str) or image.startswith("/"):
+        return "unknown"
+    # the first path component, skipping "." and empty ones (a string split: pathlib costs ~7 us)
+    return next((part for part in image.split("/") if part not in ("", ".")), "unknown")
 
 
 def check_entry(entry: object) -> Rejection | None:
@@ -201,13 +202,14 @@ def _header_size(data: bytes) -> tuple[str, int, int] | None:
     return None
 
 
-def _fast_check(f, size: int, image: str) -> ImageInfo | Rejection | None:
-    """Header + end-marker check of an open JPEG or non-palette PNG without PIL (a few
-    microseconds instead of PIL's ~50); None for any other file, which PIL then opens."""
-    head = f.read(_HEAD_BYTES)
+def _fast_check(fd: int, size: int, image: str) -> ImageInfo | Rejection | None:
+    """Header + end-marker check of a JPEG or non-palette PNG without PIL (a few
+    microseconds instead of PIL's ~50); None for any other file, which PIL then opens.
+    Positioned reads on the raw descriptor: no buffered file object to build (~15 us)."""
+    head = os.pread(fd, _HEAD_BYTES, 0)
     header = _header_size(head)
     if header is None and len(head) < size:
-        head += f.read()
+        head = os.pread(fd, size, 0)
         header = _header_size(head)
     if header is None:
         return None
@@ -215,8 +217,7 @@ def _fast_check(f, size: int, image: str) -> ImageInfo | Rejection | None:
     if len(head) >= size:
         tail = head[-_TAIL_BYTES:]
     else:
-        f.seek(size - _TAIL_BYTES)
-        tail = f.read()
+        tail = os.pread(fd, _TAIL_BYTES, size - _TAIL_BYTES)
     if not (_jpeg_complete(tail) if ext == "jpg" else _png_complete(tail)):
         kind = "JPEG" if ext == "jpg" else "PNG"
         return Rejection(UNREADABLE_IMAGE, f"{image!r}: {kind} end marker missing (truncated file)")
@@ -257,17 +258,17 @@ def check_image_file(root_real: str, image: str, *, fast: bool) -> ImageInfo | R
     if isinstance(real, Rejection):
         return real
     try:
-        with open(real, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(real, "rb", buffering=0) as raw:
+            size = os.fstat(raw.fileno()).st_size
             if size == 0:
                 return Rejection(EMPTY_FILE, f"{image!r} is a zero-byte file")
             if fast:
-                checked = _fast_check(f, size, image)
+                checked = _fast_check(raw.fileno(), size, image)
                 if isinstance(checked, ImageInfo):
                     return _check_size(checked, image)
                 if checked is not None:
                     return checked
-                f.seek(0)
+            f = io.BufferedReader(raw)  # PIL parses headers in many small reads
             with Image.open(f) as img:
                 ext, convert = _stored_format(img)
                 width, height = img.size

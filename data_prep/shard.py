@@ -260,7 +260,7 @@ def ustar_header(name: str, size: int) -> bytes:
                      b"%06o\0 " % checksum, _HEADER_TAIL))
 
 
-class _TarWriter:
+class TarWriter:
     """Writes a USTAR tar member by member, exactly as tarfile.TarFile.addfile + close would, and
     hashes the bytes as they go out, so the shard is never re-read."""
 
@@ -298,7 +298,7 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Shar
     """Write one shard under its temp name; the parent makes it durable and renames it."""
     path, samples, digits = task
     with open(_worker["data"], "rb") as data, open(path + ".tmp", "wb") as f:
-        tar = _TarWriter(f)
+        tar = TarWriter(f)
         for start, end, sample in samples:
             entry = read_entries(data, [start], [end])[0]
             key = sample_key(sample.index, sample.id, digits)
@@ -409,7 +409,8 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
 
 
 def _load_validated(path: Path) -> list[Accepted | Rejected]:
-    """Results saved by an interrupted run; a torn last line is dropped (and redone)."""
+    """Results saved by an interrupted run, a line per validated chunk; a torn last line is
+    dropped (and its chunk redone)."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -417,11 +418,8 @@ def _load_validated(path: Path) -> list[Accepted | Rejected]:
     if len(complete) != len(raw):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    results = []
-    for line in complete.decode("utf-8").splitlines():
-        kind, *fields = json.loads(line)
-        results.append(Accepted(*fields) if kind == "ok" else Rejected(*fields))
-    return results
+    return [Accepted(*fields) if kind == "ok" else Rejected(*fields)
+            for line in complete.decode("utf-8").splitlines() for kind, *fields in json.loads(line)]
 
 
 def _chunks(offsets: array, start: int, chunk: int) -> Iterator[tuple[int, list[int], list[int]]]:
@@ -452,25 +450,30 @@ def run_shard(cfg: ShardConfig) -> dict:
     if not cfg.data.is_file():
         raise PrepError(f"--data {cfg.data} is not an existing file")
     started = time.perf_counter()
-    offsets, data_sha256 = scan_json_list(cfg.data)
-    num_entries = len(offsets) // 2
-    log.info("%s: %d entries (scanned in %.1f s)", cfg.data, num_entries, time.perf_counter() - started)
-    identity = _job_identity(cfg, data_sha256)
-    if not _prepare_out(cfg, identity):
-        log.info("%s already holds a finished job; nothing to do", cfg.out)
-        return json.loads((cfg.out / MANIFEST).read_text())
-
-    work = cfg.out / WORK_DIR
-    results = _load_validated(work / "validated.jsonl")
-    root_real = os.path.realpath(cfg.image_root)
     # forkserver: workers never inherit the parent's threads or locks; the preload makes the
     # server import this module once, so each worker starts in milliseconds. The executor, not
     # multiprocessing.Pool: a worker that dies (a crash in an image decoder) fails the run with
     # BrokenProcessPool instead of hanging it, and the parent does not spin on each result.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
+    root_real = os.path.realpath(cfg.image_root)
     with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(str(cfg.data), root_real, cfg.fast_validate)) as pool:
+        # the executor starts a worker per submitted task: these bring all of them up while
+        # the parent scans the JSON
+        for _ in range(cfg.workers):
+            pool.submit(os.getpid)
+        offsets, data_sha256 = scan_json_list(cfg.data)
+        num_entries = len(offsets) // 2
+        log.info("%s: %d entries (scanned in %.1f s)", cfg.data, num_entries,
+                 time.perf_counter() - started)
+        identity = _job_identity(cfg, data_sha256)
+        if not _prepare_out(cfg, identity):
+            log.info("%s already holds a finished job; nothing to do", cfg.out)
+            return json.loads((cfg.out / MANIFEST).read_text())
+        work = cfg.out / WORK_DIR
+        results = _load_validated(work / "validated.jsonl")
+
         # validate: ordered results, appended to the state file as they arrive
         mode = "full decode" if not cfg.fast_validate else "header + end marker"
         with open(work / "validated.jsonl", "a", encoding="utf-8") as state, \
@@ -479,8 +482,8 @@ def run_shard(cfg: ShardConfig) -> dict:
             chunk_size = cfg.chunk_size or (256 if cfg.fast_validate else 32)
             for chunk in _in_order(pool, _validate_chunk,
                                    _chunks(offsets, len(results), chunk_size), 4 * cfg.workers):
-                state.write("".join(_json.encode(["ok" if isinstance(r, Accepted) else "rejected", *r])
-                                    + "\n" for r in chunk))
+                state.write(_json.encode([["ok" if isinstance(r, Accepted) else "rejected", *r]
+                                          for r in chunk]) + "\n")
                 state.flush()
                 results.extend(chunk)
                 bar.update(len(chunk))
