@@ -23,8 +23,10 @@ Python start-up is outside every clock: the decode loop runs in this process wit
 imported, and prep's worker server (a Python that imports the prep module, ~0.3 s once per
 command) is started by an untimed warm-up run; copy_hash's processes are started by an untimed
 warm-up too. tar is timed as a whole command. Each figure is the fastest of `repeats` runs, so
-that other processes on a shared machine disturb it less; before each run, untimed, the
-previous output is deleted and dirty pages are written back (os.sync).
+that other processes on a shared machine disturb it less, and the runs interleave (each round
+runs every variant once), so a busy spell slows one round of every variant instead of all runs
+of one, and the ratios compare like with like. Before each run, untimed, the previous output is
+deleted and dirty pages are written back (os.sync).
 """
 
 from __future__ import annotations
@@ -64,22 +66,28 @@ class BenchConfig:
     num_samples: int = 2000
     work_dir: Path | None = None
     shard_size: int = 250     # several shards, so 2 workers have shards to share
-    repeats: int = 3          # each figure is the fastest run
+    repeats: int = 5          # rounds; each figure is its variant's fastest run
 
 
-def _fastest(repeats: int, run: Callable[[], None], output: Path | None = None) -> float:
-    """Seconds of the fastest of `repeats` runs. Before each, untimed, the previous run's
-    `output` is removed and every dirty page written back, so all runs start alike."""
-    best = float("inf")
+# a variant: what to run, and the output it leaves (removed before the next run)
+Variant = tuple[Callable[[], None], Path | None]
+
+
+def _fastest(repeats: int, variants: dict[str, Variant]) -> dict[str, float]:
+    """Seconds of each variant's fastest run, in `repeats` interleaved rounds. Before each run,
+    untimed, its previous output is removed and every dirty page written back, so all runs
+    start alike."""
+    best = dict.fromkeys(variants, float("inf"))
     for _ in range(repeats):
-        if output is not None and output.is_dir():
-            shutil.rmtree(output)
-        elif output is not None:
-            output.unlink(missing_ok=True)
-        os.sync()
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
+        for name, (run, output) in variants.items():
+            if output is not None and output.is_dir():
+                shutil.rmtree(output)
+            elif output is not None:
+                output.unlink(missing_ok=True)
+            os.sync()
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
     return best
 
 
@@ -138,22 +146,22 @@ def run_bench(cfg: BenchConfig) -> dict:
         _prep(data, root, work / "warm-up", workers=1, fast=True, shard_size=cfg.shard_size,
               expected=len(images))
 
-        seconds = {"decode": _fastest(cfg.repeats, partial(_decode, images))}
+        variants: dict[str, Variant] = {"decode": (partial(_decode, images), None)}
         for name, workers, fast in (("prep_1", 1, False), ("prep_2", 2, False),
                                     ("fast_1", 1, True), ("fast_default", default_workers(), True)):
-            seconds[name] = _fastest(cfg.repeats, partial(
-                _prep, data, root, work / name, workers=workers, fast=fast,
-                shard_size=cfg.shard_size, expected=len(images)), output=work / name)
+            variants[name] = (partial(_prep, data, root, work / name, workers=workers, fast=fast,
+                                      shard_size=cfg.shard_size, expected=len(images)),
+                              work / name)
+        for name, fsync in (("tar", False), ("tar_fsync", True)):
+            archive = work / f"{name}.tar"
+            variants[name] = (partial(_tar, root, listing, archive, fsync=fsync), archive)
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(default_workers(), mp_context=ctx) as pool:
             copy_hash = partial(_copy_hash_shards, pool, images, work / "copy_hash",
                                 cfg.shard_size)
             copy_hash()  # untimed warm-up: the processes start here
-            seconds["copy_hash"] = _fastest(cfg.repeats, copy_hash, output=work / "copy_hash")
-        for name, fsync in (("tar", False), ("tar_fsync", True)):
-            archive = work / f"{name}.tar"
-            seconds[name] = _fastest(cfg.repeats, partial(_tar, root, listing, archive, fsync=fsync),
-                                     output=archive)
+            variants["copy_hash"] = (copy_hash, work / "copy_hash")
+            seconds = _fastest(cfg.repeats, variants)
 
         loader = measure_throughput(work / "prep_1", num_workers=1)
 
@@ -192,7 +200,7 @@ def print_report(figures: dict) -> None:
 
     f = figures
     table = Table(title=f"divico bench prep: {f['samples']} JPEGs of {f['mean_image_kb']:.0f} KB, "
-                        f"{f['cpu_count']} CPUs, fastest of {f['repeats']} runs",
+                        f"{f['cpu_count']} CPUs, fastest of {f['repeats']} interleaved rounds",
                   caption="\n".join(f"{k}: {v}" for k, v in f["timed"].items()))
     for column in ("", "samples/s", "MB/s", "figure", "target"):
         table.add_column(column, justify="right" if column else "left")

@@ -15,7 +15,7 @@ REQUIRED = {"prep_samples_per_s", "decode_samples_per_s", "ratio_to_decode", "fa
 
 
 def test_bench_prep_reports_every_figure(tmp_path: Path) -> None:
-    figures = run_bench(BenchConfig(num_samples=24, work_dir=tmp_path, shard_size=5, repeats=1))
+    figures = run_bench(BenchConfig(num_samples=24, work_dir=tmp_path, shard_size=5, repeats=2))
     assert REQUIRED <= figures.keys()
     assert figures["samples"] == 24 and figures["mean_image_kb"] > 20  # photo-sized JPEGs
     measured = [k for k in figures if k.endswith("_per_s") or "ratio" in k or "scaling" in k]
