@@ -39,6 +39,7 @@ selection.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,9 @@ SETTINGS_FILE = "divico.json"
 WEIGHTS_FILE = "divico.safetensors"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
+# transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
+# layers from past_key_values (removed in 5.40) to cache: pass it under the installed name.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass
@@ -198,7 +202,7 @@ class CompressedLlava(nn.Module):
         split = self.config.layer if compress else len(parts.layers)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
         mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  **{CACHE_ARG: past_key_values}, position_ids=position_ids)
         use_cache = past_key_values is not None
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
         scoring = compress and self.config.mode != "random"  # random mode draws its own scores
@@ -212,7 +216,7 @@ class CompressedLlava(nn.Module):
         with capture:
             for layer in parts.layers[:split]:
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                               past_key_values=past_key_values, use_cache=use_cache)
+                               **{CACHE_ARG: past_key_values}, use_cache=use_cache)
 
         kl = hidden.new_zeros((), dtype=torch.float32)
         kept_mask = attention_mask
@@ -234,11 +238,11 @@ class CompressedLlava(nn.Module):
             if targets is not None:
                 targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
             mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
-                                      past_key_values=past_key_values, position_ids=kept_position_ids,
+                                      **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
                                       layer_idx=split)
         for layer in parts.layers[split:]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           past_key_values=past_key_values, use_cache=use_cache)
+                           **{CACHE_ARG: past_key_values}, use_cache=use_cache)
 
         hidden = parts.norm(hidden)
         if logits_to_keep:
@@ -429,11 +433,11 @@ class CompressedLlava(nn.Module):
         hidden = parts.embed_tokens(token_ids)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
         masks = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                    past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
+                                    **{CACHE_ARG: cache}, position_ids=position_ids, layer_idx=layer_idx)
                  for mask_2d, layer_idx in ((full_mask, 0), (kept_mask, split))]
         for i, layer in enumerate(parts.layers):
             hidden = layer(hidden, attention_mask=masks[i >= split], position_embeddings=position_embeddings,
-                           past_key_values=cache, use_cache=True)
+                           **{CACHE_ARG: cache}, use_cache=True)
         return parts.lm_head(parts.norm(hidden[:, -1]))
 
     @staticmethod
