@@ -1,9 +1,8 @@
-"""`divico prep {synth,shard,verify}` and `divico bench prep`."""
+"""`divico prep {synth,shard,verify}`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -40,17 +39,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     verify = commands.add_parser("verify", help="re-read shards with webdataset, check the manifest")
     verify.add_argument("dir", type=Path, help="shard folder written by `divico prep shard`")
     verify.set_defaults(func=_verify)
-
-
-def add_bench_parser(benches: argparse._SubParsersAction) -> None:
-    bench = benches.add_parser("prep", help="data-prep throughput against PIL decode and tar")
-    bench.add_argument("--num-samples", type=int, default=2000)
-    bench.add_argument("--work-dir", type=Path, default=None,
-                       help="where the synthetic set and shards go (default: a temp folder)")
-    bench.add_argument("--repeats", type=int, default=5,
-                       help="interleaved rounds; each figure is its variant's fastest run")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.set_defaults(func=_bench)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -99,22 +87,4 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"verify FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
         return 1
     print(f"verify OK: {args.dir}")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from data_prep.bench import BenchConfig, print_report, run_bench
-
-    if args.num_samples < 1 or args.repeats < 1:
-        print("error: --num-samples and --repeats must be at least 1", file=sys.stderr)
-        return 2
-    if args.num_samples < 2000:
-        log.warning("--num-samples %d is below the 2,000 the targets are defined for",
-                    args.num_samples)
-    figures = run_bench(BenchConfig(num_samples=args.num_samples, work_dir=args.work_dir,
-                                    repeats=args.repeats))
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        print_report(figures)
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import jinja2
 
 from launch.stages import Pipeline, Stage, Task
+from pipeline.contract import EXIT_PREEMPTED
 
 TEMPLATES = Path(__file__).parent / "slurm"
 # Once one rank has exited, the others get this long to follow before srun ends the step:
@@ -73,7 +74,6 @@ class TaskState:
 
 def render(pipeline: Pipeline) -> dict[str, Path]:
     """Write one sbatch script per stage under <root>/slurm/; returns {stage: script}."""
-    from pipeline.train import EXIT_PREEMPTED
 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                                      keep_trailing_newline=True, trim_blocks=True)

@@ -36,8 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# What `divico train` writes after the last step of its epoch (pipeline/train.py).
-TRAIN_DONE_FILE = "train_summary.json"
+from pipeline.contract import TRAIN_SUMMARY_FILE
 
 
 class PipelineError(ValueError):
@@ -240,7 +239,7 @@ def _task(where: str, raw: DictConfig, name: str, kind: str, index: int, point: 
     run_name = f"{name}-{label}" if point else name  # one TensorBoard run per stage and sweep point
     train_args, output_dir = _train_args(where, raw, run_name, stage["train"], workdir)
     return Task(stage=name, index=index, label=label, command=shlex.join(["divico", "train", *train_args]),
-                outputs=(*outputs, output_dir / TRAIN_DONE_FILE), train_args=train_args)
+                outputs=(*outputs, output_dir / TRAIN_SUMMARY_FILE), train_args=train_args)
 
 
 def _train_args(where: str, raw: DictConfig, run_name: str, train: dict[str, Any],

@@ -19,16 +19,16 @@ import sys
 # command's modules are imported, so `divico prep` starts without loading torch.
 COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "prep": ("shard LLaVA-665K-format data into webdataset tars", [("data_prep.cli", "add_parsers")]),
-    "train": ("fine-tune one stage (DeepSpeed ZeRO-2; one epoch)", [("pipeline.train", "add_parser")]),
-    "export": ("merge a checkpoint into a Hugging Face model folder", [("pipeline.export", "add_parser")]),
-    "eval": ("answer accuracy of a model on a held-out set", [("pipeline.evaluate", "add_parser")]),
+    "train": ("fine-tune one stage (DeepSpeed ZeRO-2; one epoch)", [("pipeline.train.main", "add_parser")]),
+    "export": ("merge a checkpoint into a Hugging Face model folder", [("pipeline.train.export", "add_parser")]),
+    "eval": ("answer accuracy of a model on a held-out set", [("pipeline.eval.evaluate", "add_parser")]),
     "run": ("the embedded default: every stage on a tiny model, on CPU", [("pipeline.run", "add_parser")]),
     "launch": ("run a pipeline's stage graph on SLURM or on this machine", [("launch.cli", "add_parser")]),
     "bench": ("print measured throughput and efficiency figures", [
-        ("data_prep.cli", "add_bench_parser"),
-        ("pipeline.data.loader", "add_bench_parser"),
-        ("pipeline.model.bench", "add_bench_parser"),
-        ("pipeline.bench_train", "add_parser"),
+        ("pipeline.bench.prep", "add_parser"),
+        ("pipeline.bench.loader", "add_parser"),
+        ("pipeline.bench.model", "add_parser"),
+        ("pipeline.bench.train", "add_parser"),
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.

@@ -96,8 +96,9 @@ def train_stage(cfg: DemoConfig, name: str, base: Path, shards: Path, config_fil
     """Train one stage (or resume it) and export it; returns the exported model folder."""
     import torch
 
-    from pipeline.export import export
-    from pipeline.train import EXIT_PREEMPTED, train
+    from pipeline.contract import EXIT_PREEMPTED
+    from pipeline.train.export import export
+    from pipeline.train.main import train
 
     out = cfg.root / name
     model_dir = out / "model"
@@ -120,7 +121,7 @@ def train_stage(cfg: DemoConfig, name: str, base: Path, shards: Path, config_fil
 
 def evaluate_model(cfg: DemoConfig, name: str, model: Path, heldout: Path, mode: str | None = None,
                    tau: float | None = None) -> dict:
-    from pipeline.evaluate import EvalConfig, main
+    from pipeline.eval.evaluate import EvalConfig, main
 
     path = cfg.root / "eval" / f"{name}.json"
     if path.is_file():

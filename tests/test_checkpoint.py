@@ -8,7 +8,14 @@ import random
 import numpy as np
 import torch
 
-from pipeline.checkpoint import TrainerState, complete_checkpoints, latest_checkpoint, read_state, rng_state, set_rng_state
+from pipeline.train.checkpoint import (
+    TrainerState,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_state,
+    rng_state,
+    set_rng_state,
+)
 
 
 def make(root, name, step):

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoProcessor
 from pipeline import cli
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
-from pipeline.evaluate import (
+from pipeline.eval.evaluate import (
     EvalConfig,
     evaluate,
     load_model,

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from train_helpers import run, train_args
 
-from pipeline.checkpoint import latest_checkpoint, load_trainables
+from pipeline.train.checkpoint import latest_checkpoint, load_trainables
 
 pytestmark = pytest.mark.slow
 

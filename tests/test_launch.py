@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from launch import local, slurm
-from launch.stages import TRAIN_DONE_FILE, PipelineError, load_pipeline
+from launch.stages import PipelineError, load_pipeline
+from pipeline.contract import TRAIN_SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED_SCRIPTS = REPO / "launch" / "deepspeed"
@@ -38,7 +39,7 @@ def test_local_pipeline_graph(tmp_path: Path) -> None:
     assert f"train.tensorboard_dir={tmp_path}/tensorboard" in task.train_args
     assert "train.stage=divico-tau-0.1111" in task.train_args  # one TensorBoard run per stage and tau
     assert task.train_args[-2:] == ("--resume", "auto")
-    assert task.outputs == (tmp_path / "divico/tau-0.1111" / TRAIN_DONE_FILE,)
+    assert task.outputs == (tmp_path / "divico/tau-0.1111" / TRAIN_SUMMARY_FILE,)
     assert task.command.startswith("divico train --config configs/debug/tiny.yaml")
     synth = pipeline.stage("synth")  # nested interpolation: per-split sizes and seeds from vars
     assert [t.command for t in synth.tasks] == [

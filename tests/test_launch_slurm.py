@@ -108,7 +108,7 @@ def test_chain_runs_in_order(chain) -> None:
 def test_preempted_job_checkpoints_requeues_and_resumes(chain, tmp_path: Path) -> None:
     """USR1 twice with max_requeues=1: requeued once, then left failed; launching again finishes
     the run from its checkpoint, with the weights of the chain's uninterrupted tau=0.1111 run."""
-    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.train.checkpoint import latest_checkpoint
 
     chain_root, chain_result = chain
     assert chain_result.returncode == 0, chain_result.stdout

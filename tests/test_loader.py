@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.loader import (INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length,
-                                  measure_throughput)
+from pipeline.bench.loader import measure_throughput
+from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length
 
 NUM_SAMPLES = 37  # prime: uneven shards, a remainder for every world size > 1
 BATCH_SIZE = 3

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from model_helpers import DEVICE, load_llava
+from PIL import Image
 from transformers import AutoProcessor, DynamicCache
 
 from pipeline.model.compressed_llava import CompressedLlava

@@ -15,7 +15,7 @@ import pytest
 import torch
 from train_helpers import command, env, final_weights, run, sample_log, train_args
 
-from pipeline.checkpoint import complete_checkpoints, latest_checkpoint, read_state
+from pipeline.train.checkpoint import complete_checkpoints, latest_checkpoint, read_state
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ def test_preempted_then_resumed_run_matches_the_uninterrupted_one(two_rank_run, 
 
 CRASH_ON_SECOND_SAVE = """
 import os, sys
-import pipeline.checkpoint as checkpoint
+import pipeline.train.checkpoint as checkpoint
 real_save_file, saves = checkpoint.save_file, []
 def dying_save_file(*args, **kwargs):  # the engine state, adapter and RNG are written by now
     saves.append(1)

@@ -45,7 +45,7 @@ def run(args: list[str], ranks: int = 1, timeout: float = 600) -> subprocess.Com
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     """Every trained weight of the newest checkpoint: the LoRA adapter + the other trainables."""
-    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.train.checkpoint import latest_checkpoint
 
     newest = latest_checkpoint(output_dir)
     weights = load_file(str(newest / "trainables.safetensors"))

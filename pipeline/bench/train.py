@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from pipeline.device import default_dtype, resolve_device
+
 
 def add_parser(benches: argparse._SubParsersAction) -> None:
     parser = benches.add_parser("train", help="training throughput: divico (tau=1/9) vs uncompressed LoRA",
@@ -97,8 +99,8 @@ class Runner:
 
 
 def _main(args: argparse.Namespace) -> int:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = resolve_device(args.device)
+    dtype = default_dtype(device)
     runners = {"lora": Runner("none", args, device, dtype), "divico": Runner("divico", args, device, dtype)}
     for runner in runners.values():
         runner.step()  # warm-up: allocator, kernels, lazy initialisation

@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.conversation import IMAGE_TOKEN
 from pipeline.data.loader import MANIFEST_NAME, Sample, ShardDataset
+from pipeline.device import default_dtype, resolve_device
 from pipeline.model.compressed_llava import SETTINGS_FILE, CompressedLlava
 from pipeline.model.divico import DiViCoConfig, kept_count
 
@@ -213,10 +214,8 @@ def load_model(path: str | Path, *, mode: str | None = None, tau: float | None =
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    device = resolve_device(device)
+    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=default_dtype(device)).to(device)
     overrides = {name: value for name, value in (("mode", mode), ("tau", tau)) if value is not None}
     if (path / SETTINGS_FILE).is_file():
         return CompressedLlava.from_saved(llava, path, **overrides).to(device)

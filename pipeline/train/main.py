@@ -1,14 +1,11 @@
 """`divico train`: one epoch of LoRA (or full) fine-tuning with DiViCo under DeepSpeed ZeRO-2.
 
-    deepspeed --num_gpus 4 $(which divico) train --config configs/llava15_7b.yaml \
+    deepspeed --num_gpus 4 $(which divico) train --config configs/llava15_lora.yaml \
         --config configs/sweep/divico_tau111.yaml [key=value ...] [--resume auto]
 
-Also runs under torchrun, under srun (one task per GPU; SLURM_* are mapped to RANK/WORLD_SIZE/
-LOCAL_RANK, MASTER_ADDR/MASTER_PORT come from the job script) or as one plain process.
-
 setup (config, validation, process group) -> main (model, data, engine, resume) -> fit (loop).
-Preemption: SIGUSR1 or SIGTERM -> the current optimizer step finishes, all ranks agree at the
-step boundary, a complete checkpoint is written, and the process exits with EXIT_PREEMPTED.
+How a process joins the job and how preemption works: distributed.py; the model and DeepSpeed
+config a recipe makes: build.py; checkpoints: checkpoint.py; TensorBoard: metrics.py.
 """
 
 from __future__ import annotations
@@ -17,10 +14,8 @@ import argparse
 import atexit
 import json
 import logging
-import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,19 +25,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint
-from pipeline.config import ConfigError, RunConfig, collator_config, divico_config, load_config, save_config, to_dict, validate
-from pipeline.metrics import Metrics, peak_memory_gib
+from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_dict, validate
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE
+from pipeline.train import checkpoint
+from pipeline.train.build import build_model, deepspeed_config
+from pipeline.train.distributed import (
+    PREEMPTION_SIGNALS,
+    TrainingError,
+    install_preemption_handlers,
+    map_slurm_env,
+    preemption_requested,
+    single_process_env,
+)
+from pipeline.train.metrics import Metrics, peak_memory_gib
 
 log = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 3
-_preempt_requested = False
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (non-finite loss, inconsistent resume); the message says why."""
-
 
 # ----------------------------------------------------------------------------- setup
 
@@ -59,35 +56,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=setup)
 
 
-def map_slurm_env() -> None:
-    """srun without a launcher sets SLURM_* only; torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    if "MASTER_ADDR" not in os.environ:
-        raise TrainingError("srun with several tasks: export MASTER_ADDR (the first host of "
-                            "$SLURM_JOB_NODELIST) and MASTER_PORT in the job script")
-    os.environ.setdefault("MASTER_PORT", "29500")
-
-
-def _single_process_env() -> None:
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _request_preemption(signum: int, _frame) -> None:
-    global _preempt_requested
-    _preempt_requested = True
-    log.warning("received %s: finishing this step, then checkpointing and exiting with %d",
-                signal.Signals(signum).name, EXIT_PREEMPTED)
-
-
 def setup(args: argparse.Namespace) -> int:
     return train(args.config, args.overrides, resume=args.resume)
 
@@ -102,21 +70,20 @@ def train(config_paths: list[str | Path], overrides: list[str] | None = None, *,
         resume_from = _resume_checkpoint(Path(cfg.train.output_dir), resume)
     except (ConfigError, TrainingError) as error:
         log.error("%s", error)
-        return 2
-    _single_process_env()
+        return EXIT_BAD_INPUT
+    single_process_env()
 
     import deepspeed
 
     if not dist.is_initialized():  # `divico run` trains several stages in one process
         deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
         atexit.register(dist.destroy_process_group)
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, _request_preemption)
+    install_preemption_handlers()
     try:
         return main(cfg, resume_from=resume_from)
     except TrainingError as error:
         log.error("%s", error)
-        return 1
+        return EXIT_FAILURE
 
 
 # ----------------------------------------------------------------------------- main
@@ -246,38 +213,6 @@ def _resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: bool, on_gpu: bool) -> dict:
-    """The JSON recipe with its "auto" fields filled from the run config."""
-    path = Path(cfg.train.deepspeed_config)
-    ds = json.loads(path.read_text())
-    ds.pop("_comment", None)
-    t, o = cfg.train, cfg.optim
-    filled = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": o.grad_clip,
-    }
-    for key, value in filled.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise TrainingError(f"{path}: {key}={ds[key]} disagrees with the run config ({value}); set it to \"auto\"")
-    ds.setdefault("bf16", {})["enabled"] = bf16
-    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = optimizer.setdefault("params", {})
-    params["lr"], params["weight_decay"] = o.lr, o.weight_decay  # defaults; each param group sets its own lr
-    if not on_gpu:
-        params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel
-    scheduler = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})["params"]
-    for key, value in {"total_num_steps": total_steps,
-                       "warmup_num_steps": max(1, math.ceil(o.warmup_ratio * total_steps)) if o.warmup_ratio else 0,
-                       "cos_min_ratio": o.min_lr_ratio}.items():
-        if scheduler.get(key, "auto") == "auto":
-            scheduler[key] = value
-    return ds
-
-
 def _collate_with_keys(collator, samples):
     return [s.key for s in samples], collator(samples)
 
@@ -290,88 +225,6 @@ def _truncate_sample_log(path: Path, keep_through_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if int(line.split("\t", 1)[0]) <= keep_through_step]
     path.write_text("".join(kept))
-
-
-# ----------------------------------------------------------------------------- model
-
-
-@dataclass
-class BuiltModel:
-    model: torch.nn.Module  # what DeepSpeed wraps: the compressed LLaVA
-    peft_model: object  # the PeftModel holding the LoRA adapter (None in train_mode=full)
-    param_groups: list[dict]
-    collator: object
-    visual_tokens_kept: int
-
-
-def attn_implementation(requested: str, on_gpu: bool) -> str:
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
-
-
-def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltModel:
-    """Load the base, decide what trains (the recipe), wrap it with DiViCo, group parameters by lr."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from pipeline.data.collator import LlavaCollator
-    from pipeline.model.compressed_llava import CompressedLlava
-    from pipeline.model.divico import kept_count
-
-    m, o = cfg.model, cfg.optim
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(m.attn_implementation, on_gpu)}
-    if m.qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    llava = LlavaForConditionalGeneration.from_pretrained(m.base, **kwargs)
-    llava.requires_grad_(False)
-    peft_model = None
-    if m.train_mode == "lora":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if m.qlora:
-            llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=m.gradient_checkpointing)
-        # Every linear layer of the language model (LLaVA-1.5's recipe): not lm_head, not the
-        # vision tower, not the projector.
-        targets = [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
-                   if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear4bit")]
-        peft_model = get_peft_model(llava, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                      target_modules=targets, bias="none"))
-    else:
-        llava.model.language_model.requires_grad_(True)
-        llava.lm_head.requires_grad_(True)
-    llava.model.multi_modal_projector.requires_grad_(m.train_projector)
-    llava.model.vision_tower.requires_grad_(m.train_vision_tower)
-    if m.gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    divico = divico_config(cfg)
-    model = CompressedLlava(peft_model or llava, divico)
-    model.train()
-    # Every LLaVA parameter belongs to the language model unless it is the projector's or the
-    # tower's; what is not LLaVA's is DiViCo's gap encoder.
-    group_of = {id(p): "language_model" for p in llava.parameters()}
-    group_of |= {id(p): "projector" for p in llava.model.multi_modal_projector.parameters()}
-    group_of |= {id(p): "vision_tower" for p in llava.model.vision_tower.parameters()}
-    groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "vision_tower": (o.projector_lr, []),
-              "gap_encoder": (o.encoder_lr, [])}
-    for param in model.parameters():
-        if param.requires_grad:
-            groups[group_of.get(id(param), "gap_encoder")][1].append(param)
-    param_groups = [{"name": name, "params": params, "lr": lr, "weight_decay": o.weight_decay}
-                    for name, (lr, params) in groups.items() if params]
-
-    processor = AutoProcessor.from_pretrained(m.base)
-    collator = LlavaCollator(processor, collator_config(cfg), llava.config)
-    kept = kept_count(collator.num_visual_tokens, divico.tau) if divico.compresses else collator.num_visual_tokens
-    return BuiltModel(model=model, peft_model=peft_model, param_groups=param_groups, collator=collator,
-                      visual_tokens_kept=kept)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -404,7 +257,7 @@ def fit(run: Run) -> int:
             sums[_NONFINITE] += 0 if torch.isfinite(out.loss).item() else 1
             if micro < accumulation - 1:
                 engine.step()
-        sums[_PREEMPT] = float(_preempt_requested)
+        sums[_PREEMPT] = float(preemption_requested())
         dist.all_reduce(sums)  # one collective per step: the losses, and every rank's flags
         if sums[_NONFINITE] > 0:
             good = checkpoint.latest_checkpoint(t.output_dir)
@@ -445,8 +298,7 @@ def fit(run: Run) -> int:
 def _start_loader(loader: torch.utils.data.DataLoader):
     """Start the loader's workers with SIGTERM/SIGUSR1 blocked (they inherit the mask): a job-wide
     signal must not kill them, since the trainer still needs their batches to finish its step."""
-    preemption = {signal.SIGTERM, signal.SIGUSR1}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, preemption)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
         return iter(loader)
     finally:
@@ -494,4 +346,4 @@ def _save(run: Run, step: int) -> None:
 def _write_summary(run: Run, last: dict[str, float]) -> None:
     summary = {"stage": run.cfg.train.stage, "steps": run.total_steps, "run_name": run.cfg.train.stage,
                "checkpoint": str(checkpoint.latest_checkpoint(run.cfg.train.output_dir)), **last}
-    (Path(run.cfg.train.output_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (Path(run.cfg.train.output_dir) / TRAIN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

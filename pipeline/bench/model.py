@@ -290,7 +290,7 @@ def print_report(figures: dict) -> None:
                     "scoring+encoder <= 3%")
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none / fastv / divico at each tau")
     parser.add_argument("--width", type=int, default=512, help="hidden size (multiple of 128; 4096 = LLaVA-1.5-7B)")
     parser.add_argument("--layers", type=int, default=32)

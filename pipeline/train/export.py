@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 
 log = logging.getLogger(__name__)
 
