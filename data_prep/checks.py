@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipeline.contract import IMAGE_TOKEN
+
 # Load PIL's common format plugins now, not at the first Image.open in every worker (~30 ms
 # each): prep workers are forked from a server that imported this module.
 Image.preinit()
-
-IMAGE_MARKER = "<image>"
 
 # Reason codes written to rejected.jsonl and counted in manifest.json.
 MISSING_FILE = "missing_file"
@@ -102,11 +102,11 @@ def check_entry(entry: object) -> Rejection | None:
     if len(turns) < 2:
         return Rejection(MALFORMED_ENTRY, "conversation has no gpt answer")
 
-    markers = sum(turn["value"].count(IMAGE_MARKER) for turn in turns)
+    markers = sum(turn["value"].count(IMAGE_TOKEN) for turn in turns)
     if image is not None and markers != 1:
-        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_MARKER} markers for one image")
+        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_TOKEN} markers for one image")
     if image is None and markers:
-        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_MARKER} markers but no image")
+        return Rejection(IMAGE_MARKER_COUNT, f"{markers} {IMAGE_TOKEN} markers but no image")
 
     if image is not None:
         parts = image.replace("\\", "/").split("/")

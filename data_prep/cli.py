@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
+
 log = logging.getLogger(__name__)
 
 
@@ -44,15 +46,18 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from data_prep.synth import SynthConfig, generate
 
-    if not 0 <= args.defects <= 1 or args.num_samples < 1:
-        print("error: --defects must be in [0, 1] and --num-samples >= 1", file=sys.stderr)
-        return 2
+    if not 0 <= args.defects <= 1:
+        print(f"error: --defects {args.defects}: must be in [0, 1]", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.num_samples < 1:
+        print(f"error: --num-samples {args.num_samples}: must be at least 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         path = generate(SynthConfig(out=args.out, num_samples=args.num_samples, seed=args.seed,
                                     defects=args.defects, realistic=args.realistic))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"wrote {path} and {args.out / 'images'}")
     return 0
 
@@ -71,9 +76,9 @@ def _shard(args: argparse.Namespace) -> int:
         manifest = run_shard(cfg)
     except PrepError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     Console().print(summary_table(manifest, time.perf_counter() - started))
-    print(f"shards, manifest.json and rejected.jsonl in {args.out}")
+    print(f"shards, {MANIFEST_FILE} and {REJECTED_FILE} in {args.out}")
     return 0
 
 
@@ -85,6 +90,6 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         print(f"verify FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"verify OK: {args.dir}")
     return 0

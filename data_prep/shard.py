@@ -4,7 +4,8 @@
     validate  workers check every entry and image (full decode, or header + end marker);
               results go to OUT/.prep/validated.jsonl in entry order, so a kill loses at most
               the chunks in flight
-    plan      accepted entries, shuffled with the seed, cut into balanced shards
+    plan      accepted entries, shuffled with the seed, dealt into balanced shards, each source
+              spread evenly over them
     write     workers write whole shards under temp names; parent threads fsync and rename
               them (so no worker waits for the disk) and collect sizes and hashes
     finish    rejected.jsonl, manifest.json (last), then the work folder is removed
@@ -37,14 +38,15 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from tqdm import tqdm
 
 from data_prep import checks
+from pipeline.contract import MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
 from pipeline.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-REJECTED = "rejected.jsonl"
 WORK_DIR = ".prep"
+# Entries per validation task: ~0.1 s of decoding (an even end of phase), or ~10 ms of header
+# checks (less per-task overhead).
+DECODE_CHUNK, HEADER_CHUNK = 32, 256
 SHARD_PATTERN = "shard-{:06d}.tar"
 # what json.dumps(..., ensure_ascii=False) would build anew for every call
 _json = json.JSONEncoder(ensure_ascii=False)
@@ -69,9 +71,7 @@ class ShardConfig:
     shard_size: int = 5000          # ~0.8 GB shards at LLaVA-665K's ~160 KB per image
     resume: bool = False
     fast_validate: bool = False
-    # entries per validation task; None: 32 when decoding (~0.1 s: an even end of phase),
-    # 256 for header checks (~10 ms: less per-task overhead)
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # entries per validation task; None: DECODE_CHUNK or HEADER_CHUNK
     progress: bool = True
 
 
@@ -216,18 +216,19 @@ def validate_entry(index: int, entry: object, root_real: str, *, fast: bool) -> 
 
 # ---------------------------------------------------------------------------- plan
 
-def plan_shards(num_samples: int, shard_size: int, seed: int) -> list[list[int]]:
-    """Positions of accepted samples per shard: shuffled with `seed`, as few shards as
-    `shard_size` allows, sizes differing by at most one."""
-    order = list(range(num_samples))
-    random.Random(seed).shuffle(order)
-    num_shards = math.ceil(num_samples / shard_size)
-    base, extra = divmod(num_samples, max(num_shards, 1))
-    shards, start = [], 0
-    for k in range(num_shards):
-        stop = start + base + (k < extra)
-        shards.append(order[start:stop])
-        start = stop
+def plan_shards(sources: list[str], shard_size: int, seed: int) -> list[list[int]]:
+    """Positions of accepted samples (whose sources are `sources`) per shard: as few shards as
+    `shard_size` allows, sizes differing by at most one, and every source dealt evenly over the
+    shards (each holds its share of every source, to within one sample), so every shard mixes
+    all sources that have a sample per shard. Which samples, and their order, are shuffled with `seed`."""
+    rng = random.Random(seed)
+    order = list(range(len(sources)))
+    rng.shuffle(order)
+    order.sort(key=sources.__getitem__)  # stable: each source's samples stay shuffled
+    num_shards = math.ceil(len(order) / shard_size)
+    shards = [order[k::num_shards] for k in range(num_shards)]  # dealt round-robin
+    for shard in shards:
+        rng.shuffle(shard)  # sources interleaved within a shard too
     return shards
 
 
@@ -355,7 +356,7 @@ def _write_or_keep(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Sh
 # ---------------------------------------------------------------------------- driver
 
 def _job_identity(cfg: ShardConfig, data_sha256: str) -> dict:
-    return {"format_version": FORMAT_VERSION, "data": str(cfg.data.resolve()),
+    return {"format_version": SHARD_FORMAT_VERSION, "data": str(cfg.data.resolve()),
             "data_sha256": data_sha256, "image_root": str(cfg.image_root.resolve()),
             "seed": cfg.seed, "shard_size": cfg.shard_size, "fast_validate": cfg.fast_validate}
 
@@ -378,8 +379,8 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
     if existing and not cfg.resume:
         raise PrepError(f"--out {cfg.out} is not empty ({', '.join(existing[:3])}...); pass "
                         "--resume to finish an interrupted job, or choose an empty folder")
-    if cfg.resume and MANIFEST in existing:  # written last, atomically: the job had finished
-        finished = json.loads((cfg.out / MANIFEST).read_text())
+    if cfg.resume and MANIFEST_FILE in existing:  # written last, atomically: the job had finished
+        finished = json.loads((cfg.out / MANIFEST_FILE).read_text())
         recorded = {**finished["inputs"], "seed": finished["seed"]}
         changed = [k for k in recorded if recorded[k] != identity.get(k)]
         if changed:
@@ -470,7 +471,7 @@ def run_shard(cfg: ShardConfig) -> dict:
         identity = _job_identity(cfg, data_sha256)
         if not _prepare_out(cfg, identity):
             log.info("%s already holds a finished job; nothing to do", cfg.out)
-            return json.loads((cfg.out / MANIFEST).read_text())
+            return json.loads((cfg.out / MANIFEST_FILE).read_text())
         work = cfg.out / WORK_DIR
         results = _load_validated(work / "validated.jsonl")
 
@@ -479,7 +480,7 @@ def run_shard(cfg: ShardConfig) -> dict:
         with open(work / "validated.jsonl", "a", encoding="utf-8") as state, \
                 tqdm(total=num_entries, initial=len(results), unit="samples", smoothing=0.1,
                      desc=f"validate ({mode})", disable=not cfg.progress) as bar:
-            chunk_size = cfg.chunk_size or (256 if cfg.fast_validate else 32)
+            chunk_size = cfg.chunk_size or (HEADER_CHUNK if cfg.fast_validate else DECODE_CHUNK)
             for chunk in _in_order(pool, _validate_chunk,
                                    _chunks(offsets, len(results), chunk_size), 4 * cfg.workers):
                 state.write(_json.encode([["ok" if isinstance(r, Accepted) else "rejected", *r]
@@ -497,7 +498,8 @@ def run_shard(cfg: ShardConfig) -> dict:
         tasks = [(str(cfg.out / SHARD_PATTERN.format(k)),
                   [(offsets[2 * accepted[p].index], offsets[2 * accepted[p].index + 1], accepted[p])
                    for p in positions], digits)
-                 for k, positions in enumerate(plan_shards(len(accepted), cfg.shard_size, cfg.seed))]
+                 for k, positions in enumerate(plan_shards([a.source for a in accepted], cfg.shard_size,
+                                                           cfg.seed))]
         shard_stats, publishing = {}, []
         with tqdm(total=len(accepted), unit="samples", desc="write shards", smoothing=0.1,
                   disable=not cfg.progress) as bar, ThreadPoolExecutor(cfg.workers) as publisher:
@@ -515,9 +517,9 @@ def run_shard(cfg: ShardConfig) -> dict:
     log.info("wrote %d shards; %.1f s in all", len(shard_stats), time.perf_counter() - started)
     manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
                          [shard_stats[k] for k in sorted(shard_stats)])
-    _atomic_write(cfg.out / REJECTED, "".join(
+    _atomic_write(cfg.out / REJECTED_FILE, "".join(
         json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in rejected))
-    _atomic_write(cfg.out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(cfg.out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work)
     fsync_path(cfg.out)
     return manifest
@@ -530,7 +532,7 @@ def _manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list
     sources = {s: {"written": written_by_source[s], "rejected": rejected_by_source[s]}
                for s in sorted(written_by_source.keys() | rejected_by_source.keys())}
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": SHARD_FORMAT_VERSION,
         "inputs": {k: identity[k] for k in ("data", "data_sha256", "image_root", "shard_size",
                                             "fast_validate")},
         "seed": cfg.seed,

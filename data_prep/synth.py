@@ -27,15 +27,17 @@ import json
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.contract import DATA_FILE, IMAGE_TOKEN
+
 log = logging.getLogger(__name__)
 
-DATA_FILE = "llava_v1_5_mix665k.json"
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 # (source, folder, share of llava_v1_5_mix665k.json), from the real per-folder counts.
@@ -212,7 +214,7 @@ def conversation(rng: random.Random, qa: list[tuple[str, str]], with_image: bool
     turns = []
     for i, (q, a) in enumerate(qa):
         if i == 0 and with_image:
-            q = f"<image>\n{q}" if rng.random() < 0.7 else f"{q}\n<image>"
+            q = f"{IMAGE_TOKEN}\n{q}" if rng.random() < 0.7 else f"{q}\n{IMAGE_TOKEN}"
         turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return turns
 
@@ -255,21 +257,26 @@ def _apply_entry_defect(rng: random.Random, kind: str, entry: dict) -> object:
     elif kind == "bad_role_order":
         turns[0]["from"], turns[1]["from"] = "gpt", "human"
     elif kind == "marker_count":
-        first = turns[0]["value"].replace("<image>", "").strip()
-        turns[0]["value"] = first if rng.random() < 0.5 else f"<image>\n{first}\n<image>"
+        first = turns[0]["value"].replace(IMAGE_TOKEN, "").strip()
+        turns[0]["value"] = first if rng.random() < 0.5 else f"{IMAGE_TOKEN}\n{first}\n{IMAGE_TOKEN}"
     elif kind == "marker_without_image":
-        turns[0]["value"] = f"<image>\n{turns[0]['value']}"
+        turns[0]["value"] = f"{IMAGE_TOKEN}\n{turns[0]['value']}"
     return entry
 
 
 def generate(cfg: SynthConfig) -> Path:
-    """Write OUT/llava_v1_5_mix665k.json and OUT/images/...; returns the JSON path."""
-    if (cfg.out / DATA_FILE).exists() or (cfg.out / "images").exists():
-        raise FileExistsError(f"{cfg.out} already holds a dataset; choose an empty folder")
+    """Write OUT/llava_v1_5_mix665k.json and OUT/images/...; returns the JSON path.
+
+    Everything is written into OUT.tmp/ and renamed to OUT at the end (every path inside is
+    relative), so an interrupted run leaves no half dataset: running it again starts afresh."""
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise FileExistsError(f"{cfg.out} already holds files; choose an empty folder")
+    partial = cfg.out.with_name(cfg.out.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
     rng = random.Random(cfg.seed)
     size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
-    root = cfg.out / "images"
-    outside = cfg.out / "outside"   # targets of the escaping-path defects
+    root = partial / "images"
+    outside = partial / "outside"   # targets of the escaping-path defects
     for _, folder, _ in FOLDERS:
         if folder:
             (root / folder).mkdir(parents=True, exist_ok=True)
@@ -334,7 +341,9 @@ def generate(cfg: SynthConfig) -> Path:
             target.write_bytes(data)
         entries.append(_apply_entry_defect(rng, defect, entry) if defect else entry)
 
-    data_path = cfg.out / DATA_FILE
-    data_path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
-    log.info("wrote %d entries to %s and images under %s", len(entries), data_path, root)
-    return data_path
+    (partial / DATA_FILE).write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    if cfg.out.exists():
+        cfg.out.rmdir()  # empty, checked above
+    partial.rename(cfg.out)
+    log.info("wrote %d entries to %s and images under %s", len(entries), cfg.out / DATA_FILE, cfg.out / "images")
+    return cfg.out / DATA_FILE

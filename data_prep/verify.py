@@ -3,26 +3,18 @@ manifest (file set, sizes, sha256, per-shard sample counts, unique keys, totals)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import webdataset as wds
 
-from data_prep.shard import MANIFEST, REJECTED
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
+from pipeline.contract import MANIFEST_FILE, REJECTED_FILE
+from pipeline.durable import sha256_file
 
 
 def verify(shard_dir: Path) -> list[str]:
     """Every problem found, as one clear sentence each; empty when the folder is sound."""
-    manifest_path = shard_dir / MANIFEST
+    manifest_path = shard_dir / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as err:
@@ -42,7 +34,7 @@ def verify(shard_dir: Path) -> list[str]:
         if path.stat().st_size != shard["bytes"]:
             problems.append(f"{shard['name']}: {path.stat().st_size} bytes, manifest says "
                             f"{shard['bytes']}")
-        if _sha256(path) != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupted or "
                             "replaced)")
         count = 0
@@ -67,11 +59,11 @@ def verify(shard_dir: Path) -> list[str]:
         problems.append(f"manifest: written {manifest['written']} + rejected "
                         f"{manifest['rejected']} != entries {manifest['entries']}")
     try:
-        rejected_lines = (shard_dir / REJECTED).read_text().splitlines()
+        rejected_lines = (shard_dir / REJECTED_FILE).read_text().splitlines()
     except OSError as err:
-        problems.append(f"cannot read {REJECTED}: {err}")
+        problems.append(f"cannot read {REJECTED_FILE}: {err}")
     else:
         if len(rejected_lines) != manifest["rejected"]:
-            problems.append(f"{REJECTED} has {len(rejected_lines)} lines, manifest says "
+            problems.append(f"{REJECTED_FILE} has {len(rejected_lines)} lines, manifest says "
                             f"rejected={manifest['rejected']}")
     return problems

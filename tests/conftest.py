@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.contract import IMAGE_TOKEN, MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
 from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 
 # Tests start `divico`, `deepspeed` and the launch scripts as programs: they must be the ones
@@ -22,12 +23,28 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def damaged_png() -> bytes:
+    """A 97x61 PNG with 16 bytes inverted halfway through its pixel data: header, size and end
+    marker intact, so only a full decode finds the damage (which JPEG decoders would not report)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.effect_noise((97, 61), 60).convert("RGB").save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    return bytes(data)
+
+
+@pytest.fixture(scope="session")
 def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
     """Factory for small shard directories in the `divico prep shard` format (team contract).
 
     `make_shard_dir(num_samples, num_shards)` writes balanced shards with webdataset's
     TarWriter: tiny JPEG (some greyscale) and PNG images whose colour encodes the entry
-    index, and every `text_only_every`-th entry text-only; plus manifest.json.
+    index, and every `text_only_every`-th entry text-only; plus the manifest.
     """
     import hashlib
     import io
@@ -67,18 +84,18 @@ def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
                     if not text_only:
                         ext, data, record["width"], record["height"] = image_member(index)
                         record["image"] = f"{record['source']}/{index}.{ext}"
-                        record["conversations"][0]["value"] = "<image>\n" + f"question {index}"
+                        record["conversations"][0]["value"] = f"{IMAGE_TOKEN}\nquestion {index}"
                         sample[ext] = data
                     sample["json"] = record
                     writer.write(sample)
             data = (out / name).read_bytes()
             shards.append({"name": name, "samples": last - first, "bytes": len(data),
                            "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {"format_version": 1, "inputs": {}, "seed": 0, "entries": num_samples,
+        manifest = {"format_version": SHARD_FORMAT_VERSION, "inputs": {}, "seed": 0, "entries": num_samples,
                     "written": num_samples, "rejected": 0, "rejected_by_reason": {},
                     "sources": {}, "shards": shards}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (out / "rejected.jsonl").write_text("")
+        (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        (out / REJECTED_FILE).write_text("")
         return out
 
     return make

@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.bench.loader import measure_throughput
+from pipeline.contract import DATA_FILE, MANIFEST_FILE
 from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length
 
 NUM_SAMPLES = 37  # prime: uneven shards, a remainder for every world size > 1
@@ -257,7 +258,7 @@ def shard_copy(shard_dirs, tmp_path) -> Path:
 
 
 def test_missing_manifest(shard_copy):
-    (shard_copy / "manifest.json").unlink()
+    (shard_copy / MANIFEST_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         dataset(shard_copy)
 
@@ -269,9 +270,9 @@ def test_missing_shard(shard_copy):
 
 
 def test_count_mismatch(shard_copy):
-    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest = json.loads((shard_copy / MANIFEST_FILE).read_text())
     manifest["shards"][2]["samples"] += 1
-    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    (shard_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="shard-000002.tar holds 13 samples but .*manifest.json records 14"):
         dataset(shard_copy)
 
@@ -301,17 +302,17 @@ def test_unexpected_member(shard_copy):
     shard = shard_copy / "shard-000001.tar"
     with wds.TarWriter(str(shard)) as writer:
         writer.write({"__key__": "0000000_x", "json": {"conversations": []}, "txt": "stray"})
-    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest = json.loads((shard_copy / MANIFEST_FILE).read_text())
     manifest["shards"][1]["bytes"] = shard.stat().st_size
-    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    (shard_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"shard-000001.tar: member '0000000_x.txt' is neither json nor an image"):
         dataset(shard_copy)
 
 
 def test_manifest_without_samples(shard_copy):
-    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest = json.loads((shard_copy / MANIFEST_FILE).read_text())
     manifest["shards"] = []
-    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    (shard_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="lists no samples"):
         dataset(shard_copy)
 
@@ -328,12 +329,12 @@ def test_reads_real_prep_output_like_webdataset(tmp_path):
     """`divico prep shard` output (with defect-injected input): the loader's epoch over 3 ranks is
     the set webdataset reads from the shards, with the same json and the same decoded images."""
     from data_prep.shard import ShardConfig, run_shard
-    from data_prep.synth import DATA_FILE, SynthConfig, generate
+    from data_prep.synth import SynthConfig, generate
 
     generate(SynthConfig(out=tmp_path / "raw", num_samples=80, seed=5, defects=0.1, width=48, height=40))
     run_shard(ShardConfig(data=tmp_path / "raw" / DATA_FILE, image_root=tmp_path / "raw" / "images",
                           out=tmp_path / "shards", workers=1, shard_size=16, progress=False))
-    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "shards" / MANIFEST_FILE).read_text())
     expected = {}
     for shard in manifest["shards"]:
         for sample in wds.WebDataset(str(tmp_path / "shards" / shard["name"]), shardshuffle=False):

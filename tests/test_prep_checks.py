@@ -30,10 +30,11 @@ def _entry(image: str | None = "coco/train2017/ok.jpg", question: str = "<image>
 
 
 @pytest.fixture()
-def root(tmp_path: Path) -> str:
+def root(tmp_path: Path, damaged_png: bytes) -> str:
     """An image root with one file per case, plus a file outside it for escapes."""
     images = tmp_path / "images" / "coco" / "train2017"
     images.mkdir(parents=True)
+    (images / "damaged.png").write_bytes(damaged_png)
     (images / "ok.jpg").write_bytes(_jpeg())
     (images / "empty.jpg").write_bytes(b"")
     (images / "truncated.jpg").write_bytes(_jpeg()[:300])
@@ -90,6 +91,16 @@ def test_each_rejection_reason(root: str, name: str, entry: object, reason: str,
     assert isinstance(result, Rejected), f"{name} was accepted"
     assert (result.index, result.reason) == (5, reason), result.detail
     assert result.detail
+
+
+def test_damage_in_the_middle_takes_the_full_decode(root: str) -> None:
+    """The rejections above fail the header or end-marker check too; this file passes them."""
+    entry = _entry(image="coco/train2017/damaged.png")
+    full = validate_entry(0, entry, root, fast=False)
+    assert isinstance(full, Rejected) and full.reason == checks.UNREADABLE_IMAGE, full
+    assert "damaged.png" in full.detail
+    fast = validate_entry(0, entry, root, fast=True)
+    assert isinstance(fast, Accepted) and (fast.width, fast.height, fast.ext) == (97, 61, "png")
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["full", "fast"])

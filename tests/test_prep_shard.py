@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from data_prep import checks
-from data_prep.shard import ShardConfig, run_shard, ustar_header
-from data_prep.synth import DATA_FILE, SynthConfig, generate
+from data_prep.shard import DECODE_CHUNK, ShardConfig, run_shard, ustar_header
+from data_prep.synth import SynthConfig, generate
 from data_prep.verify import verify
 from pipeline.cli import main as divico
+from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def _shard_samples(folder: Path) -> list[list[dict]]:
 
 def test_accounting_identity(defect_set: Path, reference: Path) -> None:
     entries = json.loads((defect_set / DATA_FILE).read_text())
-    manifest = json.loads((reference / "manifest.json").read_text())
-    rejected = [json.loads(line) for line in (reference / "rejected.jsonl").read_text().splitlines()]
+    manifest = json.loads((reference / MANIFEST_FILE).read_text())
+    rejected = [json.loads(line) for line in (reference / REJECTED_FILE).read_text().splitlines()]
     shards = _shard_samples(reference)
     written = [s["index"] for shard in shards for s in shard]
 
@@ -71,12 +71,17 @@ def test_accounting_identity(defect_set: Path, reference: Path) -> None:
     for r in rejected:
         assert r["id"] == checks.entry_id(entries[r["index"]]) and r["detail"]
 
-    # balanced shards at the target size, sources mixed by the shuffle
+    # balanced shards at the target size; every source dealt evenly, so every shard mixes all
+    # sources (each has at least one sample per shard here), in shuffled order
     sizes = [s["samples"] for s in manifest["shards"]]
     assert sizes == [len(shard) for shard in shards]
     assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 37
     assert len(sizes) == -(-manifest["written"] // 37)
-    assert all(len({s["source"] for s in shard}) >= 3 for shard in shards)
+    sources = {source for source, n in manifest["sources"].items() if n["written"]}
+    assert len(sources) == 6 and all({s["source"] for s in shard} == sources for shard in shards)
+    for source in sources:
+        per_shard = [sum(s["source"] == source for s in shard) for shard in shards]
+        assert max(per_shard) - min(per_shard) <= 1, (source, per_shard)
     assert written != sorted(written)
 
     # samples carry their entry; GIF/PNG-under-.jpg are stored as png, text-only without image
@@ -103,48 +108,80 @@ def test_same_bytes_for_any_worker_count(defect_set: Path, reference: Path, tmp_
     assert _files(tmp_path / "two") == _files(reference)
     run_shard(_config(defect_set, tmp_path / "fast", workers=2, fast_validate=True))
     # the synthetic defects are all caught by header + end-marker checks, so same samples
-    fast = json.loads((tmp_path / "fast" / "manifest.json").read_text())
-    ref = json.loads((reference / "manifest.json").read_text())
+    fast = json.loads((tmp_path / "fast" / MANIFEST_FILE).read_text())
+    ref = json.loads((reference / MANIFEST_FILE).read_text())
     assert fast["written"] == ref["written"] and fast["rejected_by_reason"] == ref["rejected_by_reason"]
 
 
-def _run_and_kill(cmd: list[str], out: Path, when: str, delay: float) -> bool:
-    """Start `divico prep shard`, SIGKILL its whole process group once `when` happened plus
-    `delay` seconds. Returns False if the run finished before it could be killed."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _kill_when(proc: subprocess.Popen, happened) -> None:
+    """SIGKILL the run's whole process group as soon as `happened()`; fail if the run ended first."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        state = out / ".prep" / "validated.jsonl"
-        if (when == "validate" and state.exists() and state.stat().st_size > 0) or \
-                (when == "write" and any(out.glob("shard-*.tar"))):
-            time.sleep(delay)
-            break
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        return False
+    while not happened():
+        assert proc.poll() is None, "the run finished before the kill; the test would check nothing"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
-    # It may have finished between poll() and the kill: only a death by the signal counts.
-    return proc.wait() == -signal.SIGKILL
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill; the test would check nothing"
+
+
+def _unique_image_at(defect_set: Path, reference: Path, position: int) -> tuple[int, str]:
+    """(index, image) of the first written image entry at or after `position` whose image no other
+    entry uses."""
+    entries = json.loads((defect_set / DATA_FILE).read_text())
+    uses = Counter(e.get("image") for e in entries if isinstance(e, dict))
+    written = sorted((s["index"], s["image"]) for shard in _shard_samples(reference) for s in shard
+                     if s["image"] is not None)
+    return next((index, image) for index, image in written if index >= position and uses[image] == 1)
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when,delay", [("validate", 0.0), ("validate", random.uniform(0, 0.2)),
-                                        ("write", 0.0)], ids=["validate", "validate+random", "write"])
-def test_kill_and_resume_is_byte_identical(defect_set: Path, reference: Path, tmp_path: Path,
-                                           when: str, delay: float) -> None:
-    """SIGKILL the real command (and its workers) mid-validation or mid-write, then --resume."""
-    out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "pipeline.cli", "prep", "shard", "--data", str(defect_set / DATA_FILE),
-           "--image-root", str(defect_set / "images"), "--out", str(out), "--workers", "2",
-           "--shard-size", "37", "--seed", "11"]
-    killed = _run_and_kill(cmd, out, when, delay)
-    assert killed or delay > 0, "the run finished before the kill; the test checked nothing"
-    if killed:  # possibly after the manifest, while cleaning up: then the output is already whole
-        for shard in out.glob("shard-*.tar"):  # only complete shards under final names
-            assert shard.read_bytes() == (reference / shard.name).read_bytes()
-    subprocess.run(cmd + ["--resume"], check=True, capture_output=True)
+@pytest.mark.parametrize("position", [70, 330])
+def test_kill_mid_validation_and_resume(defect_set: Path, reference: Path, tmp_path: Path, position: int) -> None:
+    """SIGKILL the real command (and its workers) while validation is held at one entry: its image
+    is a FIFO, whose open() waits for a writer; then put the image back and --resume."""
+    index, image = _unique_image_at(defect_set, reference, position)
+    path = defect_set / "images" / image
+    saved = path.read_bytes()
+    out, state = tmp_path / "shards", tmp_path / "shards" / ".prep" / "validated.jsonl"
+    done_before = index // DECODE_CHUNK  # chunks recorded before the held one (results go in entry order)
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        proc = subprocess.Popen(_shard_cmd(defect_set, out, workers=2), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _kill_when(proc, lambda: _lines(state) == done_before)
+    finally:
+        path.unlink()
+        path.write_bytes(saved)
+    assert _lines(state) == done_before and not list(out.glob("shard-*"))
+    subprocess.run(_shard_cmd(defect_set, out, workers=2) + ["--resume"], check=True, capture_output=True)
     assert _files(out) == _files(reference)
+
+
+@pytest.mark.slow
+def test_kill_mid_write_and_resume(defect_set: Path, reference: Path, tmp_path: Path) -> None:
+    """SIGKILL the real command once its first shard is published (one worker writes the ~8 shards
+    one after another, so most are still to come), then --resume."""
+    out = tmp_path / "shards"
+    proc = subprocess.Popen(_shard_cmd(defect_set, out, workers=1), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(proc, lambda: any(out.glob("shard-*.tar")))
+    published = sorted(out.glob("shard-*.tar"))
+    assert not (out / MANIFEST_FILE).exists() and len(published) < len(list(reference.glob("shard-*.tar")))
+    for shard in published:  # only complete shards under final names
+        assert shard.read_bytes() == (reference / shard.name).read_bytes()
+    subprocess.run(_shard_cmd(defect_set, out, workers=1) + ["--resume"], check=True, capture_output=True)
+    assert _files(out) == _files(reference)
+
+
+def _shard_cmd(defect_set: Path, out: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "prep", "shard", "--data", str(defect_set / DATA_FILE),
+            "--image-root", str(defect_set / "images"), "--out", str(out), "--workers", str(workers),
+            "--shard-size", "37", "--seed", "11"]
 
 
 def test_resume_guards(defect_set: Path, reference: Path, tmp_path: Path, capsys) -> None:
@@ -153,7 +190,7 @@ def test_resume_guards(defect_set: Path, reference: Path, tmp_path: Path, capsys
     before = _files(reference)
     with pytest.raises(SystemExit) as exit_:
         divico(args)
-    assert exit_.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert exit_.value.code == EXIT_BAD_INPUT and "not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         divico(args + ["--resume"])  # a finished job: nothing to do
     assert exit_.value.code == 0
@@ -177,7 +214,7 @@ def test_resume_guards(defect_set: Path, reference: Path, tmp_path: Path, capsys
     with pytest.raises(SystemExit) as exit_:
         divico(["prep", "shard", "--data", str(run_cfg.data), "--image-root", str(run_cfg.image_root),
                 "--out", str(partial), "--resume"])
-    assert exit_.value.code == 2 and "differ from the interrupted job" in capsys.readouterr().err
+    assert exit_.value.code == EXIT_BAD_INPUT and "differ from the interrupted job" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem", ["bad_json", "not_a_list", "missing_json", "missing_root"])
@@ -197,9 +234,26 @@ def test_cli_input_errors_write_nothing(defect_set: Path, tmp_path: Path, capsys
     with pytest.raises(SystemExit) as exit_:
         divico(["prep", "shard", "--data", str(data), "--image-root", str(root), "--out", str(out)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2
+    assert exit_.value.code == EXIT_BAD_INPUT
     assert (str(data) if problem != "missing_root" else str(root)) in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["default", "fast-validate"])
+def test_damage_in_the_middle_is_rejected_by_default_only(tmp_path: Path, damaged_png: bytes, fast: bool) -> None:
+    images = tmp_path / "images" / "coco"
+    images.mkdir(parents=True)
+    (images / "damaged.png").write_bytes(damaged_png)
+    (tmp_path / DATA_FILE).write_text(json.dumps([{"id": "d", "image": "coco/damaged.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}]))
+    args = ["prep", "shard", "--data", str(tmp_path / DATA_FILE), "--image-root", str(tmp_path / "images"),
+            "--out", str(tmp_path / "out"), "--workers", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        divico(args + ["--fast-validate"] * fast)
+    assert exit_.value.code == 0
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert (manifest["written"], manifest["rejected_by_reason"]) == ((1, {}) if fast else
+                                                                     (0, {checks.UNREADABLE_IMAGE: 1}))
 
 
 def test_verify_detects_damage(reference: Path, tmp_path: Path, capsys) -> None:
@@ -219,7 +273,7 @@ def test_verify_detects_damage(reference: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         divico(["prep", "verify", str(damaged)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 1
+    assert exit_.value.code == EXIT_FAILURE
     assert "shard-000001.tar: sha256 differs" in err and "shard-000002.tar is in the manifest but missing" in err
     assert "written=" in err  # the total no longer matches either
 

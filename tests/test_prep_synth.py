@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.synth import COLORS, DATA_FILE, POSITIONS, SHORT_ANSWER, SynthConfig, generate
+from data_prep.synth import COLORS, POSITIONS, SHORT_ANSWER, SynthConfig, generate
+from pipeline.cli import main as divico
+from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT, IMAGE_TOKEN
 
 REAL_FOLDERS = {"coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images",
                 "vg/VG_100K", "vg/VG_100K_2"}
@@ -54,7 +56,7 @@ def test_real_format(clean_set: tuple[Path, list[dict]]) -> None:
         assert set(e) <= {"id", "image", "conversations", "model"}
         turns = e["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
-        markers = sum(t["value"].count("<image>") for t in turns)
+        markers = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         assert markers == (1 if "image" in e else 0)
         if "image" in e:
             assert (out / "images" / e["image"]).is_file()
@@ -133,3 +135,23 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     generate(SynthConfig(out=tmp_path, num_samples=5, width=32, height=32))
     with pytest.raises(FileExistsError):
         generate(SynthConfig(out=tmp_path, num_samples=5, width=32, height=32))
+
+
+def test_an_interrupted_run_leaves_no_half_dataset_and_reruns_clean(tmp_path: Path) -> None:
+    """Files go to OUT.tmp/ until the end: what a killed run left there is discarded on rerun."""
+    leftover = tmp_path / "a.tmp" / "images" / "coco" / "train2017"
+    leftover.mkdir(parents=True)
+    (leftover / "000000000001.jpg").write_bytes(b"half")
+    generate(SynthConfig(out=tmp_path / "a", num_samples=40, seed=3, width=32, height=32))
+    generate(SynthConfig(out=tmp_path / "b", num_samples=40, seed=3, width=32, height=32))
+    assert not (tmp_path / "a.tmp").exists()
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+
+
+@pytest.mark.parametrize("flag,value", [("--defects", "1.5"), ("--defects", "-0.1"), ("--num-samples", "0")])
+def test_cli_bad_argument_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        divico(["prep", "synth", "--out", str(tmp_path / "set"), flag, value])
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert f"error: {flag} {value}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()

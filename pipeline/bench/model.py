@@ -1,11 +1,11 @@
 """`divico bench model`: prefill cost with and without compression, measured.
 
-A decoder with LLaVA-1.5-7B's geometry (32 layers, head dim 128, FFN width 11008/4096 of
-the hidden size, vocabulary 32000) at a width this machine can hold (random weights),
-fed a realistic prompt: 40 system tokens + 576 visual tokens + 60 text tokens. The vision
-tower is the same for every mode, so it is left out: the projector's output is given as
-random image features. For none / fastv / divico at each tau, one prefill (the one that
-starts generation: KV cache filled, logits for the last position) is measured:
+A decoder with LLaVA-1.5-7B's geometry (pipeline.model.tiny.llava_7b_config: 32 layers, head
+dim 128, FFN width 11008/4096 of the hidden size, vocabulary 32002) at a width this machine
+can hold (random weights), fed a realistic prompt: 40 system tokens + 576 visual tokens + 60
+text tokens. The vision tower is the same for every mode, so it is left out: the projector's
+output is given as random image features. For none / fastv / divico at each tau, one prefill
+(the one that starts generation: KV cache filled, logits for the last position) is measured:
 
   flops           FLOPs counted by torch's FlopCounterMode on that forward (eager attention,
                   whose matmuls it counts on every device)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -39,14 +40,13 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaForConditionalGeneration
 
+from pipeline.contract import EXIT_BAD_INPUT, TAUS
 from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
 from pipeline.model.divico import DiViCoConfig, ProjectionCapture, kept_count, query_attention_scores
 from pipeline.model.flops import DecoderGeometry, compressed_length, theory_ratio
-
-TAUS = (1 / 15, 1 / 9, 1 / 6)  # the paper's 6.7%, 11.1%, 16.7%
-IMAGE_TOKEN_ID = 32000
+from pipeline.model.tiny import LLAVA_IMAGE_TOKEN_ID, llava_7b_config
 
 
 @dataclass
@@ -65,8 +65,7 @@ class ModelBenchConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.width % 128:
-            raise ValueError(f"--width {self.width}: must be a multiple of 128 (LLaVA-1.5's head dim)")
+        llava_7b_config(self.width, self.layers)  # raises on a width the geometry cannot have
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
         if self.repeats < 1 or self.warmup < 0:
@@ -74,14 +73,9 @@ class ModelBenchConfig:
 
 
 def build_model(cfg: ModelBenchConfig) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5-7B's decoder geometry at `cfg.width`, random weights, sdpa attention."""
-    text = LlamaConfig(hidden_size=cfg.width, intermediate_size=round(cfg.width * 11008 / 4096 / 16) * 16,
-                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.width // 128,
-                       num_key_value_heads=cfg.width // 128, vocab_size=IMAGE_TOKEN_ID + 2,
-                       max_position_embeddings=4096)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=336, patch_size=14)  # never run: image features are given
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
+    """LLaVA-1.5-7B's decoder geometry at `cfg.width`, random weights, sdpa attention (the vision
+    tower is never run: image features are given)."""
+    config = llava_7b_config(cfg.width, cfg.layers)
     config._attn_implementation = "sdpa"
     torch.manual_seed(cfg.seed)
     with torch.device(cfg.device):
@@ -91,9 +85,9 @@ def build_model(cfg: ModelBenchConfig) -> LlavaForConditionalGeneration:
 
 def build_inputs(cfg: ModelBenchConfig, model: LlavaForConditionalGeneration) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
-    pieces = [torch.randint(3, IMAGE_TOKEN_ID, (cfg.batch, cfg.system_tokens), generator=generator),
-              torch.full((cfg.batch, cfg.visual_tokens), IMAGE_TOKEN_ID),
-              torch.randint(3, IMAGE_TOKEN_ID, (cfg.batch, cfg.text_tokens), generator=generator)]
+    pieces = [torch.randint(3, LLAVA_IMAGE_TOKEN_ID, (cfg.batch, cfg.system_tokens), generator=generator),
+              torch.full((cfg.batch, cfg.visual_tokens), LLAVA_IMAGE_TOKEN_ID),
+              torch.randint(3, LLAVA_IMAGE_TOKEN_ID, (cfg.batch, cfg.text_tokens), generator=generator)]
     input_ids = torch.cat(pieces, dim=1).to(cfg.device)
     features = torch.randn(cfg.batch, cfg.visual_tokens, cfg.width, generator=generator) * 0.02
     return {"input_ids": input_ids, "image_features": features.to(cfg.device, getattr(torch, cfg.dtype))}
@@ -201,7 +195,7 @@ def _overhead_step(wrapper: CompressedLlava, inputs: dict, cfg: ModelBenchConfig
     parts = wrapper.decoder
     input_ids = inputs["input_ids"]
     hidden = torch.randn(*input_ids.shape, cfg.width, device=cfg.device, dtype=getattr(torch, cfg.dtype)) * 0.02
-    image_mask = input_ids == IMAGE_TOKEN_ID
+    image_mask = input_ids == LLAVA_IMAGE_TOKEN_ID
     attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     position_ids = torch.arange(input_ids.shape[1], device=cfg.device).expand_as(input_ids)
     position_embeddings = parts.rotary_emb(hidden, position_ids)
@@ -308,6 +302,11 @@ def _main(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     cfg = ModelBenchConfig(width=args.width, layers=args.layers, device=args.device, dtype=dtype, batch=args.batch,
                            repeats=args.repeats, warmup=args.warmup)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     figures = run_bench(cfg)
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -50,7 +50,8 @@ from typing import Callable
 from PIL import Image
 
 from data_prep.shard import ShardConfig, TarWriter, default_workers, run_shard
-from data_prep.synth import DATA_FILE, SynthConfig, generate
+from data_prep.synth import SynthConfig, generate
+from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT
 from pipeline.durable import fsync_path
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.repeats < 1:
         print("error: --num-samples and --repeats must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.num_samples < 2000:
         log.warning("--num-samples %d is below the 2,000 the targets are defined for",
                     args.num_samples)

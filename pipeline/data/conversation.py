@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-IMAGE_TOKEN = "<image>"
-IGNORE_INDEX = -100
+from pipeline.contract import IGNORE_INDEX, IMAGE_TOKEN
+
 TEMPLATES = ("vicuna_v1", "chat_template")
 
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

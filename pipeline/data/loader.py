@@ -34,9 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.contract import MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
+
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "loader-index.npz"
 INDEX_VERSION = 1
 # Length grouping reorders within windows of this many batches: similar lengths, while the
@@ -72,7 +73,7 @@ class ShardIndex:
 
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
     """The manifest, checked against the shard files on disk."""
-    path = shard_dir / MANIFEST_NAME
+    path = shard_dir / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {shard_dir} is not a shard directory written by "
                                 "`divico prep shard` (or the run has not finished)")
@@ -80,14 +81,15 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if manifest.get("format_version") != 1:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this loader reads 1")
+    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, "
+                         f"this loader reads {SHARD_FORMAT_VERSION}")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "samples", "bytes"} <= s.keys()
                                                for s in shards):
         raise ValueError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}")
     if sum(s["samples"] for s in shards) == 0:
-        raise ValueError(f"{path} lists no samples (every entry rejected? see {shard_dir / 'rejected.jsonl'})")
+        raise ValueError(f"{path} lists no samples (every entry rejected? see {shard_dir / REJECTED_FILE})")
     missing = [s["name"] for s in shards if not (shard_dir / s["name"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} lists {len(missing)} shard(s) missing from {shard_dir}: "
@@ -152,7 +154,7 @@ def build_index(shard_dir: Path, manifest: dict[str, Any]) -> ShardIndex:
     for shard, rows in zip(shards, scans):
         if len(rows) != shard["samples"]:
             raise ValueError(f"{shard_dir / shard['name']} holds {len(rows)} samples but "
-                             f"{shard_dir / MANIFEST_NAME} records {shard['samples']}")
+                             f"{shard_dir / MANIFEST_FILE} records {shard['samples']}")
     rows = [row for scan in scans for row in scan]
     columns = list(zip(*rows))
     index = ShardIndex(

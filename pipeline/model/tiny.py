@@ -1,5 +1,7 @@
-"""A debug-size LLaVA: tiny CLIP vision tower + tiny Llama in a LlavaForConditionalGeneration,
-with a byte-level BPE tokenizer and a processor built locally.
+"""The one builder of synthetic LLaVA geometries (`llava_config`: LLaVA-1.5's layout at any
+size; `llava_7b_config`: the 7B's decoder at a smaller width, for the benches), and the debug-size
+LLaVA built with it: tiny CLIP vision tower + tiny Llama in a LlavaForConditionalGeneration,
+with a byte-level BPE tokenizer and a processor built locally (`divico model tiny` writes it).
 
 It stands in for llava-hf/llava-1.5-7b-hf wherever weights cannot be downloaded (tests, the
 embedded default pipeline). The folder it writes is an ordinary Hugging Face model folder:
@@ -9,6 +11,10 @@ after loading is the real one.
 
 from __future__ import annotations
 
+import argparse
+import logging
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +30,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-IMAGE_TOKEN = "<image>"
+from pipeline.contract import EXIT_BAD_INPUT, IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
 
@@ -54,6 +63,52 @@ Describe the image briefly. one two three four five six seven eight nine ten zer
 left right top bottom middle above below next to the and of a an is are what which where
 0 1 2 3 4 5 6 7 8 9 A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
 """
+
+
+# LLaVA-1.5's vocabulary as the llava-hf checkpoints ship it: Llama's 32000 tokens, then <image>
+# (32000) and <pad> (32001). The benches use it; the tiny model uses its own tokenizer's.
+LLAVA_VOCAB = 32002
+LLAVA_IMAGE_TOKEN_ID = 32000
+
+
+def llava_config(*, width: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                 image_token_id: int, image_size: int, patch_size: int = 14, vision_width: int = 64,
+                 vision_layers: int = 1, vision_heads: int = 4, max_positions: int = 4096,
+                 bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = None) -> LlavaConfig:
+    """A LlavaConfig of any size in LLaVA-1.5's layout: a CLIP vision tower (features from its
+    second-to-last layer, CLS dropped: (image_size / patch_size)^2 visual tokens), the two-layer
+    GELU projector, a Llama decoder. Head dim = width / heads, in the tower as in the decoder.
+
+    The vocabulary rule, for every model built here: `vocab` is the size of the tokenizer the
+    model is used with, image token included (the tiny model's own BPE; LLAVA_VOCAB for the
+    benches, whose inputs are random ids).
+    """
+    if width % heads or heads % kv_heads or vision_width % vision_heads:
+        raise ValueError(f"width {width} / {heads} heads / {kv_heads} kv heads, vision width {vision_width} / "
+                         f"{vision_heads} heads: widths must divide into heads, heads into kv heads")
+    if not 0 <= image_token_id < vocab:
+        raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary of {vocab}")
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=vision_width)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=width // heads, max_position_embeddings=max_positions, bos_token_id=bos_token_id,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu")
+
+
+def llava_7b_config(width: int, layers: int = 32) -> LlavaConfig:
+    """LLaVA-1.5-7B's decoder at `width`: head dim 128 (width / 128 heads, no GQA), FFN width
+    11008/4096 of the hidden size, its vocabulary; behind a 336 px / 14 px CLIP tower (576 visual
+    tokens) of tiny width, since the benches time the decoder. width 4096, 32 layers: the 7B."""
+    if width < 128 or width % 128:
+        raise ValueError(f"width {width}: must be a positive multiple of 128 (LLaVA-1.5's head dim)")
+    return llava_config(width=width, layers=layers, heads=width // 128, kv_heads=width // 128,
+                        intermediate=round(width * 11008 / 4096 / 16) * 16, vocab=LLAVA_VOCAB,
+                        image_token_id=LLAVA_IMAGE_TOKEN_ID, image_size=336)
 
 
 @dataclass
@@ -119,36 +174,12 @@ def build_processor(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) ->
 
 
 def build_tiny_llava(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=4 * cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    config = llava_config(
+        width=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads, intermediate=cfg.intermediate,
+        vocab=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_size=cfg.image_size, patch_size=cfg.patch_size, vision_width=cfg.vision_hidden,
+        vision_layers=cfg.vision_layers, vision_heads=cfg.vision_heads, max_positions=cfg.max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -166,3 +197,39 @@ def save_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, ext
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def write_tiny_llava(out_dir: Path, fit_text: str = "") -> Path:
+    """save_tiny_llava into `out_dir` atomically: written to `<out_dir>.tmp`, renamed when complete,
+    so a folder with a config.json is a whole model. An existing model is kept."""
+    if (out_dir / "config.json").is_file():
+        log.info("tiny model: %s already holds a model, skipped", out_dir)
+        return out_dir
+    partial = out_dir.with_name(f"{out_dir.name}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    save_tiny_llava(partial, extra_text=fit_text)
+    partial.rename(out_dir)
+    log.info("tiny model: wrote %s", out_dir)
+    return out_dir
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("tiny", help="write the tiny debug LLaVA (random init) and its processor")
+    parser.add_argument("--out", type=Path, required=True, help="model folder (skipped when it holds a model)")
+    parser.add_argument("--fit-text", type=Path, default=None, metavar="FILE",
+                        help="text the tokenizer's merges also learn (e.g. the data's JSON): shorter sequences")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.fit_text is not None and not args.fit_text.is_file():
+        print(f"error: --fit-text {args.fit_text}: no such file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    holds_other = args.out.is_dir() and not (args.out / "config.json").is_file() and any(args.out.iterdir())
+    if args.out.is_file() or holds_other:
+        print(f"error: --out {args.out}: exists and holds no model (config.json); give a new or empty folder",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    write_tiny_llava(args.out, args.fit_text.read_text() if args.fit_text else "")
+    print(f"tiny LLaVA in {args.out}")
+    return 0

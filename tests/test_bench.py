@@ -1,0 +1,71 @@
+"""`divico bench model` and `divico bench train` at their smallest sizes: every figure is reported,
+finite and positive, and the counted FLOPs agree with the paper's formula."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.cli import main as divico
+from pipeline.contract import EXIT_BAD_INPUT, TAUS
+
+
+def run_json(capsys: pytest.CaptureFixture, args: list[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        divico(args)
+    assert exit_.value.code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None:
+    figures = run_json(capsys, ["bench", "model", "--json", "--width", "128", "--layers", "4",
+                                "--repeats", "1", "--warmup", "0"])
+    setup, runs = figures["setup"], figures["runs"]
+    assert (setup["width"], setup["layers"], setup["layer_k"], setup["visual_tokens"]) == (128, 4, 2, 576)
+    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico")]
+    assert [(r["mode"], r["tau"]) for r in runs] == settings
+    measured = ("flops", "prefill_ms", "peak_mem_mib", "layer_floor_ratio", "flops_ratio", "time_ratio")
+    for run in runs:
+        for key in (*measured, "overhead_share", "theory_flops_ratio"):
+            assert math.isfinite(run[key]), (run["mode"], run["tau"], key)
+        assert all(run[key] > 0 for key in measured), run
+    none, compressed = runs[0], runs[1:]
+    assert (none["flops_ratio"], none["time_ratio"], none["overhead_share"]) == (1.0, 1.0, 0.0)
+    for run in compressed:
+        assert run["overhead_share"] > 0 and run["flops"] < none["flops"]
+        assert run["flops_ratio"] == pytest.approx(run["flops"] / none["flops"])
+        # counted FLOPs hold what the formula leaves out (scoring, the gap encoder, the last
+        # position's logits), within the issue's 1 point even at this small width
+        assert abs(run["flops_ratio"] - run["theory_flops_ratio"]) < 0.01, run
+        assert run["theory_flops_ratio"] < 1
+
+
+def test_bench_train_reports_every_figure(capsys: pytest.CaptureFixture) -> None:
+    figures = run_json(capsys, ["bench", "train", "--json", "--width", "128", "--layers", "3",
+                                "--text-tokens", "16", "--steps", "1", "--device", "cpu"])
+    assert figures["geometry"] == {"visual_tokens": 576, "text_tokens": 16, "layers": 3, "K": 2, "width": 128,
+                                   "tau": pytest.approx(1 / 9), "batch_size": 1}
+    assert (figures["device"], figures["dtype"]) == ("cpu", "float32")
+    for mode in ("divico", "lora"):
+        values = [figures[f"{name}_{mode}"] for name in ("tokens_per_s", "samples_per_s", "step_ms")]
+        assert all(math.isfinite(v) and v > 0 for v in values), (mode, values)
+        # tokens are the input sequence before compression: 576 visual + 16 text per sample
+        assert figures[f"tokens_per_s_{mode}"] == pytest.approx(592 * figures[f"samples_per_s_{mode}"])
+        assert figures[f"step_ms_{mode}"] == pytest.approx(1000 / figures[f"samples_per_s_{mode}"])
+    assert figures["ratio"] == pytest.approx(figures["tokens_per_s_divico"] / figures["tokens_per_s_lora"])
+
+
+@pytest.mark.parametrize("args,named", [
+    (["model", "--width", "100"], "width 100"),
+    (["train", "--width", "200"], "width 200"),
+    (["train", "--width", "128", "--layers", "2"], "--layers 2"),
+    (["train", "--width", "128", "--steps", "0"], "--steps 0"),
+])
+def test_bench_bad_size_is_exit_2(capsys: pytest.CaptureFixture, args: list[str], named: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        divico(["bench", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert [line for line in err.splitlines() if line.startswith("error:") and named in line], err
