@@ -1,5 +1,7 @@
 """CompressedLlava on the tiny LLaVA (fp32): equality with transformers, batching, padding,
-caching, training gradients, save/load. On CPU; DIVICO_TEST_DEVICE=cuda runs them on a GPU."""
+caching, training gradients, save/load, the query rule, what layer K receives, the KL
+divisor, gap stats, init=zero, random draws per image. On CPU; DIVICO_TEST_DEVICE=cuda runs
+them on a GPU."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from model_helpers import DEVICE, load_llava
 from PIL import Image
 from transformers import AutoProcessor, DynamicCache
 
+from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import MODES, DiViCoConfig
+from pipeline.model.settings import MODES, DiViCoConfig
 
 QUESTIONS = ["What is it?", "How many red circles are there in the image now?", "Is there a star?"]
 ANSWERS = ["A square", "three", "Yes"]
@@ -148,6 +151,17 @@ def test_generation_cache_batch_and_recompute_agree(llava, processor, mode):
         assert torch.equal(alone[0, sample["input_ids"].shape[1]:], cached[i, width:])
 
 
+
+def test_generation_under_the_last_rule(llava, processor):
+    """At inference both rules query the last prompt token, and the recompute keeps it while
+    the sequence grows (the last token then is a generated one)."""
+    batch = prompts_batch(processor, [True, False, True])
+    last = CompressedLlava(llava, DiViCoConfig(mode="fastv", tau=1 / 9, query="last"))
+    cached = last.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(cached, last.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))
+    first_answer = CompressedLlava(llava, DiViCoConfig(mode="fastv", tau=1 / 9))
+    assert torch.equal(cached, first_answer.generate(**batch, max_new_tokens=4, eos_token_id=[]))
+
 @pytest.mark.parametrize("mode", ["fastv", "divico"])
 def test_cached_decode_logits_equal_recompute(llava, processor, mode):
     """Two decode steps over the split cache (layers < K full, >= K compressed) give the
@@ -202,6 +216,137 @@ def test_training_query_is_the_inference_query(llava, processor):
     at_inference = wrapper.query_positions(prompts["attention_mask"].bool(),
                                            prompts["input_ids"] == llava.config.image_token_id)
     assert from_labels.tolist() == at_inference.tolist()
+
+
+def _kept_visual(out, batch, image_token_id: int) -> list[list[int]]:
+    """Per sample, the input positions of the visual tokens layers >= K see."""
+    kept = []
+    for i in range(batch["input_ids"].shape[0]):
+        positions = out.compressed_positions[i][out.compressed_attention_mask[i]]
+        kept.append([p for p in positions.tolist() if batch["input_ids"][i, p] == image_token_id])
+    return kept
+
+
+def test_query_rule_decides_the_selection(tiny_llava_dir, processor):
+    """On a right-padded training batch the collator's first-answer positions are passed as
+    training passes them; query=first_answer selects by their attention row, query=last by
+    the last non-pad token's, and the two selections differ."""
+    llava = load_llava(tiny_llava_dir, "eager")
+    batch = training_batch(processor, [True, True])
+    image_token_id, layer = llava.config.image_token_id, DiViCoConfig().layer
+    mask = batch["attention_mask"].bool()
+    positions = torch.arange(mask.shape[1], device=DEVICE)
+    first_answer = torch.where(batch["labels"] != -100, positions, mask.shape[1]).min(1).values - 1
+    last = torch.where(mask, positions, -1).max(1).values
+    assert torch.all(first_answer < last)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        attentions = llava(**inputs, output_attentions=True).attentions[layer - 1]
+    rows = torch.arange(2, device=DEVICE)
+    image_mask = batch["input_ids"] == image_token_id
+    kept = {}
+    for rule, query in (("first_answer", first_answer), ("last", last)):
+        wrapper = CompressedLlava(llava, DiViCoConfig(mode="fastv", tau=1 / 9, query=rule))
+        with torch.no_grad():
+            out = wrapper(**batch, query_positions=first_answer)
+        kept[rule] = _kept_visual(out, batch, image_token_id)
+        scores = attentions[rows, :, query].mean(1).masked_fill(~image_mask, -1)
+        expected = [sorted(scores[i].topk(11).indices.tolist()) for i in range(2)]
+        assert kept[rule] == expected, rule
+    assert kept["first_answer"] != kept["last"]
+
+
+def test_eval_feeds_layer_k_v_s_plus_mu(llava, processor):
+    """Inside the full model, layer K receives v_s + mu (mu from the gap encoder on v_s and
+    the mean of the dropped visual tokens of layer K-1's output) and the text unchanged."""
+    batch = prompts_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9)).eval()
+    layers, layer = wrapper.decoder.layers, wrapper.config.layer
+    seen = {}
+    hooks = [layers[layer - 1].register_forward_hook(lambda module, args, out: seen.update(before=out)),
+             layers[layer].register_forward_pre_hook(lambda module, args: seen.update(after=args[0]))]
+    try:
+        with torch.no_grad():
+            out = wrapper(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    image_mask = batch["input_ids"] == llava.config.image_token_id
+    for i in range(3):
+        slots = out.compressed_attention_mask[i]
+        source = out.compressed_positions[i][slots]
+        received, before = seen["after"][i][slots], seen["before"][i]
+        visual = image_mask[i][source]
+        torch.testing.assert_close(received[~visual], before[source[~visual]], atol=0, rtol=0)
+        if not visual.any():
+            continue
+        kept = source[visual]
+        dropped = image_mask[i].clone()
+        dropped[kept] = False
+        v_s, v_p = before[kept], before[dropped].double().mean(0).float()
+        with torch.no_grad():
+            mu = wrapper.divico.gap_encoder(v_s, v_p.expand_as(v_s), keep_ratio=1 / 9).mu
+        assert mu.norm(dim=-1).min() > 0.1 * v_s.norm(dim=-1).max(), "mu is not negligible here"
+        torch.testing.assert_close(received[visual], v_s + mu, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_averages_over_image_samples_and_gap_stats(llava, processor):
+    """In a batch of two image samples and a text-only one the KL sum is divided by 2 (and
+    the hidden size); gap_stats are those of the kept tokens the encoder saw."""
+    batch = training_batch(processor, [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9)).eval()
+    seen = {}
+    hook = wrapper.divico.gap_encoder.register_forward_hook(
+        lambda module, args, out: seen.update(selected=args[0], estimate=out))
+    try:
+        with torch.no_grad():
+            out = wrapper(**batch)
+    finally:
+        hook.remove()
+    mu, l = seen["estimate"]
+    assert mu.shape[0] == 2 * 11, "11 kept tokens in each image sample"
+    total = (0.5 * (-l + l.exp() + mu**2 - 1)).sum()
+    hidden_size = mu.shape[-1]
+    torch.testing.assert_close(out.kl, total / (2 * hidden_size))
+    assert not torch.allclose(out.kl, total / (3 * hidden_size))
+    ratio = (mu.norm(dim=-1) / seen["selected"].norm(dim=-1)).mean()
+    torch.testing.assert_close(out.gap_stats["mu_over_vs"], ratio)
+    torch.testing.assert_close(out.gap_stats["sigma"], ((0.5 * l).exp() * 0.075).mean())
+    with torch.no_grad():
+        assert CompressedLlava(llava, DiViCoConfig(mode="fastv"))(**batch).gap_stats is None
+
+
+def test_zero_init_starts_at_select_only(llava, processor):
+    batch = prompts_batch(processor, [True, False, True])
+    with torch.no_grad():
+        select_only = CompressedLlava(llava, DiViCoConfig(mode="select_only")).eval()(**batch).logits
+        zero = CompressedLlava(llava, DiViCoConfig(mode="divico", init="zero")).eval()(**batch).logits
+        released = CompressedLlava(llava, DiViCoConfig(mode="divico")).eval()(**batch).logits
+    torch.testing.assert_close(zero, select_only, atol=0, rtol=0)
+    assert not torch.allclose(released, select_only, atol=1e-3)
+
+
+def test_random_mode_draws_per_image(llava, processor):
+    """The same image keeps the same token slots at another row, beside other images and
+    after another question; different images keep different slots."""
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="random", tau=1 / 9, seed=1))
+    image_token_id = llava.config.image_token_id
+
+    def kept_slots(images: list, questions: list[str]) -> list[list[int]]:
+        texts = [_prompt(question, True) for question in questions]
+        batch = processor(images=images, text=texts, return_tensors="pt", padding=True).to(DEVICE)
+        with torch.no_grad():
+            out = wrapper(**batch)
+        slots = []
+        for i, kept in enumerate(_kept_visual(out, batch, image_token_id)):
+            first_image_token = int((batch["input_ids"][i] == image_token_id).nonzero()[0])
+            slots.append([p - first_image_token for p in kept])
+        return slots
+
+    a = kept_slots([_image(0), _image(1), _image(2)], QUESTIONS)
+    b = kept_slots([_image(2), _image(0)], QUESTIONS[1:])
+    assert b == [a[2], a[0]]
+    assert a[0] != a[1] and a[1] != a[2] and a[0] != a[2]
 
 
 def test_training_forward_labels_stay_aligned(llava, processor):
@@ -299,7 +444,7 @@ def test_save_load_round_trip(llava, processor, tmp_path):
         for p in wrapper.divico.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     wrapper.save_divico(tmp_path)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["divico.json", "divico.safetensors"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE])
     loaded = CompressedLlava.from_saved(llava, tmp_path).eval()
     assert loaded.config == wrapper.config
     with torch.no_grad():

@@ -7,7 +7,7 @@ Construction (the model may already carry PEFT LoRA adapters):
     llava = peft.get_peft_model(llava, lora_config)          # optional
     llava.gradient_checkpointing_enable()                    # optional, keeps working
     model = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1/9))
-    out = model(input_ids, attention_mask, pixel_values, labels)   # out.loss, .lm_loss, .kl
+    out = model(input_ids, attention_mask, pixel_values, labels)   # .loss, .lm_loss, .kl, .gap_stats
     out.loss.backward()
     model.save_divico(adapter_dir)        # divico.json + divico.safetensors beside the adapter
     tokens = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32)
@@ -25,9 +25,10 @@ the library's own. Only `decoder_parts` knows the backbone's attribute names.
 
 Sequence plumbing after dropping: kept tokens keep their order and original position ids
 (cos/sin are gathered, not recomputed from new indices); dropped tokens and padding are
-removed and each sample is re-padded on the left, so the last token stays last; the 2D mask is always passed explicitly, so
-transformers never reads the position gaps as packed sequences; next-token targets are
-formed on the full sequence and then gathered, so labels stay aligned whatever is dropped.
+removed and each sample is re-padded on the left, so the last token stays last; the 2D
+mask is always passed explicitly, so transformers never reads the position gaps as packed
+sequences; next-token targets are formed on the full sequence and then gathered, so labels
+stay aligned whatever is dropped.
 
 Generation keeps a DynamicCache whose layers < K hold the full prompt and layers >= K the
 compressed one; each decode step builds one mask per group from its own 2D mask and cache
@@ -52,12 +53,11 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from pipeline.model.divico import DiViCo, DiViCoConfig, ProjectionCapture, query_attention_scores
+from pipeline.contract import DIVICO_FORMAT_VERSION, DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, IGNORE_INDEX
+from pipeline.model.divico import DiViCo, ProjectionCapture, image_seed, query_attention_scores
+from pipeline.model.settings import DiViCoConfig
 
-SETTINGS_FILE = "divico.json"
-WEIGHTS_FILE = "divico.safetensors"
-FORMAT_VERSION = 1
-IGNORE_INDEX = -100
+SETTINGS_FILE = DIVICO_SETTINGS_FILE  # kept for pipeline/eval/evaluate.py's import; new code uses contract's
 # transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
 # layers from past_key_values (removed in 5.40) to cache: pass it under the installed name.
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
@@ -96,6 +96,9 @@ class CompressedLlavaOutput:
     # position it came from (-1 for padding slots added by dropping).
     compressed_attention_mask: torch.Tensor | None = None
     compressed_positions: torch.Tensor | None = None
+    # Gap-encoder health (pipeline.model.divico.Compression.gap_stats): {"mu_over_vs", "sigma"},
+    # None when the mode has no gap encoder or the batch no image.
+    gap_stats: dict[str, torch.Tensor] | None = None
 
 
 def zero_graph_anchor(module: nn.Module) -> torch.Tensor | None:
@@ -124,6 +127,16 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, ...) -> (B, N', ...) along dim 1."""
     expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
     return x.gather(1, expanded)
+
+
+def _images_per_sample(image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                        image_features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Each sample's image input, what random mode seeds from: its pixel_values (one image per
+    run of image tokens) or its rows of image_features; empty for a text-only sample."""
+    if pixel_values is not None:
+        run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
+        return torch.split(pixel_values, run_starts.sum(1).tolist())
+    return torch.split(image_features.reshape(-1, image_features.shape[-1]), image_mask.sum(1).tolist())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -178,20 +191,42 @@ class CompressedLlava(nn.Module):
         and are aligned with input_ids (the shift happens here). pixel_values: one image per
         run of image tokens, as the LLaVA processor makes them; or `image_features`
         (num_images, N_i, d), the projector's output, to skip the vision tower.
-        query_positions (B,) overrides the query-token rule. position_ids default to
-        positions that skip padding. logits_to_keep > 0 computes logits for the last
-        positions only (not with labels).
+        query_positions (B,): the token before each sample's first answer (the collator's
+        `query_positions`); config.query decides whether they are used (`query_positions()`).
+        position_ids default to positions that skip padding. logits_to_keep > 0 computes
+        logits for the last positions only (not with labels).
         """
-        parts = self.decoder
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
+        image_mask = input_ids == self.llava.config.image_token_id
+        queries = self.query_positions(attention_mask, image_mask, labels, first_answer=query_positions)
+        return self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, labels,
+                             position_ids=position_ids, image_features=image_features,
+                             past_key_values=past_key_values, logits_to_keep=logits_to_keep)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_mask: torch.Tensor,
+        queries: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        *,
+        position_ids: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        past_key_values: Cache | None,
+        logits_to_keep: int,
+    ) -> CompressedLlavaOutput:
+        """forward() with the selection query of each sample given (`queries` (B,)): generation
+        keeps its prompt's query while it recomputes the longer sequence."""
+        parts = self.decoder
         position_ids = (positions_from_mask(attention_mask) if position_ids is None
                         else position_ids.expand_as(input_ids))
         if labels is not None and logits_to_keep:
             raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
 
-        image_mask = input_ids == self.llava.config.image_token_id
         hidden = self._embed(input_ids, image_mask, pixel_values, image_features)
         targets = None
         if labels is not None:
@@ -206,11 +241,7 @@ class CompressedLlava(nn.Module):
         use_cache = past_key_values is not None
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
         scoring = compress and self.config.mode != "random"  # random mode draws its own scores
-        capture = contextlib.nullcontext()
-        if scoring:
-            queries = (query_positions if query_positions is not None
-                       else self.query_positions(attention_mask, image_mask, labels))
-            capture = ProjectionCapture(parts.layers[split - 1].self_attn, queries)
+        capture = ProjectionCapture(parts.layers[split - 1].self_attn, queries) if scoring else contextlib.nullcontext()
         # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
         # would read the gaps left by dropping as packed sequences.
         with capture:
@@ -219,12 +250,17 @@ class CompressedLlava(nn.Module):
                                **{CACHE_ARG: past_key_values}, use_cache=use_cache)
 
         kl = hidden.new_zeros((), dtype=torch.float32)
+        gap_stats = None
         kept_mask = attention_mask
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if compress:
             scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
-            keep_visual = self.divico.select(scores, image_mask)
-            hidden, kl = self.divico(hidden, image_mask, keep_visual)
+            seeds = None
+            if self.config.mode == "random":
+                images = _images_per_sample(image_mask, pixel_values, image_features)
+                seeds = [image_seed(self.config.seed, image) for image in images]
+            keep_visual = self.divico.select(scores, image_mask, seeds)
+            hidden, kl, gap_stats = self.divico(hidden, image_mask, keep_visual)
 
             # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
             # compressed sequence as long as the input.
@@ -250,7 +286,8 @@ class CompressedLlava(nn.Module):
         logits = parts.lm_head(hidden)
 
         out = CompressedLlavaOutput(logits=logits, kl=kl, past_key_values=past_key_values,
-                                    compressed_attention_mask=kept_mask, compressed_positions=kept_positions)
+                                    compressed_attention_mask=kept_mask, compressed_positions=kept_positions,
+                                    gap_stats=gap_stats)
         if targets is not None:
             out.lm_loss = self._lm_loss(logits, targets)
             out.loss = out.lm_loss + self.config.beta * kl
@@ -260,19 +297,25 @@ class CompressedLlava(nn.Module):
         return out
 
     def query_positions(self, attention_mask: torch.Tensor, image_mask: torch.Tensor,
-                        labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) index of the query token whose attention selects the visual tokens.
+                        labels: torch.Tensor | None = None, first_answer: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """(B,) index of the query token whose attention selects the visual tokens, by config.query.
 
-        "first_answer": with labels, the token before the first supervised one (the last
-        token of the first instruction); without labels (inference), the last non-pad token,
-        which is the same token for a prompt that ends where the answer starts.
-        "last": the last non-pad token. A sample whose query would come before its last
-        image token (it could not see the image) uses its last non-pad token.
+        "first_answer": the token before each sample's first answer (the last token of the
+        first instruction): `first_answer` when given (the collator's query_positions), else
+        the token before the first supervised label; without either (inference), the last
+        non-pad token, which is the same token for a prompt that ends where the answer starts.
+        "last" (the released code's rule): the last non-pad token, whatever `first_answer`
+        and `labels` say; in training it sees the answers.
+        A sample whose query would come before its last image token (it could not see the
+        image) uses its last non-pad token.
         """
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last_token = torch.where(attention_mask, positions, -1).max(1).values
         query = last_token
-        if self.config.query == "first_answer" and labels is not None:
+        if self.config.query == "first_answer" and first_answer is not None:
+            query = first_answer.to(last_token.device)
+        elif self.config.query == "first_answer" and labels is not None:
             supervised = labels != IGNORE_INDEX
             first = torch.where(supervised, positions, attention_mask.shape[1]).min(1).values
             query = torch.where(supervised.any(1), (first - 1).clamp(min=0), last_token)
@@ -322,12 +365,12 @@ class CompressedLlava(nn.Module):
         divico.safetensors (its weights) into `directory` (e.g. beside a PEFT adapter)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        settings = {"format_version": FORMAT_VERSION, "hidden_size": self.decoder.config.hidden_size,
+        settings = {"format_version": DIVICO_FORMAT_VERSION, "hidden_size": self.decoder.config.hidden_size,
                     "config": self.config.to_dict()}
-        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        (directory / DIVICO_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         if self.divico.gap_encoder is not None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.divico.gap_encoder.state_dict().items()}
-            save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_file(state, str(directory / DIVICO_WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
     def from_saved(cls, model: nn.Module, directory: str | Path, **overrides) -> CompressedLlava:
@@ -335,20 +378,20 @@ class CompressedLlava(nn.Module):
         replace saved settings (e.g. mode="fastv" to evaluate the same LoRA without the
         encoder). Weights are read with safetensors (never unpickled)."""
         directory = Path(directory)
-        settings_path = directory / SETTINGS_FILE
+        settings_path = directory / DIVICO_SETTINGS_FILE
         if not settings_path.is_file():
             raise FileNotFoundError(f"{settings_path}: no DiViCo settings (written by CompressedLlava.save_divico)")
         settings = json.loads(settings_path.read_text())
-        if settings.get("format_version") != FORMAT_VERSION:
+        if settings.get("format_version") != DIVICO_FORMAT_VERSION:
             raise ValueError(f"{settings_path}: format_version {settings.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}")
+                             f"this code reads {DIVICO_FORMAT_VERSION}")
         wrapper = cls(model, DiViCoConfig.from_dict({**settings["config"], **overrides}))
         if settings["hidden_size"] != wrapper.decoder.config.hidden_size:
             raise ValueError(f"{settings_path}: saved for hidden size {settings['hidden_size']}, "
                              f"the model has {wrapper.decoder.config.hidden_size}")
         encoder = wrapper.divico.gap_encoder
         if encoder is not None:
-            weights_path = directory / WEIGHTS_FILE
+            weights_path = directory / DIVICO_WEIGHTS_FILE
             if not weights_path.is_file():
                 raise FileNotFoundError(f"{weights_path}: mode {wrapper.config.mode!r} needs gap-encoder weights")
             encoder.load_state_dict(load_file(str(weights_path), device=str(encoder.fc1.weight.device)))
@@ -376,8 +419,10 @@ class CompressedLlava(nn.Module):
         """Greedy or sampled continuation of left-padded prompts: returns (B, N + T) token
         ids, prompt first; a sample that produced EOS is filled with pad_token_id.
 
-        use_cache=False recomputes the whole sequence each step (selection again, with the
-        query fixed to the prompt's), the reference the cached path must equal.
+        query_positions: each prompt's first-answer query (see `query_positions()`); under
+        either rule the query is then fixed for the whole generation. use_cache=False
+        recomputes the whole sequence each step (selection again, with the prompt's query),
+        the reference the cached path must equal.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -394,13 +439,13 @@ class CompressedLlava(nn.Module):
         pad_token_id = generation_config.pad_token_id if pad_token_id is None else pad_token_id
         if pad_token_id is None:
             raise ValueError("generate() needs pad_token_id (none given and none in the generation config)")
-        if query_positions is None:
-            image_mask = input_ids == self.llava.config.image_token_id
-            query_positions = self.query_positions(attention_mask, image_mask)
+        image_mask = input_ids == self.llava.config.image_token_id
+        queries = self.query_positions(attention_mask, image_mask, first_answer=query_positions)
 
         cache = DynamicCache(config=self.decoder.config) if use_cache else None
-        out = self(input_ids, attention_mask, pixel_values, query_positions=query_positions,
-                   image_features=image_features, past_key_values=cache, logits_to_keep=1)
+        out = self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, None,
+                            position_ids=None, image_features=image_features, past_key_values=cache,
+                            logits_to_keep=1)
         full_mask, kept_mask = attention_mask, out.compressed_attention_mask
         next_position = attention_mask.sum(1, keepdim=True)
         tokens = input_ids
@@ -420,8 +465,10 @@ class CompressedLlava(nn.Module):
                 logits = self._decode_step(next_token[:, None], full_mask, kept_mask, next_position, cache)
                 next_position = next_position + 1
             else:
-                logits = self(tokens, full_mask, pixel_values, query_positions=query_positions,
-                              image_features=image_features, logits_to_keep=1).logits[:, -1]
+                image_mask = tokens == self.llava.config.image_token_id
+                logits = self._forward(tokens, full_mask, image_mask, queries, pixel_values, None,
+                                       position_ids=None, image_features=image_features, past_key_values=None,
+                                       logits_to_keep=1).logits[:, -1]
         return tokens
 
     def _decode_step(self, token_ids: torch.Tensor, full_mask: torch.Tensor, kept_mask: torch.Tensor,

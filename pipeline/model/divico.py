@@ -20,7 +20,8 @@ Modes (`DiViCoConfig.mode`):
   LoRA fine-tune and no gap encoder.
 - point_estimate: ablation (b): v_s + mu, no sampling, no KL.
 - divico: the full method.
-- random: a seeded random tau of the visual tokens, the rest dropped (the control).
+- random: a random tau of each image's visual tokens, the rest dropped (the control); the
+  draw is seeded per image (`random_scores`), so it is reproducible and batch-invariant.
 
 The gap-encoder slot: `DiViCo.gap_encoder` is any module called as
 `encoder(selected, pooled, keep_ratio=tau) -> GapEstimate(mu, log_ratio)` with `selected`
@@ -32,7 +33,7 @@ Defaults reproduce the released code's numerics: g_theta = Linear(2d, d) -> tanh
 Linear(d, 2d), output split into mu and l = log(sigma^2 / sigma0^2), sigma0 = 0.075,
 sigma = exp(l / 2) * sigma0; KL = mean over samples and hidden dims of the sum over kept
 tokens of 0.5 * (-l + exp(l) + mu^2 - 1); xavier-uniform weights, biases truncated
-normal with std 0.001; eval uses mu.
+normal with std 0.001 (`init="released"`; `init="zero"` starts mu at zero); eval uses mu.
 
 Deviations from the released code (each deliberate):
 - Scores come from one attention row formed from the q/k projections layer K-1 computed
@@ -49,80 +50,23 @@ Deviations from the released code (each deliberate):
 - The KL is averaged over the samples that have an image (a text-only sample has no kept
   tokens); the released code averages over the whole (all-image) batch.
 - When every visual token is kept (tau = 1) v_p is the zero vector (an empty mean).
+- v_p is averaged in fp32 whatever the decoder's dtype.
 - `kl="standard"` gives the textbook KL(N(mu, sigma^2) || N(0, I)), summed over hidden
   dims and kept tokens, averaged over samples (beta must then be re-tuned).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
-QUERY_RULES = ("first_answer", "last")
-KL_VARIANTS = ("released", "standard")
-
-
-@dataclass
-class DiViCoConfig:
-    """Settings of the compression. tau is the kept fraction of visual tokens: the paper's
-    small / medium / large compression are tau = 1/6, 1/9, 1/15 (576 -> 96, 64, 38)."""
-
-    mode: str = "divico"
-    tau: float = 1 / 9
-    layer: int = 2  # K: selection uses layer K-1's attention; layers >= K see fewer tokens
-    beta: float = 0.02  # weight of the KL term (eq. 9)
-    query: str = "first_answer"  # or "last" (the released code's rule)
-    sigma0: float = 0.075
-    kl: str = "released"  # or "standard"
-    seed: int = 0  # random mode: which random subset of visual-token slots is kept
-
-    def validate(self, num_layers: int | None = None) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if self.mode not in MODES:
-            raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {MODES}")
-        if self.query not in QUERY_RULES:
-            raise ValueError(f"DiViCoConfig.query={self.query!r}: expected one of {QUERY_RULES}")
-        if self.kl not in KL_VARIANTS:
-            raise ValueError(f"DiViCoConfig.kl={self.kl!r}: expected one of {KL_VARIANTS}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"DiViCoConfig.tau={self.tau}: the kept fraction must be in (0, 1]")
-        if self.beta < 0:
-            raise ValueError(f"DiViCoConfig.beta={self.beta}: must be >= 0")
-        if self.sigma0 <= 0:
-            raise ValueError(f"DiViCoConfig.sigma0={self.sigma0}: must be > 0")
-        if self.layer < 1 or (num_layers is not None and self.layer >= num_layers):
-            limit = f" and < {num_layers} (the decoder's layer count)" if num_layers is not None else ""
-            raise ValueError(f"DiViCoConfig.layer={self.layer}: K must be >= 1{limit}, "
-                             "since selection reads layer K-1's attention")
-
-    @property
-    def compresses(self) -> bool:
-        return self.mode != "none"
-
-    @property
-    def uses_gap_encoder(self) -> bool:
-        return self.mode in ("divico", "point_estimate")
-
-    @property
-    def uses_kl(self) -> bool:
-        return self.mode == "divico"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DiViCoConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DiViCo settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+from pipeline.model.settings import INITS, DiViCoConfig
 
 
 def kept_count(num_visual: int | torch.Tensor, tau: float) -> int | torch.Tensor:
@@ -141,18 +85,34 @@ class GapEstimate(NamedTuple):
 
 
 class GapEncoder(nn.Module):
-    """g_theta of eq. 6: Linear(2d, d) -> tanh -> Linear(d, 2d), split into (mu, l)."""
+    """g_theta of eq. 6: Linear(2d, d) -> tanh -> Linear(d, 2d), split into (mu, l).
 
-    def __init__(self, hidden_size: int) -> None:
+    init "released": xavier-uniform weights, biases truncated normal with std 0.001; then mu
+    is about as large as the token it is added to, so training starts below select_only.
+    init "zero": the same, but the mu half of fc2 (weight rows and bias) is zero, so mu = 0
+    at step 0 and the forward is exactly select_only's; the l half keeps the released init.
+    """
+
+    param_group = "gap_encoder"  # trains at optim.encoder_lr (pipeline/train/build.py)
+
+    def __init__(self, hidden_size: int, init: str = "released") -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"GapEncoder init={init!r}: expected one of {INITS}")
         self.fc1 = nn.Linear(2 * hidden_size, hidden_size)
         self.fc2 = nn.Linear(hidden_size, 2 * hidden_size)
+        self.init = init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for layer in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.trunc_normal_(layer.bias, std=0.001)
+        if self.init == "zero":
+            hidden_size = self.fc1.out_features
+            with torch.no_grad():
+                self.fc2.weight[:hidden_size].zero_()  # forward() takes mu from the first half
+                self.fc2.bias[:hidden_size].zero_()
 
     def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: float) -> GapEstimate:
         # keep_ratio is part of the slot's contract (a mixture-of-experts router reads it);
@@ -246,13 +206,26 @@ def query_attention_scores(
     return logits.softmax(dim=-1).mean(dim=(1, 2))
 
 
-def random_scores(image_mask: torch.Tensor, seed: int) -> torch.Tensor:
-    """Seeded random scores: the j-th visual token of every sample gets the same draw, so a
-    batch selects exactly as its samples do one by one, and every call selects the same."""
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.rand(int(image_mask.sum(1).max()), generator=generator).to(image_mask.device)
-    slot = (image_mask.long().cumsum(1) - 1).clamp(min=0)
-    return torch.where(image_mask, draws[slot], torch.zeros((), device=image_mask.device))
+def image_seed(seed: int, image: torch.Tensor) -> int:
+    """A 64-bit generator seed from the config seed and the bytes of one sample's image input
+    (its pixel values, or its image features when those are given instead)."""
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8)
+    digest.update(image.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def random_scores(image_mask: torch.Tensor, sample_seeds: Sequence[int]) -> torch.Tensor:
+    """Random scores for the control: each sample's visual tokens get uniform draws from a
+    generator of their own, seeded with `image_seed` (the config seed and a hash of the
+    sample's image input). So the kept slots are a function of the image alone: the same
+    image keeps the same slots in any batch, at any row, in every call, and different
+    images keep different slots (not one fixed pattern). Text and padding get 0."""
+    counts = image_mask.sum(1).tolist()
+    draws = [torch.rand(count, generator=torch.Generator().manual_seed(seed))
+             for count, seed in zip(counts, sample_seeds, strict=True)]
+    scores = torch.zeros(image_mask.shape, device=image_mask.device)
+    scores[image_mask] = torch.cat(draws).to(image_mask.device)
+    return scores
 
 
 def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float) -> torch.Tensor:
@@ -264,6 +237,25 @@ def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: fl
     return image_mask & (rank < kept_count(image_mask.sum(1), tau)[:, None])
 
 
+def mean_of_dropped(hidden: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """v_p: (B, d) float32 mean of each sample's dropped visual tokens (`dropped` (B, N) bool),
+    zero when none is dropped. Summed and divided in fp32: in bf16, v_p would keep only 8
+    significant bits of an average over hundreds of tokens."""
+    weights = dropped.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1, dtype=torch.float32) / dropped.sum(1, keepdim=True).clamp(min=1)
+
+
+class Compression(NamedTuple):
+    """What DiViCo's forward returns."""
+
+    hidden: torch.Tensor  # (B, N, d): v_s + v_c' at the kept visual positions, the rest as it was
+    kl: torch.Tensor  # float32 scalar, 0 in modes without a KL
+    # Gap-encoder health, detached float32 scalars: "mu_over_vs", the mean over kept tokens of
+    # ||mu|| / ||v_s||, and "sigma", the mean of sigma over kept tokens and hidden dims (what
+    # divico samples with; point_estimate ignores it). None in modes without a gap encoder.
+    gap_stats: dict[str, torch.Tensor] | None
+
+
 class DiViCo(nn.Module):
     """The compression step on layer K's input: writes v_s + v_c' over the kept visual
     tokens and returns the KL. Dropping the other tokens is the caller's (sequence
@@ -273,30 +265,31 @@ class DiViCo(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.gap_encoder = GapEncoder(hidden_size) if config.uses_gap_encoder else None
+        self.gap_encoder = GapEncoder(hidden_size, config.init) if config.uses_gap_encoder else None
 
-    def select(self, scores: torch.Tensor | None, image_mask: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool of the kept visual tokens; `scores` from query_attention_scores
-        (None in random mode, which draws its own)."""
+    def select(self, scores: torch.Tensor | None, image_mask: torch.Tensor,
+               sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """(B, N) bool of the kept visual tokens; `scores` from query_attention_scores.
+        Random mode ignores them and draws from `sample_seeds` (one `image_seed` per sample)."""
         if self.config.mode == "random":
-            scores = random_scores(image_mask, self.config.seed)
+            if sample_seeds is None:
+                raise ValueError("DiViCo.select: random mode needs sample_seeds (one image_seed per sample)")
+            scores = random_scores(image_mask, sample_seeds)
         return select_visual_tokens(scores, image_mask, self.config.tau)
 
-    def forward(self, hidden: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, N, d) after layer K-1; image_mask and keep_visual (B, N) bool.
-        Returns (hidden with compressed tokens at the kept positions, KL scalar)."""
+    def forward(self, hidden: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor) -> Compression:
+        """hidden (B, N, d) after layer K-1; image_mask and keep_visual (B, N) bool."""
         kl = hidden.new_zeros((), dtype=torch.float32)
         if self.gap_encoder is None:
-            return hidden, kl
-        dropped = (image_mask & ~keep_visual).unsqueeze(-1).to(hidden.dtype)
-        # v_p: mean of the visual tokens not kept (zero when all are kept).
-        pooled = (hidden * dropped).sum(1) / dropped.sum(1).clamp(min=1)
+            return Compression(hidden, kl, None)
+        pooled = mean_of_dropped(hidden, image_mask & ~keep_visual)
         sample_idx, token_idx = keep_visual.nonzero(as_tuple=True)
         selected = hidden[sample_idx, token_idx]
         # The encoder may be kept in another dtype than the decoder (e.g. fp32 beside a
-        # quantised or bf16 model): it computes in its own.
-        encoder_dtype = next(self.gap_encoder.parameters()).dtype
+        # quantised or bf16 model): it computes in its own. One without parameters computes
+        # in the decoder's.
+        weight = next(self.gap_encoder.parameters(), None)
+        encoder_dtype = hidden.dtype if weight is None else weight.dtype
         estimate = self.gap_encoder(selected.to(encoder_dtype), pooled[sample_idx].to(encoder_dtype),
                                     keep_ratio=self.config.tau)
         gap = estimate.mu
@@ -307,4 +300,12 @@ class DiViCo(nn.Module):
         if self.config.uses_kl:
             num_samples = int(image_mask.any(1).sum())
             kl = kl_divergence(estimate, num_samples, self.config.sigma0, self.config.kl)
-        return hidden, kl
+        return Compression(hidden, kl, gap_stats(estimate, selected, self.config.sigma0))
+
+
+@torch.no_grad()
+def gap_stats(estimate: GapEstimate, selected: torch.Tensor, sigma0: float) -> dict[str, torch.Tensor]:
+    """Compression.gap_stats for the kept tokens `selected` (T, d) and their estimate."""
+    mu, log_ratio = estimate.mu.float(), estimate.log_ratio.float()
+    return {"mu_over_vs": (mu.norm(dim=-1) / selected.float().norm(dim=-1)).mean(),
+            "sigma": ((log_ratio * 0.5).exp() * sigma0).mean()}

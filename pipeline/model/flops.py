@@ -1,8 +1,8 @@
-"""Analytic FLOPs of a prefill with and without DiViCo (the paper's eqs. 10-15, extended).
+"""Analytic FLOPs of a prefill with and without DiViCo, built on the paper's eq. 10.
 
 Counted as FLOPs = 2 x multiply-adds (what torch's FlopCounterMode counts); the paper's
-eq. 10, L * (4 n d^2 + 2 n^2 d + 2 n d m), counts multiply-adds, and ratios are the same
-either way. Per decoder layer on n query tokens attending over n_k keys:
+eq. 10, 4 n d^2 + 2 n^2 d + 2 n d m per layer, counts multiply-adds, and ratios are the
+same either way. Everything counted is a matmul. Per decoder layer on n query tokens attending over n_k keys:
 - q and o projections: 2 * n * d * d each; k and v: 2 * n * d * d_kv each (d_kv = d with
   multi-head attention, smaller with grouped-query attention);
 - attention scores and weighted sum: 2 * 2 * n * n_k * d (the full n x n_k product, as the
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.model.divico import DiViCoConfig, kept_count
+from pipeline.model.divico import kept_count
+from pipeline.model.settings import DiViCoConfig
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,12 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
 
 
 def theory_ratio(g: DecoderGeometry, num_tokens: int, num_visual: int, tau: float, layer: int) -> float:
-    """The paper's ratio (eqs. 10-11 with the gated FFN): decoder layers only,
-    (K f(N) + (L-K) f(N - N_i + N_i')) / (L f(N)), f(n) = 4 n d^2 + 2 n^2 d + 3 n d m."""
+    """The decoder layers' FLOPs with DiViCo over those without, from eq. 10's per-layer count
+    with two changes: it is applied to the whole sequence (text tokens included; the paper
+    writes it for the N_i visual tokens) and Llama's gated FFN counts 3 n d m, not 2 n d m:
+    (K f(N) + (L-K) f(N - N_i + N_i')) / (L f(N)), f(n) = 4 n d^2 + 2 n^2 d + 3 n d m.
+    Not the paper's eqs. 11-15, which drop the text tokens and approximate the ratio by
+    1 - tau; no gap encoder, scoring or lm_head here (prefill_flops counts those)."""
     d, m = g.hidden, g.intermediate
 
     def f(n: int) -> int:

@@ -1,0 +1,73 @@
+"""DiViCoConfig: the settings of the compression (pipeline/model/divico.py has the method).
+
+Torch-free on purpose: the run config (pipeline/config.py) types its `divico:` section with
+this dataclass, and validating a config must not import the training stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
+QUERY_RULES = ("first_answer", "last")
+KL_VARIANTS = ("released", "standard")
+INITS = ("released", "zero")
+
+
+@dataclass
+class DiViCoConfig:
+    """Settings of the compression. tau is the kept fraction of visual tokens: the paper's
+    small / medium / large compression are tau = 1/6, 1/9, 1/15 (576 -> 96, 64, 38)."""
+
+    mode: str = "divico"
+    tau: float = 1 / 9
+    layer: int = 2  # K: selection uses layer K-1's attention; layers >= K see fewer tokens
+    beta: float = 0.02  # weight of the KL term (eq. 9)
+    # The selection query: "first_answer" (the token before the first answer) or "last"
+    # (the released code's rule: the last non-pad token, which in training sees the answers).
+    query: str = "first_answer"
+    sigma0: float = 0.075
+    kl: str = "released"  # or "standard"
+    # Gap-encoder init: "released" (xavier weights), or "zero": the mu half of the last layer
+    # starts at zero, so training starts exactly at select_only instead of v_s + noise.
+    init: str = "released"
+    seed: int = 0  # random mode: seeds each image's draw of kept token slots
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ValueError naming the first bad setting."""
+        for name, choices in (("mode", MODES), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"DiViCoConfig.{name}={getattr(self, name)!r}: expected one of {choices}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"DiViCoConfig.tau={self.tau}: the kept fraction must be in (0, 1]")
+        if self.beta < 0:
+            raise ValueError(f"DiViCoConfig.beta={self.beta}: must be >= 0")
+        if self.sigma0 <= 0:
+            raise ValueError(f"DiViCoConfig.sigma0={self.sigma0}: must be > 0")
+        if self.layer < 1 or (num_layers is not None and self.layer >= num_layers):
+            limit = f" and < {num_layers} (the decoder's layer count)" if num_layers is not None else ""
+            raise ValueError(f"DiViCoConfig.layer={self.layer}: K must be >= 1{limit}, "
+                             "since selection reads layer K-1's attention")
+
+    @property
+    def compresses(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def uses_gap_encoder(self) -> bool:
+        return self.mode in ("divico", "point_estimate")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.mode == "divico"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiViCoConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DiViCo settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
