@@ -2,7 +2,7 @@
 
 A recipe is a YAML file with the sections below; later files and `key=value` overrides win:
 
-    divico train --config configs/llava15_7b.yaml configs/tau/t111.yaml train.output_dir=runs/x
+    divico train --config configs/llava15_lora.yaml --config configs/variants/divico_tau111.yaml train.output_dir=runs/x
 
 `validate` checks everything that can be checked without loading weights (paths, batch
 arithmetic, tau and K against the model's config.json) so a bad sweep entry fails in seconds,
@@ -15,9 +15,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from pipeline.data.settings import CollatorSettings
+from pipeline.model.settings import DiViCoConfig
 
 TRAIN_MODES = ("lora", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -48,12 +52,8 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(CollatorSettings):  # + template, model_max_length, image_aspect_ratio
     shards: str = "data/shards"  # a directory written by `divico prep shard`
-    # Passed to pipeline.data.collator.CollatorConfig:
-    template: str = "auto"  # "auto" (from the tokenizer), "vicuna_v1" or "chat_template"
-    model_max_length: int = 2048
-    image_aspect_ratio: str = "pad"  # LLaVA-1.5's square padding with the image mean
     num_workers: int = 2
     seed: int = 0  # data order
     # Batches of one modality and similar length (LLaVA-1.5's group_by_modality_length): less padding.
@@ -96,28 +96,42 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Passed to pipeline.model.divico.DiViCoConfig (mode, tau, layer, beta, ...).
-    divico: dict[str, Any] = field(default_factory=dict)
+    divico: DiViCoConfig = field(default_factory=DiViCoConfig)  # mode, tau, layer, beta, ...
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def load_config(paths: list[str | Path], overrides: list[str] | None = None) -> RunConfig:
-    """Merge YAML files in order, then `key=value` overrides; unknown keys are errors."""
-    merged = OmegaConf.structured(RunConfig)
+Config = TypeVar("Config")
+
+
+def load_config(paths: list[str | Path], overrides: list[str] | None = None,
+                schema: type[Config] = RunConfig) -> Config:
+    """Merge YAML files in order, then `key=value` overrides, into the dataclass `schema`
+    (a training recipe unless told otherwise); unknown keys, wrong types and required
+    (`???`) keys left unset are errors."""
+    merged = OmegaConf.structured(schema)
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except Exception as error:  # omegaconf names the key and the type problem
-            raise ConfigError(f"config file {path}: {error}") from error
+            raise ConfigError(f"config file {path}: {_one_line(error)}") from error
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
     except Exception as error:
-        raise ConfigError(f"override {overrides}: {error}") from error
-    return OmegaConf.to_object(merged)
+        raise ConfigError(f"override {overrides}: {_one_line(error)}") from error
+    try:
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key}: required, not set (pass {error.full_key}=...)") from error
+
+
+def _one_line(error: Exception) -> str:
+    """omegaconf's message without its context lines: the key, then the problem."""
+    key, lines = getattr(error, "full_key", None), str(error).splitlines()
+    return f"{key}: {lines[0]}" if key and lines else " ".join(lines)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -202,7 +216,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         raise ConfigError(f"divico: {error}") from error
     if divico.mode == "fastv":
         raise ConfigError("divico.mode=fastv is the training-free baseline: evaluate it with `divico eval "
-                          "--mode fastv --tau T` on the base model; its trained counterpart is mode select_only")
+                          "mode=fastv tau=T` on the base model; its trained counterpart is mode select_only")
 
     if not check_paths:
         return
@@ -217,26 +231,14 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
                           f"{m.base} ({layers} decoder layers)")
 
 
-def divico_config(cfg: RunConfig):
-    """cfg.divico as a DiViCoConfig, each value converted to its field's type (`divico.beta=nan` from the
-    command line arrives as a string)."""
-    from dataclasses import fields
-
-    from pipeline.model.divico import DiViCoConfig
-
-    casts = {"float": float, "int": int, "str": str, "bool": bool}
-    kinds = {f.name: casts.get(str(f.type)) for f in fields(DiViCoConfig)}
-    values = {}
-    for name, value in cfg.divico.items():
-        try:
-            values[name] = kinds[name](value) if kinds.get(name) and value is not None else value
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"divico.{name}={value!r}: expected {kinds[name].__name__}") from error
-    return DiViCoConfig.from_dict(values)
+def divico_config(cfg: RunConfig) -> DiViCoConfig:
+    """The run's DiViCo settings. load_config has already typed them (omegaconf converts
+    `divico.beta=nan` and rejects unknown keys and wrong types); the choices and ranges are
+    DiViCoConfig.validate's."""
+    return cfg.divico
 
 
 def collator_config(cfg: RunConfig):
     from pipeline.data.collator import CollatorConfig
 
-    return CollatorConfig(template=cfg.data.template, model_max_length=cfg.data.model_max_length,
-                          image_aspect_ratio=cfg.data.image_aspect_ratio, padding_side="right")
+    return CollatorConfig.from_settings(cfg.data, padding_side="right")

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.contract import DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
-from pipeline.eval.evaluate import (
-    EvalConfig,
-    evaluate,
-    load_model,
-    main,
-    normalize_answer,
-    question_type,
-    read_samples,
-)
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.data import question_type, read_samples
+from pipeline.eval.main import evaluate, load_model, main
+from pipeline.eval.score import normalize_answer
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import DiViCoConfig
+from pipeline.model.settings import DiViCoConfig
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 160, 40)}
 # 6 color questions (answers red x3, blue x2, green x1) and 3 arithmetic ones (5, 5, 7).
@@ -52,22 +54,27 @@ def eval_json(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def samples(eval_json) -> list[Sample]:
+    return list(read_samples(eval_json, eval_json.parent / "images"))
+
+
+@pytest.fixture(scope="module")
 def collator(tiny_llava_dir) -> LlavaCollator:
-    return LlavaCollator(AutoProcessor.from_pretrained(tiny_llava_dir), CollatorConfig(),
+    return LlavaCollator(AutoProcessor.from_pretrained(tiny_llava_dir), CollatorConfig(padding_side="left"),
                          AutoConfig.from_pretrained(tiny_llava_dir))
 
 
-@pytest.mark.parametrize("text, normalized", [
-    ("Red.", "red"), ("  yes!</s>", "yes"), ("The cat", "cat"), ("An apple", "apple"), ("two", "2"),
-    ("THREE", "3"), ("top-left", "top left"), ("don't", "dont"), ("a  b,c", "b c"), ("", ""),
-])
-def test_normalize_answer(text, normalized):
-    assert normalize_answer(text) == normalized
+@pytest.fixture(scope="module")
+def plain_model(tiny_llava_dir):
+    return load_model(tiny_llava_dir, device="cpu")
 
 
-def test_normalization_does_not_merge_different_answers():
-    assert normalize_answer("red") != normalize_answer("reds")
-    assert normalize_answer("12") != normalize_answer("1 2")
+def with_answers(samples: list[Sample], answers: list[str]) -> list[Sample]:
+    """The samples with their first gpt answer replaced (the prompt, and so the prediction, stays)."""
+    changed = copy.deepcopy(samples)
+    for sample, answer in zip(changed, answers, strict=True):
+        sample.conversations[1]["value"] = answer
+    return changed
 
 
 def test_question_type_from_wording_or_meta():
@@ -83,27 +90,22 @@ def test_question_type_from_wording_or_meta():
     assert question_type(sample("Is there?", {"question_type": "pope"})) == "pope"
 
 
-def test_read_samples_from_json(eval_json):
-    samples = list(read_samples(eval_json, eval_json.parent / "images"))
+def test_read_samples_from_json(eval_json, samples):
     assert len(samples) == 9 and [s.image is not None for s in samples] == [True] * 6 + [False] * 3
     assert samples[0].key == "0000000_c0" and samples[0].image.size == (60, 50)
-    with pytest.raises(ValueError, match="pass --image-root"):
+    with pytest.raises(ConfigError, match="image_root: not set, but entry 0"):
         list(read_samples(eval_json))
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ConfigError, match="missing.json: not found"):
         list(read_samples(eval_json.parent / "missing.json"))
 
 
-def test_evaluate_plain_model_numbers_add_up(tiny_llava_dir, eval_json, collator):
-    model = load_model(tiny_llava_dir, device="cpu")
-    assert not isinstance(model, CompressedLlava)
-    samples = list(read_samples(eval_json, eval_json.parent / "images"))
-    result = evaluate(model, collator, samples, batch_size=4, max_new_tokens=4, progress=False)
+def test_evaluate_plain_model_numbers_add_up(plain_model, collator, samples):
+    assert not isinstance(plain_model, CompressedLlava)
+    result = evaluate(plain_model, collator, samples, batch_size=4, max_new_tokens=4, progress=False)
 
     assert result.samples == len(result.predictions) == 9
     assert [p["key"] for p in result.predictions] == [s.key for s in samples]
     assert [p["answer"] for p in result.predictions] == COLOR_ANSWERS + ["5", "5", "7"]
-    assert result.accuracy == sum(p["correct"] for p in result.predictions) / 9
-    assert result.accuracy <= 2 / 9  # random weights
     assert set(result.by_type) == {"what color is", "what is"}
     colors, sums = result.by_type["what color is"], result.by_type["what is"]
     assert (colors["samples"], colors["majority_answer"], colors["chance"]) == (6, "red", 3 / 6)
@@ -113,15 +115,32 @@ def test_evaluate_plain_model_numbers_add_up(tiny_llava_dir, eval_json, collator
     assert (result.visual_tokens, result.visual_tokens_kept, result.mode, result.tau) == (100, 100, "none", None)
 
     # Left-padded batches answer exactly as one prompt at a time does.
-    single = evaluate(model, collator, samples, batch_size=1, max_new_tokens=4, progress=False)
+    single = evaluate(plain_model, collator, samples, batch_size=1, max_new_tokens=4, progress=False)
     assert [p["prediction"] for p in single.predictions] == [p["prediction"] for p in result.predictions]
-    limited = evaluate(model, collator, samples, batch_size=4, max_new_tokens=4, max_samples=5, progress=False)
+    limited = evaluate(plain_model, collator, samples, batch_size=4, max_new_tokens=4, max_samples=5, progress=False)
     assert limited.samples == 5 and limited.predictions == result.predictions[:5]
 
 
-def test_evaluate_through_the_divico_wrapper(tiny_llava_dir, eval_json, collator):
-    samples = list(read_samples(eval_json, eval_json.parent / "images"))[:5]
-    plain = evaluate(load_model(tiny_llava_dir, device="cpu"), collator, samples, max_new_tokens=3, progress=False)
+def test_accuracy_on_answers_we_control(plain_model, collator, samples):
+    """Answers set to the model's own prediction (written differently) where `right`, to a word
+    it cannot have said elsewhere: the score must find exactly those, overall and per type."""
+    said = [p["prediction"] for p in evaluate(plain_model, collator, samples, max_new_tokens=3,
+                                              progress=False).predictions]
+    right = [True, False, True, True, False, False, True, False, False]
+    answers = [f"The {text.upper()}." if ok else "zzyzx" for text, ok in zip(said, right, strict=True)]
+    result = evaluate(plain_model, collator, with_answers(samples, answers), max_new_tokens=3, progress=False)
+
+    assert [p["prediction"] for p in result.predictions] == said
+    assert [p["correct"] for p in result.predictions] == right
+    assert all(p["correct"] == (normalize_answer(p["prediction"]) == normalize_answer(p["answer"]))
+               for p in result.predictions)
+    assert result.by_type["what color is"]["accuracy"] == 3 / 6 and result.by_type["what is"]["accuracy"] == 1 / 3
+    assert result.accuracy == pytest.approx(4 / 9)
+
+
+def test_evaluate_through_the_divico_wrapper(tiny_llava_dir, plain_model, collator, samples):
+    samples = samples[:5]
+    plain = evaluate(plain_model, collator, samples, max_new_tokens=3, progress=False)
     keep_all = load_model(tiny_llava_dir, mode="fastv", tau=1.0, device="cpu")
     assert isinstance(keep_all, CompressedLlava)
     result = evaluate(keep_all, collator, samples, max_new_tokens=3, progress=False)
@@ -130,54 +149,128 @@ def test_evaluate_through_the_divico_wrapper(tiny_llava_dir, eval_json, collator
     compressed = evaluate(load_model(tiny_llava_dir, mode="fastv", tau=0.11, device="cpu"), collator, samples,
                           max_new_tokens=3, progress=False)
     assert (compressed.mode, compressed.tau, compressed.visual_tokens_kept) == ("fastv", 0.11, 11)
-    with pytest.raises(ValueError, match="needs a trained gap encoder"):
+    with pytest.raises(ConfigError, match="needs a trained gap encoder"):
         load_model(tiny_llava_dir, mode="divico", device="cpu")
 
 
-def test_a_folder_with_divico_settings_loads_the_wrapper(tiny_llava_dir, eval_json, collator, tmp_path):
-    folder = tmp_path / "exported"
+@pytest.fixture(scope="module")
+def divico_dir(tiny_llava_dir, tmp_path_factory) -> Path:
+    """The tiny LLaVA with DiViCo settings beside it; sigma0 so large that the gap noise of
+    train mode changes what the model says."""
+    folder = tmp_path_factory.mktemp("divico_model") / "exported"
     shutil.copytree(tiny_llava_dir, folder)
-    CompressedLlava(load_model(folder, device="cpu"), DiViCoConfig(mode="divico", tau=1 / 9)).save_divico(folder)
-
-    model = load_model(folder, device="cpu")
-    assert isinstance(model, CompressedLlava) and model.config.mode == "divico"
-    samples = list(read_samples(eval_json, eval_json.parent / "images"))[:3]
-    model.train()  # as mid-training: evaluated in eval mode (no noise), handed back in train mode
-    result = evaluate(model, collator, samples, max_new_tokens=2, progress=False)
-    assert model.training
-    assert (result.mode, result.visual_tokens_kept, result.samples) == ("divico", 11, 3)
-    assert load_model(folder, mode="fastv", tau=0.2, device="cpu").config.mode == "fastv"
+    config = DiViCoConfig(mode="divico", tau=1 / 9, sigma0=100.0)
+    CompressedLlava(load_model(folder, device="cpu"), config).save_divico(folder)
+    return folder
 
 
-def test_evaluate_reads_a_shard_directory(make_shard_dir, tiny_llava_dir, collator):
+def test_a_model_left_in_train_mode_is_evaluated_without_noise(divico_dir, collator, samples):
+    model = load_model(divico_dir, device="cpu")
+    assert isinstance(model, CompressedLlava) and model.config.mode == "divico" and not model.training
+    samples = samples[:6]
+    quiet = evaluate(model, collator, samples, max_new_tokens=3, progress=False)
+
+    model.train()  # as mid-training
+    torch.manual_seed(0)
+    left_in_train = evaluate(model, collator, samples, max_new_tokens=3, progress=False)
+    assert model.training  # handed back as it came
+    assert [p["prediction"] for p in left_in_train.predictions] == [p["prediction"] for p in quiet.predictions]
+    assert (left_in_train.mode, left_in_train.visual_tokens_kept, left_in_train.samples) == ("divico", 11, 6)
+
+    # The noise this guards against: generating in train mode says something else.
+    batch = collator.prompts(samples)
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "query_positions")}
+    noisy = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=collator.pad_token_id)
+    model.eval()
+    clean = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=collator.pad_token_id)
+    assert not torch.equal(noisy, clean)
+    assert load_model(divico_dir, mode="fastv", tau=0.2, device="cpu").config.mode == "fastv"
+
+
+def test_evaluate_reads_a_shard_directory(make_shard_dir, plain_model, collator):
     shards = make_shard_dir(6, 2)
     samples = list(read_samples(shards))
     assert sorted(s.key for s in samples) == [f"{index:07d}_id{index}" for index in range(6)]
-    result = evaluate(load_model(tiny_llava_dir, device="cpu"), collator, samples, max_new_tokens=2, progress=False)
+    result = evaluate(plain_model, collator, samples, max_new_tokens=2, progress=False)
     assert result.samples == 6 and set(result.by_type) == {"other"}
     assert sorted(p["answer"] for p in result.predictions) == [f"answer {index}" for index in range(6)]
-    with pytest.raises(FileNotFoundError, match="not a shard directory"):
+    with pytest.raises(ConfigError, match="not a shard directory"):
         list(read_samples(shards.parent))
 
 
-def test_divico_eval_command_prints_json(tiny_llava_dir, eval_json, capsys, tmp_path):
+def test_main_takes_an_eval_config(tiny_llava_dir, eval_json):
+    result = main(EvalConfig(model=tiny_llava_dir, data=eval_json, image_root=eval_json.parent / "images",
+                             max_samples=3, max_new_tokens=2, device="cpu", mode="fastv", tau=0.5), progress=False)
+    assert (result.samples, result.mode, result.visual_tokens_kept) == (3, "fastv", 50)
+
+
+def test_divico_eval_command_writes_the_summary(tiny_llava_dir, eval_json, capsys, tmp_path):
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"model: {tiny_llava_dir}\nmax_samples: 2\nmax_new_tokens: 2\ndevice: cpu\n")
+    out, answers_file = tmp_path / "stage" / "summary.json", tmp_path / "answers.jsonl"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--model", str(tiny_llava_dir), "--data", str(eval_json),
-                  "--image-root", str(eval_json.parent / "images"), "--max-samples", "4", "--max-new-tokens", "2",
-                  "--json", "--predictions", str(tmp_path / "answers.jsonl")])
+        cli.main(["eval", "--config", str(recipe), f"data={eval_json}", f"image_root={eval_json.parent / 'images'}",
+                  "max_samples=4", "--json", "--out", str(out), "--predictions", str(answers_file)])
     assert exit_info.value.code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["samples"] == 4 and summary["visual_tokens"] == 100 and "predictions" not in summary
-    assert set(summary) >= {"accuracy", "chance", "by_type", "tokens_per_s", "visual_tokens_kept"}
-    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed and list(out.parent.iterdir()) == [out]  # no temporary left
+    assert printed["samples"] == 4 and printed["visual_tokens"] == 100 and "predictions" not in printed
+    assert set(printed) == {"samples", "accuracy", "chance", "by_type", "tokens_per_s", "samples_per_s",
+                            "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau"}
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     assert [a["answer"] for a in answers] == COLOR_ANSWERS[:4]
-    assert summary["accuracy"] == sum(a["correct"] for a in answers) / 4
+    assert all(a["correct"] == (normalize_answer(a["prediction"]) == normalize_answer(a["answer"])) for a in answers)
 
 
-def test_bad_settings_are_rejected(tiny_llava_dir, eval_json):
-    with pytest.raises(ValueError, match="must be >= 1"):
-        main(EvalConfig(model=tiny_llava_dir, data=eval_json, batch_size=0))
-    with pytest.raises(FileNotFoundError, match="not found"):
-        main(EvalConfig(model=tiny_llava_dir, data=eval_json.parent / "nope.json"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_model(eval_json.parent)
+def truncated_copy(source: Path, folder: Path, name: str) -> Path:
+    shutil.copytree(source, folder)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize("case, overrides, status, message", [
+    ("tau", ["tau=1.5"], EXIT_BAD_INPUT, r"tau=1.5: the kept fraction must be in \(0, 1\]"),
+    ("mode", ["mode=fast"], EXIT_BAD_INPUT, r"mode='fast': expected one of"),
+    ("unknown key", ["max_sample=3"], EXIT_BAD_INPUT, r"max_sample: Key 'max_sample' not in 'EvalConfig'"),
+    ("wrong type", ["batch_size=four"], EXIT_BAD_INPUT, r"batch_size: Value 'four'"),
+    ("range", ["max_new_tokens=0"], EXIT_BAD_INPUT, r"max_new_tokens=0: must be >= 1"),
+    ("scorer", ["scorer=bleu"], EXIT_BAD_INPUT, r"scorer='bleu': expected one of \['exact_match'\]"),
+    ("template", ["template=alpaca"], EXIT_BAD_INPUT, r"template='alpaca'; choose one of"),
+    ("no model folder", ["model={tmp}/nope"], EXIT_BAD_INPUT, r"model=\S+/nope: not found"),
+    ("not a model folder", ["model={tmp}"], EXIT_BAD_INPUT, r"model=\S+: no config.json in it"),
+    ("no data", ["data={tmp}/nope.json"], EXIT_BAD_INPUT, r"data=\S+/nope.json: not found"),
+    ("data unset", ["data=???"], EXIT_BAD_INPUT, r"data: required, not set"),
+    ("gap encoder", ["mode=divico"], EXIT_BAD_INPUT, r"has no DiViCo weights"),
+    ("truncated weights", ["model={tmp}/cut"], EXIT_FAILURE, r"cut/model.safetensors: truncated or corrupt"),
+    ("truncated divico weights", ["model={tmp}/cut_divico"], EXIT_FAILURE,
+     rf"cut_divico/{DIVICO_WEIGHTS_FILE}: cannot read it"),
+    ("empty data", ["data={tmp}/empty.json"], EXIT_FAILURE, r"empty.json: expected a non-empty JSON list"),
+])
+def test_bad_input_is_one_line_and_an_exit_status(case, overrides, status, message, tiny_llava_dir, divico_dir,
+                                                  eval_json, tmp_path, caplog):
+    if case == "truncated weights":
+        truncated_copy(tiny_llava_dir, tmp_path / "cut", "model.safetensors")
+    if case == "truncated divico weights":
+        truncated_copy(divico_dir, tmp_path / "cut_divico", DIVICO_WEIGHTS_FILE)
+    if case == "empty data":
+        (tmp_path / "empty.json").write_text("[]")
+    out = tmp_path / "summary.json"
+    args = [f"model={tiny_llava_dir}", f"data={eval_json}", f"image_root={eval_json.parent / 'images'}",
+            "device=cpu", *(o.format(tmp=tmp_path) for o in overrides)]
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", *args, "--out", str(out), "--json"])
+    assert exit_info.value.code == status
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and len(errors[0].splitlines()) == 1, errors
+    assert re.search(message, errors[0]), errors[0]
+    assert not out.exists()
+
+
+def test_the_divico_program_prints_one_line_and_no_traceback(tiny_llava_dir, eval_json):
+    done = subprocess.run(["divico", "eval", f"model={tiny_llava_dir}", f"data={eval_json}", "tau=1.5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "ERROR" in line] == [
+        next(line for line in done.stderr.splitlines() if line.endswith("tau=1.5: the kept fraction must be in (0, 1]"))]

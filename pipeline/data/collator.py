@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +22,30 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline.data.conversation import IGNORE_INDEX, IMAGE_TOKEN, ConversationTokenizer, Tokenized
+from pipeline.data.settings import CollatorSettings
 
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "query_positions")
-ASPECT_RATIOS = ("pad", "none")
 PADDING_SIDES = ("right", "left")
 
 
 @dataclass
-class CollatorConfig:
-    template: str = "auto"  # "auto" | "vicuna_v1" | "chat_template"
-    model_max_length: int = 2048
-    image_aspect_ratio: str = "pad"  # "pad": LLaVA-1.5's square canvas; "none": the processor's resize + crop
-    padding_side: str = "right"  # training batches; generation prompts are always left-padded
+class CollatorConfig(CollatorSettings):
+    """The shared settings plus the caller's padding side: right for training batches
+    (generation prompts from `prompts` are always left-padded)."""
+
+    padding_side: str = "right"
 
     def __post_init__(self) -> None:
-        if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r}; choose one of {ASPECT_RATIOS}")
+        self.validate()
         if self.padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side={self.padding_side!r}; choose one of {PADDING_SIDES}")
-        if self.model_max_length <= 0:
-            raise ValueError(f"model_max_length={self.model_max_length} must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: CollatorSettings, padding_side: str) -> CollatorConfig:
+        """The collator settings of a config that inherits them (DataConfig, EvalConfig)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(CollatorSettings)}, padding_side=padding_side)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:

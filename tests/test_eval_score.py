@@ -1,0 +1,66 @@
+"""Scoring answers (pipeline/eval/score.py) on predictions and answers written here."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.eval.score import SCORERS, exact_match, normalize_answer, score
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("Red.", "red"), ("  yes!</s>", "yes"), ("The cat", "cat"), ("An apple", "apple"), ("two", "2"),
+    ("THREE", "3"), ("top-left", "top left"), ("don't", "dont"), ("a  b,c", "b c"), ("", ""),
+])
+def test_normalize_answer(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+def test_normalization_does_not_merge_different_answers():
+    assert normalize_answer("red") != normalize_answer("reds")
+    assert normalize_answer("12") != normalize_answer("1 2")
+
+
+# (question type, answer, prediction, correct under exact match)
+CASES = [
+    ("what color", "red", "Red.", True),
+    ("what color", "red", "The red", True),
+    ("what color", "blue", "red", False),
+    ("what color", "red", "reddish", False),
+    ("how many", "2", "two", True),
+    ("how many", "3", "2", False),
+    ("how many", "3", "", False),
+]
+
+
+def predictions(cases):
+    return [{"question_type": kind, "answer": answer, "prediction": prediction} for kind, answer, prediction, _ in cases]
+
+
+def test_exact_match_scores_each_answer_and_each_type():
+    rows = predictions(CASES)
+    scores = score(rows)
+    assert [row["correct"] for row in rows] == [correct for *_, correct in CASES]
+    assert all(row["correct"] == (normalize_answer(row["prediction"]) == normalize_answer(row["answer"]))
+               for row in rows)
+    assert scores.accuracy == pytest.approx(3 / 7)
+    assert scores.by_type == {
+        "what color": {"samples": 4, "accuracy": 2 / 4, "chance": 3 / 4, "majority_answer": "red"},
+        "how many": {"samples": 3, "accuracy": 1 / 3, "chance": 2 / 3, "majority_answer": "3"},
+    }
+    assert scores.chance == pytest.approx((3 + 2) / 7)  # always "red" for colours, always "3" for counts
+
+
+def test_the_scorer_decides_correct_and_chance():
+    def contains(prediction: str, answer: str) -> bool:
+        return normalize_answer(answer) in normalize_answer(prediction)
+
+    rows = predictions(CASES)
+    scores = score(rows, contains)
+    assert [row["correct"] for row in rows] == [True, True, False, True, True, False, False]  # "reddish" counts
+    assert scores.by_type["what color"]["accuracy"] == 3 / 4 and scores.accuracy == pytest.approx(4 / 7)
+    assert SCORERS["exact_match"] is exact_match
+
+
+def test_nothing_to_score_is_an_error():
+    with pytest.raises(ValueError, match="no predictions"):
+        score([])
