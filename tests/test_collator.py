@@ -154,6 +154,17 @@ def test_the_model_trains_on_a_batch(collator, tiny_llava_dir):
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
     batch = collator(MIXED)
     output = model(**{name: batch[name] for name in MODEL_INPUTS if name in batch and name != "query_positions"})
-    assert torch.isfinite(output.loss)
+    # The loss is the mean next-token cross-entropy over the answer tokens, and only those:
+    # each answer (with its </s>) predicted from the position before it.
+    total, count = 0.0, 0
+    for row, example in enumerate(MIXED):
+        labels = batch["labels"][row]
+        answer_positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        answers = [turn["value"] for turn in example.conversations[1::2]]
+        assert collator.tokenizer.decode(labels[answer_positions]) == "".join(f" {answer}</s>" for answer in answers)
+        log_probs = output.logits[row].double().log_softmax(-1)
+        total -= sum(log_probs[position - 1, labels[position]] for position in answer_positions)
+        count += len(answer_positions)
+    torch.testing.assert_close(output.loss.double(), total / count, rtol=1e-5, atol=0)
     output.loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0

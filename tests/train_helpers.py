@@ -57,3 +57,13 @@ def sample_log(output_dir: Path) -> dict[str, list[tuple[int, str]]]:
     """rank file -> [(step, key), ...] as the trainer recorded them."""
     return {path.name: [(int(step), key) for step, key in (line.split("\t") for line in path.read_text().splitlines())]
             for path in sorted((output_dir / "samples").glob("rank-*.tsv"))}
+
+
+def scalars(output_dir: Path) -> dict[str, list[float]]:
+    """tag -> values, in step order, of the run's TensorBoard event files (read by tensorboard itself)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (output_dir / "tensorboard").iterdir()
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

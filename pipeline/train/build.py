@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig, collator_config, divico_config
+from pipeline.config import OptimConfig, RunConfig, collator_config, divico_config
 from pipeline.train.distributed import TrainingError
 
 
@@ -74,24 +74,40 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
     divico = divico_config(cfg)
     model = CompressedLlava(peft_model or llava, divico)
     model.train()
-    # Every LLaVA parameter belongs to the language model unless it is the projector's or the
-    # tower's; what is not LLaVA's is DiViCo's gap encoder.
-    group_of = {id(p): "language_model" for p in llava.parameters()}
-    group_of |= {id(p): "projector" for p in llava.model.multi_modal_projector.parameters()}
-    group_of |= {id(p): "vision_tower" for p in llava.model.vision_tower.parameters()}
-    groups = {"language_model": (o.lr, []), "projector": (o.projector_lr, []), "vision_tower": (o.projector_lr, []),
-              "gap_encoder": (o.encoder_lr, [])}
-    for param in model.parameters():
-        if param.requires_grad:
-            groups[group_of.get(id(param), "gap_encoder")][1].append(param)
-    param_groups = [{"name": name, "params": params, "lr": lr, "weight_decay": o.weight_decay}
-                    for name, (lr, params) in groups.items() if params]
+    param_groups = parameter_groups(model, llava, o)
 
     processor = AutoProcessor.from_pretrained(m.base)
     collator = LlavaCollator(processor, collator_config(cfg), llava.config)
     kept = kept_count(collator.num_visual_tokens, divico.tau) if divico.compresses else collator.num_visual_tokens
     return BuiltModel(model=model, peft_model=peft_model, param_groups=param_groups, collator=collator,
                       visual_tokens_kept=kept)
+
+
+def parameter_groups(model: torch.nn.Module, llava: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """One optimizer group per part of the model, each at its own lr. LLaVA's parts are known by
+    where they sit; any other module declares its group by a `param_group` attribute (DiViCo's
+    GapEncoder: "gap_encoder"). A trainable parameter no group claims is an error: silently
+    training it at some other part's lr is how a new module ends up mistuned."""
+    lrs = {"language_model": optim.lr, "projector": optim.projector_lr, "vision_tower": optim.projector_lr,
+           "gap_encoder": optim.encoder_lr}
+    owners = [("language_model", llava.model.language_model), ("language_model", llava.lm_head),
+              ("projector", llava.model.multi_modal_projector), ("vision_tower", llava.model.vision_tower)]
+    owners += [(module.param_group, module) for module in model.modules() if hasattr(module, "param_group")]
+    group_of = {id(param): group for group, module in owners for param in module.parameters()}
+    params: dict[str, list] = {group: [] for group in lrs}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_of.get(id(param))
+        if group is None:
+            raise TrainingError(f"trainable parameter {name}: no parameter group claims it; give its module a "
+                                f"`param_group` attribute (one of {list(lrs)})")
+        if group not in lrs:
+            raise TrainingError(f"trainable parameter {name}: its module declares param_group={group!r}, "
+                                f"expected one of {list(lrs)}")
+        params[group].append(param)
+    return [{"name": group, "params": members, "lr": lrs[group], "weight_decay": optim.weight_decay}
+            for group, members in params.items() if members]
 
 
 def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: bool, on_gpu: bool) -> dict:
@@ -115,12 +131,14 @@ def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: 
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
     params["lr"], params["weight_decay"] = o.lr, o.weight_decay  # defaults; each param group sets its own lr
-    if not on_gpu:
+    if not on_gpu and optimizer["type"].lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel
     scheduler = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})["params"]
-    for key, value in {"total_num_steps": total_steps,
-                       "warmup_num_steps": max(1, math.ceil(o.warmup_ratio * total_steps)) if o.warmup_ratio else 0,
+    warmup = math.ceil(o.warmup_ratio * total_steps)
+    for key, value in {"total_num_steps": total_steps, "warmup_num_steps": max(1, warmup),
                        "cos_min_ratio": o.min_lr_ratio}.items():
         if scheduler.get(key, "auto") == "auto":
             scheduler[key] = value
+    if not warmup:  # WarmupCosineLR refuses 0 warmup steps: no warmup is one that starts at the full lr
+        scheduler["warmup_min_ratio"] = 1.0
     return ds

@@ -1,7 +1,7 @@
 """`divico train`: one epoch of LoRA (or full) fine-tuning with DiViCo under DeepSpeed ZeRO-2.
 
     deepspeed --num_gpus 4 $(which divico) train --config configs/llava15_lora.yaml \
-        --config configs/sweep/divico_tau111.yaml [key=value ...] [--resume auto]
+        --config configs/variants/divico_tau111.yaml [key=value ...] [--resume auto]
 
 setup (config, validation, process group) -> main (model, data, engine, resume) -> fit (loop).
 How a process joins the job and how preemption works: distributed.py; the model and DeepSpeed
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_dict, validate
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE
+from pipeline.device import default_dtype
 from pipeline.train import checkpoint
 from pipeline.train.build import build_model, deepspeed_config
 from pipeline.train.distributed import (
@@ -71,6 +72,9 @@ def train(config_paths: list[str | Path], overrides: list[str] | None = None, *,
     except (ConfigError, TrainingError) as error:
         log.error("%s", error)
         return EXIT_BAD_INPUT
+    except checkpoint.CheckpointError as error:
+        log.error("%s", error)
+        return EXIT_FAILURE
     single_process_env()
 
     import deepspeed
@@ -115,7 +119,8 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     from pipeline.data.loader import ShardDataset, build_loader
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    on_gpu = get_accelerator().device_name() != "cpu"
+    device = get_accelerator().device_name()
+    on_gpu = device != "cpu"
     if on_gpu:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     elif "OMP_NUM_THREADS" not in os.environ:
@@ -124,11 +129,12 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here - cfg.data.num_workers))
     t = cfg.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    dtype = {"auto": default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[t.precision]
+    bf16 = dtype == torch.bfloat16
     output_dir = Path(t.output_dir)
     torch.manual_seed(t.seed)
 
-    built = build_model(cfg, dtype=torch.bfloat16 if bf16 else torch.float32, on_gpu=on_gpu)
+    built = build_model(cfg, dtype=dtype, on_gpu=on_gpu)
     accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
     state = checkpoint.read_state(resume_from) if resume_from else None
     dataset = ShardDataset(cfg.data.shards, rank=rank, world_size=world_size, batch_size=t.micro_batch_size,
@@ -199,18 +205,19 @@ def _yaml(cfg: RunConfig) -> str:
 
 
 def _resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    latest = checkpoint.latest_checkpoint(output_dir)
+    """The checkpoint to resume from, verified against its checksums on every rank (before the
+    process group exists, so each rank decides alone; they read the same files)."""
     if resume == "auto":
-        return latest
+        return checkpoint.newest_intact(output_dir)
     if resume == "none":
+        latest = checkpoint.latest_checkpoint(output_dir)
         if latest is not None:
             raise TrainingError(f"{output_dir} already holds checkpoints (newest {latest.name}); pass "
                                 "--resume auto to continue, or choose another train.output_dir")
         return None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise TrainingError(f"--resume {resume}: not a complete checkpoint directory")
-    return path
+    if not checkpoint.is_checkpoint(resume):
+        raise TrainingError(f"--resume {resume}: not a checkpoint directory")
+    return checkpoint.verified(resume)
 
 
 def _collate_with_keys(collator, samples):
@@ -230,8 +237,10 @@ def _truncate_sample_log(path: Path, keep_through_step: int) -> None:
 # ----------------------------------------------------------------------------- fit
 
 # Per-step sums all-reduced once at the step boundary: [loss, lm_loss, kl, micro-batches,
-# tokens, samples, non-finite micro-batches, preemption requested].
-_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE, _PREEMPT = range(8)
+# tokens, samples, non-finite micro-batches, preemption requested, the gap encoder's
+# ||mu|| / ||v_s|| and sigma, micro-batches that ran it (text-only ones do not)].
+_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE, _PREEMPT, _MU_OVER_VS, _SIGMA, _GAP_MICRO = range(11)
+_NUM_SUMS = 11
 
 
 def fit(run: Run) -> int:
@@ -240,10 +249,10 @@ def fit(run: Run) -> int:
     batches = _start_loader(run.loader)
     if run.resumed_from:  # after the loader iterator drew its seed, exactly as the uninterrupted run's had
         checkpoint.restore_rng(run.resumed_from, run.rank)
-    step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(8, dtype=torch.float64)
-    fit_started, totals, last = time.perf_counter(), torch.zeros(8, dtype=torch.float64), {}
+    step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64)
+    fit_started, totals, last = time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64), {}
     while step < run.stop_step:
-        sums = torch.zeros(8, dtype=torch.float64)
+        sums = torch.zeros(_NUM_SUMS, dtype=torch.float64)
         keys_this_step = []
         for micro in range(accumulation):
             keys, batch = next(batches)
@@ -252,9 +261,12 @@ def fit(run: Run) -> int:
             engine.backward(out.loss)
             kl = out.kl.detach() if out.kl is not None else torch.zeros(())
             lm = out.lm_loss.detach() if out.lm_loss is not None else out.loss.detach()
-            sums += torch.tensor([out.loss.item(), lm.item(), kl.item(), 1, batch["num_tokens"],
-                                  len(keys), 0, 0], dtype=torch.float64)
+            sums[[_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES]] += torch.tensor(
+                [out.loss.item(), lm.item(), kl.item(), 1, batch["num_tokens"], len(keys)], dtype=torch.float64)
             sums[_NONFINITE] += 0 if torch.isfinite(out.loss).item() else 1
+            if out.gap_stats is not None:
+                sums[[_MU_OVER_VS, _SIGMA, _GAP_MICRO]] += torch.tensor(
+                    [out.gap_stats["mu_over_vs"].item(), out.gap_stats["sigma"].item(), 1], dtype=torch.float64)
             if micro < accumulation - 1:
                 engine.step()
         sums[_PREEMPT] = float(preemption_requested())
@@ -263,6 +275,8 @@ def fit(run: Run) -> int:
             good = checkpoint.latest_checkpoint(t.output_dir)
             raise TrainingError(f"non-finite loss at step {step + 1} (on {int(sums[_NONFINITE])} micro-batch(es)); "
                                 f"the weights were not updated. Last good checkpoint: {good or 'none'}")
+        # The lr each group is updated with now: the scheduler moves them on inside engine.step().
+        lrs = {group["name"]: group["lr"] for group in engine.optimizer.param_groups}
         engine.step()
         step += 1
         window += sums
@@ -272,9 +286,9 @@ def fit(run: Run) -> int:
                 file.writelines(f"{step}\t{key}\n" for key in keys_this_step)
         if step % t.log_every_steps == 0 or step == run.stop_step:
             elapsed = time.perf_counter() - window_started
-            last = _scalars(run, window, elapsed)
+            last = _scalars(run, window, elapsed, lrs)
             run.metrics.log(step, last)
-            window_started, window = time.perf_counter(), torch.zeros(8, dtype=torch.float64)
+            window_started, window = time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64)
         run.metrics.advance()
         preempted = sums[_PREEMPT] > 0
         if preempted or step % t.save_every_steps == 0 or step == run.stop_step:
@@ -318,20 +332,26 @@ def _to_device(batch: dict, engine) -> dict:
     return moved
 
 
-def _scalars(run: Run, window: torch.Tensor, elapsed: float) -> dict[str, float]:
+def _scalars(run: Run, window: torch.Tensor, elapsed: float, lrs: dict[str, float]) -> dict[str, float]:
+    """The logging window's means; the lrs and grad norm are those of its last step."""
     micro = max(window[_MICRO].item(), 1.0)
     grad_norm = run.engine.get_global_grad_norm()
-    return {
+    scalars = {
         "train/loss": window[_LOSS].item() / micro,
         "train/lm_loss": window[_LM].item() / micro,
         "train/kl": window[_KL].item() / micro,
-        "train/lr": run.engine.get_lr()[0],
+        "train/lr": lrs["language_model"],
+        **{f"train/lr/{group}": lr for group, lr in lrs.items()},
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "perf/tokens_per_s": window[_TOKENS].item() / elapsed,
         "perf/samples_per_s": window[_SAMPLES].item() / elapsed,
         "perf/visual_tokens_kept": float(run.visual_tokens_kept),
         "memory/peak_gib": peak_memory_gib(),
     }
+    if window[_GAP_MICRO] > 0:  # modes with a gap encoder, on windows that held an image
+        scalars["divico/mu_over_vs"] = window[_MU_OVER_VS].item() / window[_GAP_MICRO].item()
+        scalars["divico/sigma"] = window[_SIGMA].item() / window[_GAP_MICRO].item()
+    return scalars
 
 
 def _save(run: Run, step: int) -> None:

@@ -1,7 +1,12 @@
 """Training metrics: TensorBoard scalars + a progress bar with ETA, both on rank 0 only.
 
-Scalars (one point per logged optimizer step, x axis = step):
-    train/loss, train/lm_loss, train/kl, train/lr, train/grad_norm,
+Scalars (one point per logged optimizer step, x axis = step; losses and gap stats are means
+over the window's micro-batches, the rest are its last step's):
+    train/loss, train/lm_loss, train/kl, train/grad_norm (before clipping),
+    train/lr/<group> for each parameter group and train/lr (the language model's): the lr the
+    step was taken with,
+    divico/mu_over_vs, divico/sigma (the gap encoder's mean ||mu|| / ||v_s|| and sigma over
+    kept tokens; modes with a gap encoder),
     perf/tokens_per_s, perf/samples_per_s, perf/visual_tokens_kept, memory/peak_gib
 plus the resolved config as text and, at the end, hparams with the final losses.
 """
