@@ -25,6 +25,7 @@ REJECTED_FILE = "rejected.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint: step, samples consumed
 TRAINABLES_FILE = "trainables.safetensors"  # in each checkpoint: trained weights other than LoRA
+CHECKSUMS_FILE = "checksums.json"  # in each checkpoint, written last: size + sha256 of every other file
 TRAIN_SUMMARY_FILE = "train_summary.json"  # written after an epoch's last step: the stage is done
 
 # ---------------------------------------------------------------- the DiViCo module's files

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
 from train_helpers import run, train_args
 
+from pipeline.contract import CHECKSUMS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, TRAINABLES_FILE
 from pipeline.train.checkpoint import latest_checkpoint, load_trainables
 
 pytestmark = pytest.mark.slow
@@ -68,3 +71,31 @@ def test_export_refuses_an_existing_folder_and_a_dir_without_checkpoints(trained
     assert result.returncode == 2 and "exists" in result.stderr
     result = run(["export", str(tmp_path), "--out", str(tmp_path / "new")])
     assert result.returncode == 2 and "neither a checkpoint nor a run directory" in result.stderr
+    result = run(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")])
+    assert result.returncode == 2 and f"{tmp_path / 'nowhere'}: no such directory" in result.stderr
+
+
+def test_export_of_a_damaged_checkpoint_exits_1_and_of_a_missing_base_model_2_naming_it(
+        trained, tiny_llava_dir, tmp_path):
+    ckpt, out = tmp_path / "step-00000003", tmp_path / "exported"
+    shutil.copytree(latest_checkpoint(trained), ckpt)
+    weights = (ckpt / TRAINABLES_FILE).read_bytes()
+    (ckpt / TRAINABLES_FILE).write_bytes(weights[:len(weights) // 2])
+    result = run(["export", str(ckpt), "--out", str(out)])
+    assert result.returncode == EXIT_FAILURE
+    assert f"{ckpt}: DAMAGED: {TRAINABLES_FILE}: {len(weights) // 2} bytes, recorded {len(weights)}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    (ckpt / CHECKSUMS_FILE).unlink()  # as an older version wrote it: the unreadable file is still named
+    result = run(["export", str(ckpt), "--out", str(out)])
+    assert result.returncode == EXIT_FAILURE
+    assert f"{ckpt / TRAINABLES_FILE}: " in result.stderr and "Traceback" not in result.stderr
+
+    (ckpt / TRAINABLES_FILE).write_bytes(weights)
+    config = (ckpt / "config.yaml").read_text()
+    assert str(tiny_llava_dir) in config
+    (ckpt / "config.yaml").write_text(config.replace(str(tiny_llava_dir), str(tmp_path / "moved")))
+    result = run(["export", str(ckpt), "--out", str(out)])
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"model.base={tmp_path / 'moved'} (the base model {ckpt}/config.yaml names): no such folder" in result.stderr
+    assert not out.exists()
