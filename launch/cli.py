@@ -1,4 +1,4 @@
-"""`divico launch {slurm,local,status}`: run a pipeline file (configs/cluster/*.yaml)."""
+"""`divico launch {slurm,local,status}`: run a pipeline file (configs/pipelines/*.yaml)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True, help="pipeline file, e.g. configs/cluster/a100.yaml")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="pipeline file, e.g. configs/pipelines/a100.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the pipeline file, e.g. "
                                                      "root=/scratch/me/run2 cluster.account=proj42")
 

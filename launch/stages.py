@@ -1,25 +1,27 @@
 """The stage graph as data: a pipeline YAML -> validated stages -> one Task per stage and sweep point.
 
-A pipeline file (configs/cluster/*.yaml) names a root directory, a cluster, and the stages:
+A pipeline file (configs/pipelines/*.yaml) names a root directory, a cluster, and the stages:
 
     root: runs/sweep                      # every output, log and TensorBoard run lands here
     cluster: {partition: gpu, ...}        # see ClusterConfig
     stages:
-      shards:                             # a "command" stage: one shell command, one process
+      shards:                             # a "command" stage: one command line, one process
         command: divico prep shard ... --out ${root}/data/shards
         outputs: [${root}/data/shards/manifest.json]
       divico:                             # a "train" stage: `divico train` on every rank
         after: [shards]
-        sweep: {tau: [0.067, 0.111, 0.167]}   # one task (SLURM array element) per value
+        sweep: {tau: [0.0666667, 0.1111111, 0.1666667]}   # one task (SLURM array element) per value
         train:
-          config: [configs/llava15_7b.yaml]
+          config: [configs/llava15_lora.yaml]
           overrides: [data.shards=${root}/data/shards, divico.tau=${tau}]
-          output_dir: ${root}/divico/tau-${tau}
+          output_dir: ${root}/${run_name:divico,${tau}}   # runs/sweep/divico-tau111
         resources: {nodes: 1, tasks_per_node: 4, gpus_per_node: 4, time: "24:00:00"}
 
 Strings are OmegaConf interpolations: ${root}, the sweep variables (${tau}), the free values
 under `vars:` (${vars.samples}), any other key of the file (${stages.base.train.output_dir})
-and resolvers such as ${oc.env:USER}. A stage is
+and resolvers such as ${oc.env:USER} and ${run_name:STAGE,${tau}} (pipeline/contract.py's run
+name, `divico-tau111`). A tau sweep point is labelled tau111, any other one key-value
+(`recipe-lora`); a train task's TensorBoard run is <stage>-<label>. A stage is
 complete when all its outputs exist; a train stage's output is <output_dir>/train_summary.json,
 which `divico train` writes only after the epoch's last step. New stages (MoE, evaluation) are
 new entries in the file: the SLURM and local runners know only these two kinds.
@@ -36,7 +38,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.contract import TRAIN_SUMMARY_FILE
+from pipeline.contract import TRAIN_SUMMARY_FILE, run_name, tau_label
+
+OmegaConf.register_resolver("run_name", run_name, replace=True)  # ${run_name:divico,${tau}}
 
 
 class PipelineError(ValueError):
@@ -97,7 +101,7 @@ class Task:
 
     stage: str
     index: int  # position in the stage's sweep (the SLURM array task id)
-    label: str  # "tau-0.111", or the stage name when the stage has no sweep
+    label: str  # "tau111", "recipe-lora", or the stage name when the stage has no sweep
     command: str  # a shell command line
     outputs: tuple[Path, ...]
     train_args: tuple[str, ...] = ()  # train stages: the arguments after `divico train`
@@ -206,6 +210,8 @@ def _expand_stage(path: Path, raw: DictConfig, name: str, workdir: Path) -> Stag
             raise PipelineError(f"{where}: sweep variable `{variable}` hides the top-level key of that name")
         if not values:
             raise PipelineError(f"{where}: sweep variable `{variable}` has no values")
+        if variable == "tau" and not all(isinstance(value, (int, float)) for value in values):
+            raise PipelineError(f"{where}: sweep variable `tau` takes kept fractions (numbers), got {list(values)}")
     variables = list(stage.sweep)
     points = [dict(zip(variables, values)) for values in itertools.product(*stage.sweep.values())]
     tasks = tuple(_task(where, raw, name, kind, index, point, workdir) for index, point in enumerate(points))
@@ -228,7 +234,7 @@ def _task(where: str, raw: DictConfig, name: str, kind: str, index: int, point: 
           workdir: Path) -> Task:
     # Interpolations resolve against the whole file plus this sweep point's variables.
     scope = OmegaConf.create({**OmegaConf.to_container(raw, resolve=False), **point})
-    label = "-".join(f"{key}-{value}" for key, value in point.items()) or name
+    label = "-".join(tau_label(value) if key == "tau" else f"{key}-{value}" for key, value in point.items()) or name
     try:
         stage = OmegaConf.to_container(scope.stages[name], resolve=True, throw_on_missing=True)
     except Exception as error:
@@ -236,13 +242,14 @@ def _task(where: str, raw: DictConfig, name: str, kind: str, index: int, point: 
     outputs = [Path(output) for output in stage["outputs"]]
     if kind == "command":
         return Task(stage=name, index=index, label=label, command=stage["command"].strip(), outputs=tuple(outputs))
-    run_name = f"{name}-{label}" if point else name  # one TensorBoard run per stage and sweep point
-    train_args, output_dir = _train_args(where, raw, run_name, stage["train"], workdir)
+    # One TensorBoard run per stage and sweep point: run_name(name, tau) for a tau sweep.
+    run = f"{name}-{label}" if point else name
+    train_args, output_dir = _train_args(where, raw, run, stage["train"], workdir)
     return Task(stage=name, index=index, label=label, command=shlex.join(["divico", "train", *train_args]),
                 outputs=(*outputs, output_dir / TRAIN_SUMMARY_FILE), train_args=train_args)
 
 
-def _train_args(where: str, raw: DictConfig, run_name: str, train: dict[str, Any],
+def _train_args(where: str, raw: DictConfig, run: str, train: dict[str, Any],
                 workdir: Path) -> tuple[tuple[str, ...], Path]:
     if not train["config"]:
         raise PipelineError(f"{where}: train.config lists no recipe YAML")
@@ -253,8 +260,8 @@ def _train_args(where: str, raw: DictConfig, run_name: str, train: dict[str, Any
                             f"to {workdir}, the directory you launch from)")
     output_dir = Path(train["output_dir"])
     # The launcher owns where a run writes and how its TensorBoard run is named, so that all
-    # stages and sweep points share one TensorBoard root, one run each (e.g. divico-tau-0.111).
-    owned = {"train.output_dir": str(output_dir), "train.stage": run_name,
+    # stages and sweep points share one TensorBoard root, one run each (e.g. divico-tau111).
+    owned = {"train.output_dir": str(output_dir), "train.stage": run,
              "train.tensorboard_dir": str(Path(raw.root) / "tensorboard")}
     clash = [o for o in train["overrides"] if o.split("=", 1)[0] in owned]
     if clash:

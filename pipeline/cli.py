@@ -2,8 +2,10 @@
 
     divico prep {synth,shard,verify}         data_prep/
     divico train / export                    pipeline/train.py, pipeline/export.py
-    divico eval                              pipeline/evaluate.py: answer accuracy on a held-out set
+    divico checkpoint verify                 pipeline/train/checkpoint.py: checksums of a checkpoint or run
+    divico eval                              pipeline/eval/: answer accuracy on a held-out set
     divico run                               pipeline/run.py: the embedded default (tiny model, CPU)
+    divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
     divico launch {local,slurm,status}       launch/
     divico bench {prep,loader,model,train}   measured figures, printed
 """
@@ -21,8 +23,10 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "prep": ("shard LLaVA-665K-format data into webdataset tars", [("data_prep.cli", "add_parsers")]),
     "train": ("fine-tune one stage (DeepSpeed ZeRO-2; one epoch)", [("pipeline.train.main", "add_parser")]),
     "export": ("merge a checkpoint into a Hugging Face model folder", [("pipeline.train.export", "add_parser")]),
-    "eval": ("answer accuracy of a model on a held-out set", [("pipeline.eval.evaluate", "add_parser")]),
+    "checkpoint": ("verify training checkpoints against their checksums", [("pipeline.train.checkpoint", "add_parsers")]),
+    "eval": ("answer accuracy of a model on a held-out set", [("pipeline.eval.main", "add_parser")]),
     "run": ("the embedded default: every stage on a tiny model, on CPU", [("pipeline.run", "add_parser")]),
+    "model": ("write a model folder: the tiny debug LLaVA", [("pipeline.model.tiny", "add_parser")]),
     "launch": ("run a pipeline's stage graph on SLURM or on this machine", [("launch.cli", "add_parser")]),
     "bench": ("print measured throughput and efficiency figures", [
         ("pipeline.bench.prep", "add_parser"),
@@ -32,7 +36,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.
-GROUPS = ("prep", "bench")
+GROUPS = ("prep", "bench", "model", "checkpoint")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -55,10 +59,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """A `divico` command line (without the program name); `args.func(args)` runs it. Also how
+    `divico run` runs its stages in one process."""
     command = next((arg for arg in argv if arg in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
+    return build_parser(command).parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(args.func(args) or 0)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, validate
+from pipeline.config import ConfigError, load_config, save_config, validate
+from pipeline.contract import run_name
+from pipeline.model.divico import kept_count
+from pipeline.model.settings import DiViCoConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = sorted((REPO / "configs" / "sweep").glob("*.yaml"))
+SWEEP = sorted((REPO / "configs" / "variants").glob("*.yaml"))
 
 
 @pytest.fixture
@@ -25,7 +30,7 @@ def test_files_merge_in_order_and_overrides_win(tmp_path):
     first.write_text("divico: {mode: divico, tau: 0.111}\ntrain: {micro_batch_size: 4}\n")
     second.write_text("divico: {tau: 0.167}\n")
     cfg = load_config([first, second], ["train.micro_batch_size=8", "optim.lr=1e-4"])
-    assert cfg.divico == {"mode": "divico", "tau": 0.167}
+    assert cfg.divico == DiViCoConfig(mode="divico", tau=0.167)
     assert cfg.train.micro_batch_size == 8 and cfg.optim.lr == 1e-4
     assert cfg.model.lora_r == 128 and cfg.model.lora_alpha == 256 and cfg.model.lora_dropout == 0.05  # LLaVA-1.5
 
@@ -51,8 +56,11 @@ def test_missing_config_file_is_named(tmp_path):
     ("divico.layer=4", r"divico.layer=4: K must be in \[1, 3\]"),  # the tiny model has 4 layers
     ("divico.mode=fast", r"mode='fast'"),
     ("divico.mode=fastv", r"training-free"),
-    ("divico.tau=abc", r"divico.tau='abc': expected float"),
-    ("divico.ratio=2", r"unknown DiViCo settings \['ratio'\]"),
+    ("divico.tau=abc", r"divico.tau: Value 'abc' of type 'str' could not be converted to Float"),
+    ("divico.layer=2.5", r"divico.layer: Value '2.5' of type 'float' could not be converted to Integer"),
+    ("divico.ratio=2", r"divico.ratio: Key 'ratio' not in 'DiViCoConfig'"),
+    ("divico.query=first", r"query='first'"),
+    ("divico.init=xavier", r"init='xavier'"),
     ("train.global_batch_size=10", r"train.global_batch_size=10 is not divisible by train.micro_batch_size=4 x world size 1"),
     ("model.train_mode=half", r"model.train_mode='half'"),
     ("data.image_aspect_ratio=stretch", r"image_aspect_ratio='stretch'"),
@@ -64,6 +72,19 @@ def test_missing_config_file_is_named(tmp_path):
 def test_validation_names_the_bad_field(tiny_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         validate(tiny_cfg(override), world_size=1)
+
+
+def test_divico_section_is_typed(tmp_path):
+    """The divico section is a DiViCoConfig: values arrive with their field's type (nan from
+    the command line too), and a saved config loads back to the same settings."""
+    cfg = load_config([], ["divico.beta=nan", "divico.layer=3", "divico.query=last", "divico.init=zero"])
+    assert isinstance(cfg.divico, DiViCoConfig)
+    assert math.isnan(cfg.divico.beta) and cfg.divico.layer == 3
+    assert (cfg.divico.query, cfg.divico.init, cfg.divico.mode) == ("last", "zero", "divico")
+    save_config(cfg, tmp_path / "run.yaml")
+    loaded = load_config([tmp_path / "run.yaml"]).divico
+    assert math.isnan(loaded.beta)
+    assert dataclasses.replace(loaded, beta=0.0) == dataclasses.replace(cfg.divico, beta=0.0)
 
 
 def test_batch_must_divide_over_the_world(tiny_cfg):
@@ -90,3 +111,21 @@ def test_sweep_configs_are_valid_for_4_gpus(model, sweep):
     validate(cfg, world_size=4, check_paths=False)
     assert cfg.train.global_batch_size == 128
     assert cfg.train.output_dir.endswith(f"/{cfg.train.stage}") and cfg.train.stage in sweep.read_text()
+
+
+# What each variant file must hold: its DiViCo mode and the visual tokens LLaVA-1.5 keeps of 576.
+VARIANTS = {"divico_tau067": ("divico", 38), "divico_tau111": ("divico", 64), "divico_tau167": ("divico", 96),
+            "lora": ("none", 576), "select_only_tau111": ("select_only", 64),
+            "point_estimate_tau111": ("point_estimate", 64), "random_tau111": ("random", 64)}
+
+
+def test_each_variant_holds_what_its_name_says():
+    assert sorted(VARIANTS) == [path.stem for path in SWEEP]  # a new file needs a row here
+    for path in SWEEP:
+        mode, kept = VARIANTS[path.stem]
+        cfg = load_config([REPO / "configs/llava15_lora.yaml", path])
+        tau = cfg.divico.tau
+        assert cfg.divico.mode == mode, path.name
+        assert (kept_count(576, tau) if mode != "none" else 576) == kept, path.name
+        # The TensorBoard run and output folder are named by pipeline/contract.py's rule.
+        assert cfg.train.stage == (run_name(mode, tau) if mode != "none" else "lora"), path.name

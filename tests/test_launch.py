@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import textwrap
 from pathlib import Path
@@ -14,9 +15,10 @@ import pytest
 
 from launch import local, slurm
 from launch.stages import PipelineError, load_pipeline
-from pipeline.contract import TRAIN_SUMMARY_FILE
+from pipeline.contract import EXIT_BAD_INPUT, TAUS, TRAIN_SUMMARY_FILE, run_name
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs/pipelines/demo.yaml"
 DEEPSPEED_SCRIPTS = REPO / "launch" / "deepspeed"
 
 
@@ -25,27 +27,47 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_local_pipeline_graph(tmp_path: Path) -> None:
-    pipeline = load_pipeline(REPO / "configs/cluster/local.yaml", [f"root={tmp_path}"], workdir=REPO)
+def test_demo_pipeline_graph(tmp_path: Path) -> None:
+    pipeline = load_pipeline(DEMO, [f"root={tmp_path}"], workdir=REPO)
     names = [stage.name for stage in pipeline.stages]
     for stage in pipeline.stages:  # dependency order
         assert all(names.index(dep) < names.index(stage.name) for dep in stage.after)
     divico = pipeline.stage("divico")
     assert divico.kind == "train" and divico.swept
-    assert [task.label for task in divico.tasks] == ["tau-0.0667", "tau-0.1111", "tau-0.1667"]
+    assert [task.label for task in divico.tasks] == ["tau067", "tau111", "tau167"]
+    taus = [float(arg.removeprefix("divico.tau=")) for task in divico.tasks for arg in task.train_args
+            if arg.startswith("divico.tau=")]
+    assert taus == pytest.approx(TAUS, abs=1e-6)  # the paper's three, as pipeline/contract.py states them
     task = divico.tasks[1]
-    assert "divico.tau=0.1111" in task.train_args and f"model.base={tmp_path}/base/model" in task.train_args
-    assert f"train.output_dir={tmp_path}/divico/tau-0.1111" in task.train_args
+    assert f"model.base={tmp_path}/base/model" in task.train_args
+    assert f"data.shards={tmp_path}/shards/finetune" in task.train_args
+    assert f"train.output_dir={tmp_path}/divico-tau111" in task.train_args
     assert f"train.tensorboard_dir={tmp_path}/tensorboard" in task.train_args
-    assert "train.stage=divico-tau-0.1111" in task.train_args  # one TensorBoard run per stage and tau
+    assert "train.stage=divico-tau111" in task.train_args and run_name("divico", TAUS[1]) == "divico-tau111"
     assert task.train_args[-2:] == ("--resume", "auto")
-    assert task.outputs == (tmp_path / "divico/tau-0.1111" / TRAIN_SUMMARY_FILE,)
+    assert task.outputs == (tmp_path / "divico-tau111" / TRAIN_SUMMARY_FILE,)
     assert task.command.startswith("divico train --config configs/debug/tiny.yaml")
+    base = pipeline.stage("base").tasks[0]
+    assert "train.stage=base" in base.train_args and f"data.shards={tmp_path}/shards/train" in base.train_args
     synth = pipeline.stage("synth")  # nested interpolation: per-split sizes and seeds from vars
     assert [t.command for t in synth.tasks] == [
         f"divico prep synth --out {tmp_path}/data/train --num-samples 4800 --seed 0",
-        f"divico prep synth --out {tmp_path}/data/heldout --num-samples 240 --seed 1"]
-    assert "train.stage=base" in pipeline.stage("base").tasks[0].train_args
+        f"divico prep synth --out {tmp_path}/data/finetune --num-samples 800 --seed 1",
+        f"divico prep synth --out {tmp_path}/data/heldout --num-samples 240 --seed 2"]
+    assert pipeline.stage("tiny_llava").tasks[0].command == (
+        f"divico model tiny --out {tmp_path}/tiny_llava --fit-text {tmp_path}/data/train/llava_v1_5_mix665k.json")
+    evals = {task.outputs[0].name: shlex.split(task.command) for stage in ("eval_base", "eval_fastv", "eval_divico")
+             for task in pipeline.stage(stage).tasks}
+    assert list(evals) == ["base.json", "fastv-tau067.json", "fastv-tau111.json", "fastv-tau167.json",
+                           "divico-tau067.json", "divico-tau111.json", "divico-tau167.json"]
+    assert {f"model={tmp_path}/base/model", "mode=fastv", "tau=0.1111111", "--out"} <= set(evals["fastv-tau111.json"])
+    assert f"model={tmp_path}/divico-tau111/model" in evals["divico-tau111.json"]
+    assert all(f"data={tmp_path}/shards/heldout" in argv for argv in evals.values())
+    # Plain `divico` command lines, so that `divico run` can run them in its own process.
+    for stage in pipeline.stages:
+        for task in stage.tasks:
+            argv = shlex.split(task.command)
+            assert argv[0] == "divico" and not {"&&", "||", ";", "|", ">", "<"} & set(argv), task.command
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -60,6 +82,7 @@ def test_local_pipeline_graph(tmp_path: Path) -> None:
     ("a: {train: {config: [c.yaml], output_dir: x}, resources: {tasks_per_node: 2, gpus_per_node: 4}}",
      "one rank per GPU"),
     ("a: {command: 'true', resourcez: {}}", "resourcez"),
+    ("a: {command: 'true', sweep: {tau: [0.1, x]}}", "kept fractions"),
 ])
 def test_invalid_pipelines_name_the_problem(tmp_path: Path, stages: str, message: str) -> None:
     (tmp_path / "c.yaml").write_text("{}\n")
@@ -71,7 +94,7 @@ def test_invalid_pipelines_name_the_problem(tmp_path: Path, stages: str, message
 
 
 def test_a100_scripts(tmp_path: Path) -> None:
-    pipeline = load_pipeline(REPO / "configs/cluster/a100.yaml", [f"root={tmp_path}"], workdir=REPO)
+    pipeline = load_pipeline(REPO / "configs/pipelines/a100.yaml", [f"root={tmp_path}"], workdir=REPO)
     scripts = slurm.render(pipeline)
     train = scripts["divico"].read_text()
     for line in ["--partition=a100", "--account=my-project", "--nodes=2", "--ntasks-per-node=4",
@@ -84,12 +107,17 @@ def test_a100_scripts(tmp_path: Path) -> None:
     assert "#SBATCH" not in body and header.count("#SBATCH") >= 13
     assert 'MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n1)' in train
     assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in train
+    # A crashed rank ends the step after this long instead of leaving its peers in a collective.
+    assert f"srun --wait={slurm.RANK_EXIT_WAIT_SECONDS} " in train and slurm.RANK_EXIT_WAIT_SECONDS > 0
+    divico = pipeline.stage("divico")
+    assert [task.label for task in divico.tasks] == ["tau067", "tau111", "tau167"]
+    assert f"train.output_dir={tmp_path}/divico-tau111" in divico.tasks[1].train_args
     prep = scripts["shards"].read_text()
     assert not {"#SBATCH --gpus-per-node", "#SBATCH --signal", "#SBATCH --array"} & set(
         line.split("=")[0] for line in prep.splitlines())
     baselines = pipeline.stage("baselines")
     assert [t.train_args[:4] for t in baselines.tasks][0] == (
-        "--config", "configs/llava15_lora.yaml", "--config", "configs/sweep/lora.yaml")
+        "--config", "configs/llava15_lora.yaml", "--config", "configs/variants/lora.yaml")
     for script in scripts.values():
         subprocess.run(["bash", "-n", str(script)], check=True)  # syntax
 
@@ -123,6 +151,59 @@ def test_local_runner_order_skip_and_failure(tmp_path: Path) -> None:
     assert local.run(pipeline, echo=messages.append) == 7
     assert trace.read_text().split() == ["first", "second-1", "second-2", "last", "last"]
     assert sum("skipped" in message for message in messages) == 3
+
+
+def test_in_process_runner_dispatches_divico_commands_here(tmp_path: Path) -> None:
+    """The walk of `divico run`: real `divico prep` commands, run by this process from the
+    pipeline's working directory; a rerun skips them; a failing one stops the walk with its status."""
+    path = write(tmp_path / "p.yaml", f"""\
+        root: {tmp_path}/run
+        stages:
+          synth:
+            sweep: {{seed: [0, 1]}}
+            command: divico prep synth --out data/${{seed}} --num-samples 3 --seed ${{seed}}
+            outputs: ["{tmp_path}/data/${{seed}}/llava_v1_5_mix665k.json"]
+          check:
+            after: [synth]
+            command: divico prep verify ${{root}}/no-shards
+            outputs: ["${{root}}/never"]
+        """)
+    pipeline = load_pipeline(path, workdir=tmp_path)
+    cwd = Path.cwd()
+    messages = []
+    assert local.run_in_process(pipeline, echo=messages.append) == 1  # verify's status: no shards there
+    assert Path.cwd() == cwd
+    first = (tmp_path / "data/0/llava_v1_5_mix665k.json").read_text()
+    assert first != (tmp_path / "data/1/llava_v1_5_mix665k.json").read_text()  # the seeds reached the command
+    assert messages[-1] == "== check check: failed with exit status 1"
+    messages.clear()
+    assert local.run_in_process(pipeline, echo=messages.append) == 1
+    assert sum("outputs complete, skipped" in message for message in messages) == 2
+
+
+def test_in_process_runner_refuses_shell_commands_before_running_any(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.yaml", f"""\
+        root: {tmp_path}/run
+        stages:
+          first:
+            command: divico prep synth --out {tmp_path}/data --num-samples 3
+            outputs: ["{tmp_path}/data/llava_v1_5_mix665k.json"]
+          second:
+            after: [first]
+            command: mkdir -p ${{root}} && touch ${{root}}/x
+            outputs: ["${{root}}/x"]
+        """)
+    with pytest.raises(PipelineError, match=r"stage second \(second\): .* must be a `divico ...` line, got: mkdir"):
+        local.run_in_process(load_pipeline(path, workdir=tmp_path))
+    assert not (tmp_path / "data").exists()
+
+
+def test_divico_run_names_a_bad_override(capsys) -> None:
+    from pipeline.cli import parse
+
+    args = parse(["run", "stages.base.train.config=[configs/debug/nope.yaml]"])
+    assert args.func(args) == EXIT_BAD_INPUT
+    assert "configs/debug/nope.yaml" in capsys.readouterr().err
 
 
 def run_script(script: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO):

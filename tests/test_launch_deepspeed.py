@@ -40,11 +40,11 @@ def test_launch_local_trains_through_the_deepspeed_launcher(tmp_path: Path, tiny
             train:
               config: [configs/debug/tiny.yaml]
               overrides: [model.base={tiny_llava_dir}, data.shards={shards}, "divico.tau=${{tau}}"]
-              output_dir: ${{root}}/divico/tau-${{tau}}
+              output_dir: ${{root}}/${{run_name:divico,${{tau}}}}
             resources: {{tasks_per_node: 2}}
           report:
             after: [divico]
-            command: cp ${{root}}/divico/tau-0.1111/train_summary.json ${{root}}/report.json
+            command: cp ${{root}}/divico-tau111/train_summary.json ${{root}}/report.json
             outputs: ["${{root}}/report.json"]
         """))
     args = ["divico", "launch", "local", "--config", str(pipeline)]
@@ -52,10 +52,10 @@ def test_launch_local_trains_through_the_deepspeed_launcher(tmp_path: Path, tiny
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     assert json.loads((run / "report.json").read_text())["steps"] == 8
-    rank_logs = sorted((run / "logs/divico/tau-0.1111").glob("*_rank*.log"))
+    rank_logs = sorted((run / "logs/divico/tau111").glob("*_rank*.log"))
     assert [p.name.split("_")[-1] for p in rank_logs] == ["rank0.log", "rank1.log"]
     assert "checkpoint written" in rank_logs[0].read_text()
-    assert list((run / "tensorboard/divico-tau-0.1111").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard/divico-tau111").glob("events.out.tfevents.*"))
     assert f"TensorBoard: tensorboard --logdir {run / 'tensorboard'}" in result.stdout
 
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -1,21 +1,30 @@
-"""`divico run` (the embedded default) at a toy size: every stage runs, the summary prints, and a
-rerun skips what is complete."""
+"""`divico run` (the embedded default) at a toy size: every stage of configs/pipelines/demo.yaml
+runs in one process, the summary prints the evaluations, and a rerun touches nothing."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from train_helpers import run
 
+from launch.stages import load_pipeline
+from pipeline.run import DEMO
+
 pytestmark = pytest.mark.slow
 
+SIZES = ["vars.train.samples=48", "vars.finetune.samples=16", "vars.heldout.samples=16", "vars.taus=[0.111]"]
 
-def test_divico_run_trains_every_stage_evaluates_and_skips_them_on_rerun(tmp_path):
+
+def files(root: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
+
+
+def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tmp_path):
     root = tmp_path / "demo"
-    args = ["run", "--root", str(root), "--train-samples", "48", "--finetune-samples", "16",
-            "--heldout-samples", "16", "--taus", "0.111"]
+    args = ["run", "--root", str(root), *SIZES]
     first = run(args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in ("base", "divico-tau111"):
@@ -29,15 +38,22 @@ def test_divico_run_trains_every_stage_evaluates_and_skips_them_on_rerun(tmp_pat
     assert towers["tiny_llava"] and towers["tiny_llava"].keys() == towers["base/model"].keys()
     assert any(not towers["tiny_llava"][k].equal(towers["base/model"][k]) for k in towers["tiny_llava"])
     assert all(towers["base/model"][k].equal(towers["divico-tau111/model"][k]) for k in towers["base/model"])
-    for name in ("base", "fastv-tau111", "divico-tau111"):
-        result = json.loads((root / "eval" / f"{name}.json").read_text())
-        assert result["samples"] == 16 and 0 <= result["accuracy"] <= 1
-    assert json.loads((root / "eval" / "divico-tau111.json").read_text())["visual_tokens_kept"] == 11
-    for column in ("accuracy", "chance", "divico-tau111", "fastv-tau111", "tensorboard --logdir"):
-        assert column in first.stdout
 
+    # One table row per evaluation, carrying that evaluation's own figures.
+    rows = {line.split("│")[1].strip(): line for line in first.stdout.splitlines() if line.count("│") > 5}
+    expected = {"base": ("none", 100), "fastv-tau111": ("fastv", 11), "divico-tau111": ("divico", 11)}
+    for name, (mode, kept) in expected.items():
+        result = json.loads((root / "eval" / f"{name}.json").read_text())
+        assert result["samples"] == 16 and result["mode"] == mode and result["visual_tokens_kept"] == kept
+        cells = [cell.strip() for cell in rows[name].split("│")]
+        assert f"{kept} / 100" in cells and f"{result['accuracy']:.1%}" in cells and f"{result['chance']:.1%}" in cells
+    assert rows["fastv-tau111"].split("│")[7].strip() == "-"  # no training run behind FastV
+    assert f"tensorboard --logdir {root / 'tensorboard'}" in first.stdout
+
+    before = files(root)
     again = run(args)
-    assert again.returncode == 0
-    assert "stage base: complete, skipped" in again.stderr
-    assert "stage divico-tau111: complete, skipped" in again.stderr
-    assert "Loading weights" not in again.stderr.split("complete, skipped")[0]  # nothing retrained
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    tasks = [task for stage in load_pipeline(DEMO, [f"root={root}", *SIZES]).stages for task in stage.tasks]
+    assert again.stdout.count("outputs complete, skipped") == len(tasks) == 14
+    assert files(root) == before  # nothing reloaded, retrained, re-exported or re-evaluated
+    assert rows["divico-tau111"] in again.stdout  # the same table
