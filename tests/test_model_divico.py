@@ -25,7 +25,7 @@ from pipeline.model.divico import (
     random_scores,
     select_visual_tokens,
 )
-from pipeline.model.settings import DiViCoConfig
+from pipeline.model.settings import GAP_ENCODERS, DiViCoConfig
 
 
 def test_kept_count_matches_the_paper():
@@ -129,7 +129,7 @@ def test_gap_encoder_init(init):
     truncated normal with std 0.001. init=zero zeroes exactly the mu half of fc2."""
     torch.manual_seed(0)
     d = 256
-    encoder = GapEncoder(d, init)
+    encoder = GapEncoder(d, DiViCoConfig(init=init))
     assert encoder.fc1.weight.shape == (d, 2 * d) and encoder.fc2.weight.shape == (2 * d, d)
     bound = math.sqrt(6 / (d + 2 * d))  # fan_in + fan_out, the same for both layers
     fc2_weight, fc2_bias = encoder.fc2.weight, encoder.fc2.bias
@@ -201,6 +201,27 @@ def test_parameter_free_encoder_in_the_slot_and_sigma():
     evaluated = module.eval()(hidden, image_mask, keep).hidden
     torch.testing.assert_close(evaluated[0, [1, 3]], hidden[0, [1, 3]] + mu, atol=0, rtol=0)
     assert torch.equal(evaluated[~keep], hidden[~keep])
+
+
+class HalfToken(nn.Module):
+    """A registered encoder (one line in GAP_ENCODERS): mu = -v_s / 2, sigma = sigma0."""
+
+    def __init__(self, hidden_size: int, config: DiViCoConfig) -> None:
+        super().__init__()
+
+    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: float) -> GapEstimate:
+        return GapEstimate(-selected / 2, torch.zeros_like(selected))
+
+
+def test_a_registered_encoder_is_built_by_name(monkeypatch):
+    monkeypatch.setitem(GAP_ENCODERS, "half", f"{__name__}:HalfToken")
+    module = DiViCo(DiViCoConfig(mode="divico", tau=0.5, encoder="half"), hidden_size=4)
+    assert isinstance(module.gap_encoder, HalfToken)
+    hidden, image_mask, keep = _two_kept_tokens()
+    torch.testing.assert_close(module.eval()(hidden, image_mask, keep).hidden[0, [1, 3]], hidden[0, [1, 3]] / 2)
+    assert isinstance(DiViCo(DiViCoConfig(mode="divico"), hidden_size=4).gap_encoder, GapEncoder)
+    with pytest.raises(ValueError, match=r"encoder='moe': expected one of \('mlp', 'half'\)"):
+        DiViCoConfig(encoder="moe").validate()
 
 
 @pytest.mark.parametrize("mode", ["divico", "point_estimate"])

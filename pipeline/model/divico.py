@@ -26,8 +26,9 @@ Modes (`DiViCoConfig.mode`):
 The gap-encoder slot: `DiViCo.gap_encoder` is any module called as
 `encoder(selected, pooled, keep_ratio=tau) -> GapEstimate(mu, log_ratio)` with `selected`
 and `pooled` of shape (T, d) (one row per kept token, `pooled` repeating its sample's v_p).
-A mixture-of-experts encoder (small/medium/large-rate experts and a router reading
-`keep_ratio`) replaces `GapEncoder` there without any other change.
+An encoder is chosen by `divico.encoder` from settings.GAP_ENCODERS ("module:Class", built as
+Class(hidden_size, config)): a mixture-of-experts encoder (small/medium/large-rate experts and a
+router reading `keep_ratio`) is one new file and one line there.
 
 Defaults reproduce the released code's numerics: g_theta = Linear(2d, d) -> tanh ->
 Linear(d, 2d), output split into mu and l = log(sigma^2 / sigma0^2), sigma0 = 0.075,
@@ -58,6 +59,7 @@ Deviations from the released code (each deliberate):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -66,7 +68,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from pipeline.model.settings import INITS, DiViCoConfig
+from pipeline.model.settings import GAP_ENCODERS, DiViCoConfig
 
 
 def kept_count(num_visual: int | torch.Tensor, tau: float) -> int | torch.Tensor:
@@ -95,13 +97,11 @@ class GapEncoder(nn.Module):
 
     param_group = "gap_encoder"  # trains at optim.encoder_lr (pipeline/train/build.py)
 
-    def __init__(self, hidden_size: int, init: str = "released") -> None:
+    def __init__(self, hidden_size: int, config: DiViCoConfig) -> None:
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"GapEncoder init={init!r}: expected one of {INITS}")
         self.fc1 = nn.Linear(2 * hidden_size, hidden_size)
         self.fc2 = nn.Linear(hidden_size, 2 * hidden_size)
-        self.init = init
+        self.init = config.init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -256,6 +256,12 @@ class Compression(NamedTuple):
     gap_stats: dict[str, torch.Tensor] | None
 
 
+def build_gap_encoder(config: DiViCoConfig, hidden_size: int) -> nn.Module:
+    """The encoder `config.encoder` names in GAP_ENCODERS, built for this hidden size."""
+    module, name = GAP_ENCODERS[config.encoder].split(":")
+    return getattr(importlib.import_module(module), name)(hidden_size, config)
+
+
 class DiViCo(nn.Module):
     """The compression step on layer K's input: writes v_s + v_c' over the kept visual
     tokens and returns the KL. Dropping the other tokens is the caller's (sequence
@@ -265,7 +271,7 @@ class DiViCo(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.gap_encoder = GapEncoder(hidden_size, config.init) if config.uses_gap_encoder else None
+        self.gap_encoder = build_gap_encoder(config, hidden_size) if config.uses_gap_encoder else None
 
     def select(self, scores: torch.Tensor | None, image_mask: torch.Tensor,
                sample_seeds: Sequence[int] | None = None) -> torch.Tensor:

@@ -12,6 +12,10 @@ MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
 INITS = ("released", "zero")
+# The gap encoders `divico.encoder` can name, as "module:Class"; each is built as
+# Class(hidden_size, config) and called as the DiViCo module's gap_encoder slot (divico.py's
+# docstring). A new encoder, such as the Mixture-of-Experts stage's, is one file plus one line here.
+GAP_ENCODERS = {"mlp": "pipeline.model.divico:GapEncoder"}
 
 
 @dataclass
@@ -31,11 +35,13 @@ class DiViCoConfig:
     # Gap-encoder init: "released" (xavier weights), or "zero": the mu half of the last layer
     # starts at zero, so training starts exactly at select_only instead of v_s + noise.
     init: str = "released"
+    encoder: str = "mlp"  # a key of GAP_ENCODERS: the released g_theta
     seed: int = 0  # random mode: seeds each image's draw of kept token slots
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ValueError naming the first bad setting."""
-        for name, choices in (("mode", MODES), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS)):
+        for name, choices in (("mode", MODES), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS),
+                              ("encoder", tuple(GAP_ENCODERS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DiViCoConfig.{name}={getattr(self, name)!r}: expected one of {choices}")
         if not 0.0 < self.tau <= 1.0:
