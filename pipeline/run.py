@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def standard_error(accuracy: float, questions: int) -> float:
+    """Binomial standard error of an accuracy measured on `questions` independent questions."""
+    return math.sqrt(accuracy * (1 - accuracy) / questions)
+
+
 def print_summary(pipeline: Pipeline, seconds: float) -> None:
     """One row per evaluation (base, FastV per tau, DiViCo per tau), with its training run's figures."""
     from rich.console import Console
@@ -63,7 +69,7 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
                for stage in EVAL_STAGES for task in pipeline.stage(stage).tasks}
     samples = next(iter(results.values()))["samples"]
     table = Table(title=f"divico run: held-out accuracy on {samples} synthetic questions")
-    for column in ("stage", "mode", "tau", "visual tokens kept", "accuracy", "chance", "final train loss",
+    for column in ("stage", "mode", "tau", "visual tokens kept", "accuracy", "± s.e.", "chance", "final train loss",
                    "train tokens/s", "eval tokens/s"):
         table.add_column(column, justify="left" if column in ("stage", "mode") else "right", no_wrap=True)
     for name, result in results.items():
@@ -73,9 +79,11 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
         table.add_row(name, MODES.get(result["mode"], result["mode"]),
                       f"{result['tau']:.3f}" if result["tau"] else "-",
                       f"{result['visual_tokens_kept']} / {result['visual_tokens']}",
-                      f"{result['accuracy']:.1%}", f"{result['chance']:.1%}",
+                      f"{result['accuracy']:.1%}", f"{standard_error(result['accuracy'], samples):.1%}",
+                      f"{result['chance']:.1%}",
                       f"{train['train/lm_loss']:.3f}" if train else "-",
                       f"{train['run/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer.\n"
+    print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer; "
+          f"s.e. = sqrt(p (1 - p) / n), n = {samples}: differences within about two of them are noise.\n"
           f"Models: {pipeline.root}/<stage>/model. TensorBoard: tensorboard --logdir {pipeline.tensorboard_dir}")

@@ -47,7 +47,9 @@ def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tm
         assert result["samples"] == 16 and result["mode"] == mode and result["visual_tokens_kept"] == kept
         cells = [cell.strip() for cell in rows[name].split("│")]
         assert f"{kept} / 100" in cells and f"{result['accuracy']:.1%}" in cells and f"{result['chance']:.1%}" in cells
-    assert rows["fastv-tau111"].split("│")[7].strip() == "-"  # no training run behind FastV
+        standard_error = (result["accuracy"] * (1 - result["accuracy"]) / result["samples"]) ** 0.5
+        assert cells[6] == f"{standard_error:.1%}"
+    assert rows["fastv-tau111"].split("│")[8].strip() == "-"  # no training run behind FastV
     assert f"tensorboard --logdir {root / 'tensorboard'}" in first.stdout
 
     before = files(root)
