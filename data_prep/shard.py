@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from data_prep import checks
 from pipeline.contract import MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
-from pipeline.durable import fsync_path
+from pipeline.durable import fsync_path, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -361,15 +361,6 @@ def _job_identity(cfg: ShardConfig, data_sha256: str) -> dict:
             "seed": cfg.seed, "shard_size": cfg.shard_size, "fast_validate": cfg.fast_validate}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
     """Create or reopen the output folder. Returns False when a finished job is there."""
     work = cfg.out / WORK_DIR
@@ -405,7 +396,7 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
             stale.unlink()
         return True
     work.mkdir(parents=True)
-    _atomic_write(work / "job.json", json.dumps(identity, indent=2))
+    write_text_atomically(work / "job.json", json.dumps(identity, indent=2))
     return True
 
 
@@ -517,9 +508,9 @@ def run_shard(cfg: ShardConfig) -> dict:
     log.info("wrote %d shards; %.1f s in all", len(shard_stats), time.perf_counter() - started)
     manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
                          [shard_stats[k] for k in sorted(shard_stats)])
-    _atomic_write(cfg.out / REJECTED_FILE, "".join(
+    write_text_atomically(cfg.out / REJECTED_FILE, "".join(
         json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in rejected))
-    _atomic_write(cfg.out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomically(cfg.out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(work)
     fsync_path(cfg.out)
     return manifest

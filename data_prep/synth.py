@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.contract import DATA_FILE, IMAGE_TOKEN
+from pipeline.durable import folder_written_whole
 
 log = logging.getLogger(__name__)
 
@@ -271,79 +271,75 @@ def generate(cfg: SynthConfig) -> Path:
     relative), so an interrupted run leaves no half dataset: running it again starts afresh."""
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise FileExistsError(f"{cfg.out} already holds files; choose an empty folder")
-    partial = cfg.out.with_name(cfg.out.name + ".tmp")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
-    rng = random.Random(cfg.seed)
-    size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
-    root = partial / "images"
-    outside = partial / "outside"   # targets of the escaping-path defects
-    for _, folder, _ in FOLDERS:
-        if folder:
-            (root / folder).mkdir(parents=True, exist_ok=True)
-    folders = FOLDERS if cfg.text_only else [f for f in FOLDERS if f[0] != "text"]
-    sources, weights = [f[:2] for f in folders], [f[2] for f in folders]
-    used: set[str] = set()
-    grains = grain_fields(rng, size) if cfg.realistic else []
-    earlier: list[tuple[str, str, dict]] = []   # (id, image, scene) that a repeat may reuse
-    entries: list[object] = []
-    for _ in range(cfg.num_samples):
-        defect = rng.choice(DEFECTS) if rng.random() < cfg.defects else None
-        source, folder = rng.choices(sources, weights)[0]
-        if source == "text":
-            text_defect = defect if defect in ("not_object", "empty_value", "bad_role_order",
-                                               "marker_without_image") else None
-            entry = {"id": _sharegpt_id(rng), "model": "",
-                     "conversations": conversation(rng, text_only_turns(rng), with_image=False)}
-            entries.append(_apply_entry_defect(rng, text_defect, entry) if text_defect else entry)
-            continue
-        if earlier and rng.random() < 0.03 and defect is None:
-            # The real file asks several datasets' questions about the same image (same id).
-            entry_id, image, cells = rng.choice(earlier)
-            qa = scene_questions(rng, cells, 1)
-            entries.append({"id": entry_id, "image": image,
-                            "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)})
-            continue
-        entry_id, image = _image_name(rng, source, folder, used)
-        background = textured_background(rng, size, grains) if cfg.realistic else None
-        reading = rng.random() < (0.5 if source in ("ocr_vqa", "textvqa") else 0.02)
-        if reading:
-            word = rng.choice(WORDS)
-            picture = draw_word(word, size, background)
-            qa = [("What word is written in the image?", word)]
-        else:
-            cells = random_scene(rng)
-            picture = draw_scene(cells, size, background)
-            qa = scene_questions(rng, cells, rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0])
-            earlier.append((entry_id, image, cells))
-        entry = {"id": entry_id, "image": image,
-                 "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)}
-
-        fmt = {"gif_as_jpg": "GIF", "png_as_jpg": "PNG"}.get(defect, "JPEG")
-        data = encode(picture, fmt, cfg.jpeg_quality)
-        target = root / image
-        if defect == "missing_file":
-            pass
-        elif defect == "empty_file":
-            target.write_bytes(b"")
-        elif defect == "truncated_jpeg":
-            target.write_bytes(data[:len(data) * 3 // 5])
-        elif defect in ("absolute_path", "dotdot_path", "symlink_outside"):
-            (outside / folder).mkdir(parents=True, exist_ok=True)
-            (outside / image).write_bytes(data)
-            if defect == "absolute_path":
-                entry["image"] = "/" + image
-            elif defect == "dotdot_path":
-                entry["image"] = f"{folder}/../../../outside/{image}"
+    with folder_written_whole(cfg.out) as partial:
+        rng = random.Random(cfg.seed)
+        size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
+        root = partial / "images"
+        outside = partial / "outside"   # targets of the escaping-path defects
+        for _, folder, _ in FOLDERS:
+            if folder:
+                (root / folder).mkdir(parents=True, exist_ok=True)
+        folders = FOLDERS if cfg.text_only else [f for f in FOLDERS if f[0] != "text"]
+        sources, weights = [f[:2] for f in folders], [f[2] for f in folders]
+        used: set[str] = set()
+        grains = grain_fields(rng, size) if cfg.realistic else []
+        earlier: list[tuple[str, str, dict]] = []   # (id, image, scene) that a repeat may reuse
+        entries: list[object] = []
+        for _ in range(cfg.num_samples):
+            defect = rng.choice(DEFECTS) if rng.random() < cfg.defects else None
+            source, folder = rng.choices(sources, weights)[0]
+            if source == "text":
+                text_defect = defect if defect in ("not_object", "empty_value", "bad_role_order",
+                                                   "marker_without_image") else None
+                entry = {"id": _sharegpt_id(rng), "model": "",
+                         "conversations": conversation(rng, text_only_turns(rng), with_image=False)}
+                entries.append(_apply_entry_defect(rng, text_defect, entry) if text_defect else entry)
+                continue
+            if earlier and rng.random() < 0.03 and defect is None:
+                # The real file asks several datasets' questions about the same image (same id).
+                entry_id, image, cells = rng.choice(earlier)
+                qa = scene_questions(rng, cells, 1)
+                entries.append({"id": entry_id, "image": image,
+                                "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)})
+                continue
+            entry_id, image = _image_name(rng, source, folder, used)
+            background = textured_background(rng, size, grains) if cfg.realistic else None
+            reading = rng.random() < (0.5 if source in ("ocr_vqa", "textvqa") else 0.02)
+            if reading:
+                word = rng.choice(WORDS)
+                picture = draw_word(word, size, background)
+                qa = [("What word is written in the image?", word)]
             else:
-                depth = len(Path(image).parts) - 1
-                os.symlink("../" * (depth + 1) + f"outside/{image}", target)
-        else:
-            target.write_bytes(data)
-        entries.append(_apply_entry_defect(rng, defect, entry) if defect else entry)
+                cells = random_scene(rng)
+                picture = draw_scene(cells, size, background)
+                qa = scene_questions(rng, cells, rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0])
+                earlier.append((entry_id, image, cells))
+            entry = {"id": entry_id, "image": image,
+                     "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)}
 
-    (partial / DATA_FILE).write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
-    if cfg.out.exists():
-        cfg.out.rmdir()  # empty, checked above
-    partial.rename(cfg.out)
+            fmt = {"gif_as_jpg": "GIF", "png_as_jpg": "PNG"}.get(defect, "JPEG")
+            data = encode(picture, fmt, cfg.jpeg_quality)
+            target = root / image
+            if defect == "missing_file":
+                pass
+            elif defect == "empty_file":
+                target.write_bytes(b"")
+            elif defect == "truncated_jpeg":
+                target.write_bytes(data[:len(data) * 3 // 5])
+            elif defect in ("absolute_path", "dotdot_path", "symlink_outside"):
+                (outside / folder).mkdir(parents=True, exist_ok=True)
+                (outside / image).write_bytes(data)
+                if defect == "absolute_path":
+                    entry["image"] = "/" + image
+                elif defect == "dotdot_path":
+                    entry["image"] = f"{folder}/../../../outside/{image}"
+                else:
+                    depth = len(Path(image).parts) - 1
+                    os.symlink("../" * (depth + 1) + f"outside/{image}", target)
+            else:
+                target.write_bytes(data)
+            entries.append(_apply_entry_defect(rng, defect, entry) if defect else entry)
+
+        (partial / DATA_FILE).write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     log.info("wrote %d entries to %s and images under %s", len(entries), cfg.out / DATA_FILE, cfg.out / "images")
     return cfg.out / DATA_FILE

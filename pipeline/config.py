@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from pipeline.contract import MANIFEST_FILE
 from pipeline.data.settings import CollatorSettings
 from pipeline.model.settings import DiViCoConfig
 
@@ -210,7 +211,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
     except ValueError as error:
         raise ConfigError(f"data: {error}") from error
     try:
-        divico = divico_config(cfg)
+        divico = cfg.divico  # typed by load_config; the choices and ranges are validate's
         divico.validate()
     except ValueError as error:
         raise ConfigError(f"divico: {error}") from error
@@ -222,20 +223,12 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         return
     if not Path(t.deepspeed_config).is_file():
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config}: file not found")
-    manifest = Path(d.shards) / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(f"data.shards={d.shards}: no manifest.json (run `divico prep shard` first)")
+    if not (Path(d.shards) / MANIFEST_FILE).is_file():
+        raise ConfigError(f"data.shards={d.shards}: no {MANIFEST_FILE} (run `divico prep shard` first)")
     layers = num_decoder_layers(model_config_json(m.base))
     if not 1 <= divico.layer <= layers - 1:
         raise ConfigError(f"divico.layer={divico.layer}: K must be in [1, {layers - 1}] for "
                           f"{m.base} ({layers} decoder layers)")
-
-
-def divico_config(cfg: RunConfig) -> DiViCoConfig:
-    """The run's DiViCo settings. load_config has already typed them (omegaconf converts
-    `divico.beta=nan` and rejects unknown keys and wrong types); the choices and ranges are
-    DiViCoConfig.validate's."""
-    return cfg.divico
 
 
 def collator_config(cfg: RunConfig):

@@ -27,7 +27,7 @@ def test_export_reloads_with_from_pretrained_matches_the_checkpoint_and_generate
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.config import divico_config, load_config
+    from pipeline.config import load_config
     from pipeline.model.compressed_llava import CompressedLlava
 
     folder = tmp_path / "exported"
@@ -44,7 +44,7 @@ def test_export_reloads_with_from_pretrained_matches_the_checkpoint_and_generate
     ckpt = latest_checkpoint(trained)
     cfg = load_config([ckpt / "config.yaml"])
     peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir), ckpt / "adapter")
-    reference = CompressedLlava(peft, divico_config(cfg))
+    reference = CompressedLlava(peft, cfg.divico)
     load_trainables(reference, ckpt)
     reference.eval()
 

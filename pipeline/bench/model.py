@@ -44,8 +44,9 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from pipeline.contract import EXIT_BAD_INPUT, TAUS
 from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
-from pipeline.model.divico import DiViCoConfig, ProjectionCapture, kept_count, query_attention_scores
+from pipeline.model.divico import ProjectionCapture, kept_count, query_attention_scores
 from pipeline.model.flops import DecoderGeometry, compressed_length, theory_ratio
+from pipeline.model.settings import DiViCoConfig
 from pipeline.model.tiny import LLAVA_IMAGE_TOKEN_ID, llava_7b_config
 
 

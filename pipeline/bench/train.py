@@ -22,8 +22,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from pipeline.contract import EXIT_BAD_INPUT, IGNORE_INDEX
 from pipeline.device import default_dtype, resolve_device
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import DiViCoConfig
+from pipeline.model.settings import DiViCoConfig
 from pipeline.model.tiny import llava_7b_config
+from pipeline.train.build import lora_targets
 
 K = 2  # the layer DiViCo compresses at, as in the paper
 
@@ -51,9 +52,7 @@ def build(mode: str, tau: float, config: LlavaConfig, device: str, dtype: torch.
         llava = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     llava.config._attn_implementation = "sdpa"
     llava.requires_grad_(False)
-    targets = [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
-               if isinstance(module, torch.nn.Linear)]
-    model = get_peft_model(llava, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    model = get_peft_model(llava, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(llava)))
     llava.model.multi_modal_projector.requires_grad_(True)
     return CompressedLlava(model, DiViCoConfig(mode=mode, tau=tau, layer=K)).to(device).train()
 

@@ -39,7 +39,7 @@ from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, EXIT_BA
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
-from pipeline.durable import fsync_path
+from pipeline.durable import write_text_atomically
 from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
@@ -208,17 +208,6 @@ def print_result(result: EvalResult) -> None:
                   f"visual tokens kept per image: {result.visual_tokens_kept} of {result.visual_tokens}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`text` under a temporary name, flushed, then renamed: `path` exists only when complete
-    (a stage graph reads --out as the stage's completion marker)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(text)
-    fsync_path(partial)
-    partial.replace(path)
-    fsync_path(path.parent)
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="answer accuracy of a model on a held-out set",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,7 +236,7 @@ def command(args: argparse.Namespace) -> int:
         args.predictions.parent.mkdir(parents=True, exist_ok=True)
         args.predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
     if args.out:
-        write_atomically(args.out, json.dumps(result.summary(), indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(result.summary(), indent=2) + "\n")
     if args.json:
         print(json.dumps(result.summary()))
     else:

@@ -57,7 +57,6 @@ from pipeline.contract import DIVICO_FORMAT_VERSION, DIVICO_SETTINGS_FILE, DIVIC
 from pipeline.model.divico import DiViCo, ProjectionCapture, image_seed, query_attention_scores
 from pipeline.model.settings import DiViCoConfig
 
-SETTINGS_FILE = DIVICO_SETTINGS_FILE  # kept for pipeline/eval/evaluate.py's import; new code uses contract's
 # transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
 # layers from past_key_values (removed in 5.40) to cache: pass it under the installed name.
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from pipeline.contract import EXIT_BAD_INPUT, IMAGE_TOKEN
+from pipeline.durable import folder_written_whole
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,8 @@ def write_tiny_llava(out_dir: Path, fit_text: str = "") -> Path:
     if (out_dir / "config.json").is_file():
         log.info("tiny model: %s already holds a model, skipped", out_dir)
         return out_dir
-    partial = out_dir.with_name(f"{out_dir.name}.tmp")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
-    save_tiny_llava(partial, extra_text=fit_text)
-    partial.rename(out_dir)
+    with folder_written_whole(out_dir) as partial:
+        save_tiny_llava(partial, extra_text=fit_text)
     log.info("tiny model: wrote %s", out_dir)
     return out_dir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import OptimConfig, RunConfig, collator_config, divico_config
+from pipeline.config import OptimConfig, RunConfig, collator_config
 from pipeline.train.distributed import TrainingError
 
 
@@ -30,6 +30,13 @@ def attn_implementation(requested: str, on_gpu: bool) -> str:
     import importlib.util
 
     return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def lora_targets(llava: torch.nn.Module) -> list[str]:
+    """Every linear layer of the language model (LLaVA-1.5's recipe; 4-bit ones under QLoRA):
+    not lm_head, not the vision tower, not the projector."""
+    return [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear4bit")]
 
 
 def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltModel:
@@ -57,12 +64,8 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
 
         if m.qlora:
             llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=m.gradient_checkpointing)
-        # Every linear layer of the language model (LLaVA-1.5's recipe): not lm_head, not the
-        # vision tower, not the projector.
-        targets = [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
-                   if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear4bit")]
         peft_model = get_peft_model(llava, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                      target_modules=targets, bias="none"))
+                                                      target_modules=lora_targets(llava), bias="none"))
     else:
         llava.model.language_model.requires_grad_(True)
         llava.lm_head.requires_grad_(True)
@@ -71,7 +74,7 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
     if m.gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    divico = divico_config(cfg)
+    divico = cfg.divico
     model = CompressedLlava(peft_model or llava, divico)
     model.train()
     param_groups = parameter_groups(model, llava, o)

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, TRAINABLES_FILE
+from pipeline.durable import folder_written_whole
 from pipeline.train import checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
 def export(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.config import ConfigError, divico_config, load_config
+    from pipeline.config import ConfigError, load_config
     from pipeline.model.compressed_llava import CompressedLlava
 
     ckpt, out = resolve_checkpoint(source), Path(out)
@@ -103,15 +104,13 @@ def export(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bf
             model = PeftModel.from_pretrained(llava, str(adapter))
         except (OSError, ValueError, SafetensorError) as error:  # damaged, in a checkpoint without checksums
             raise checkpoint.CheckpointError(f"{adapter}: cannot load the LoRA adapter: {error}") from error
-    wrapper = CompressedLlava(model, divico_config(cfg))
+    wrapper = CompressedLlava(model, cfg.divico)
     checkpoint.load_trainables(wrapper, ckpt)  # names as in the training model
-    partial = out.with_name(out.name + ".tmp")
-    shutil.rmtree(partial, ignore_errors=True)
-    wrapper.save_divico(partial)
-    merged = model.merge_and_unload() if model is not llava else llava
-    merged.to(dtype).save_pretrained(partial)
-    processor.save_pretrained(partial)
-    shutil.copy(ckpt / "config.yaml", partial / "train_config.yaml")
-    partial.rename(out)
+    with folder_written_whole(out) as partial:
+        wrapper.save_divico(partial)
+        merged = model.merge_and_unload() if model is not llava else llava
+        merged.to(dtype).save_pretrained(partial)
+        processor.save_pretrained(partial)
+        shutil.copy(ckpt / "config.yaml", partial / "train_config.yaml")
     log.info("exported %s -> %s", ckpt, out)
     return out

@@ -259,14 +259,7 @@ def fit(run: Run) -> int:
             keys_this_step += keys
             out = engine(**_to_device(batch, engine))
             engine.backward(out.loss)
-            kl = out.kl.detach() if out.kl is not None else torch.zeros(())
-            lm = out.lm_loss.detach() if out.lm_loss is not None else out.loss.detach()
-            sums[[_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES]] += torch.tensor(
-                [out.loss.item(), lm.item(), kl.item(), 1, batch["num_tokens"], len(keys)], dtype=torch.float64)
-            sums[_NONFINITE] += 0 if torch.isfinite(out.loss).item() else 1
-            if out.gap_stats is not None:
-                sums[[_MU_OVER_VS, _SIGMA, _GAP_MICRO]] += torch.tensor(
-                    [out.gap_stats["mu_over_vs"].item(), out.gap_stats["sigma"].item(), 1], dtype=torch.float64)
+            sums += _micro_batch_sums(out, num_tokens=batch["num_tokens"], samples=len(keys))
             if micro < accumulation - 1:
                 engine.step()
         sums[_PREEMPT] = float(preemption_requested())
@@ -307,6 +300,24 @@ def fit(run: Run) -> int:
     if run.rank == 0 and not finished:
         log.info("stopped after train.max_steps at step %d/%d; continue with --resume auto", step, run.total_steps)
     return 0
+
+
+def _micro_batch_sums(out, *, num_tokens: int, samples: int) -> torch.Tensor:
+    """One micro-batch's contribution to the step's sums. The device values travel to the host
+    together, in one copy: a GPU waits once per micro-batch, not once per figure."""
+    loss = out.loss.detach().float()
+    zero = loss.new_zeros(())
+    gap = out.gap_stats or {}
+    on_device = torch.stack([loss, out.lm_loss.detach().float() if out.lm_loss is not None else loss,
+                             out.kl.detach().float() if out.kl is not None else zero, (~torch.isfinite(loss)).float(),
+                             gap.get("mu_over_vs", zero), gap.get("sigma", zero)])
+    loss, lm, kl, nonfinite, mu_over_vs, sigma = on_device.tolist()
+    sums = torch.zeros(_NUM_SUMS, dtype=torch.float64)
+    sums[[_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE]] = torch.tensor(
+        [loss, lm, kl, 1, num_tokens, samples, nonfinite], dtype=torch.float64)
+    if gap:  # text-only batches and modes without a gap encoder do not count towards its means
+        sums[[_MU_OVER_VS, _SIGMA, _GAP_MICRO]] = torch.tensor([mu_over_vs, sigma, 1], dtype=torch.float64)
+    return sums
 
 
 def _start_loader(loader: torch.utils.data.DataLoader):
