@@ -60,13 +60,37 @@ def standard_error(accuracy: float, questions: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / questions)
 
 
+def paired_table(prediction_files: dict[str, Path]):
+    """Each compressed model against FastV at its tau and against the base, on the same questions
+    (`prediction_files`: each evaluation's per-question answers, by its name)."""
+    from rich.table import Table
+
+    from pipeline.eval.score import paired_difference
+
+    def predictions(name: str) -> list[dict]:
+        return [json.loads(line) for line in prediction_files[name].read_text().splitlines()]
+
+    table = Table(title="paired on the same questions: accuracy difference ± its s.e.")
+    for column in ("A vs B", "A - B", "± s.e.", "only A right", "only B right"):
+        table.add_column(column, justify="left" if column == "A vs B" else "right", no_wrap=True)
+    for name in prediction_files:
+        method, _, tau = name.partition("-")
+        against = (["fastv-" + tau] if method == "divico" else []) + (["base"] if tau else [])
+        for other in against:
+            paired = paired_difference(predictions(name), predictions(other))
+            table.add_row(f"{name} vs {other}", f"{paired.difference:+.1%}", f"{paired.standard_error:.1%}",
+                          str(paired.only_first), str(paired.only_second))
+    return table
+
+
 def print_summary(pipeline: Pipeline, seconds: float) -> None:
     """One row per evaluation (base, FastV per tau, DiViCo per tau), with its training run's figures."""
     from rich.console import Console
     from rich.table import Table
 
-    results = {task.outputs[0].stem: json.loads(task.outputs[0].read_text())
-               for stage in EVAL_STAGES for task in pipeline.stage(stage).tasks}
+    # demo.yaml: each eval's outputs are its summary (named after the run it evaluates) and its answers.
+    tasks = {task.outputs[0].stem: task for stage in EVAL_STAGES for task in pipeline.stage(stage).tasks}
+    results = {name: json.loads(task.outputs[0].read_text()) for name, task in tasks.items()}
     samples = next(iter(results.values()))["samples"]
     table = Table(title=f"divico run: held-out accuracy on {samples} synthetic questions")
     for column in ("stage", "mode", "tau", "visual tokens kept", "accuracy", "± s.e.", "chance", "final train loss",
@@ -83,7 +107,9 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
                       f"{result['chance']:.1%}",
                       f"{train['train/lm_loss']:.3f}" if train else "-",
                       f"{train['run/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(paired_table({name: task.outputs[1] for name, task in tasks.items()}))
     print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer; "
           f"s.e. = sqrt(p (1 - p) / n), n = {samples}: differences within about two of them are noise.\n"
           f"Models: {pipeline.root}/<stage>/model. TensorBoard: tensorboard --logdir {pipeline.tensorboard_dir}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.eval.score import SCORERS, exact_match, normalize_answer, score
+from pipeline.eval.score import SCORERS, exact_match, normalize_answer, paired_difference, score
 
 
 @pytest.mark.parametrize("text, normalized", [
@@ -64,3 +64,18 @@ def test_the_scorer_decides_correct_and_chance():
 def test_nothing_to_score_is_an_error():
     with pytest.raises(ValueError, match="no predictions"):
         score([])
+
+
+def test_paired_difference_on_the_same_questions():
+    """Six questions: both right on 2, only the first on 3, only the second on 1, in another order."""
+    first = [{"key": k, "correct": c} for k, c in zip("abcdef", [1, 1, 1, 1, 1, 0])]
+    second = [{"key": k, "correct": c} for k, c in zip("fedcba", [1, 0, 0, 0, 1, 1])]
+    paired = paired_difference(first, second)
+    differences = [0, 0, 1, 1, 1, -1]  # a..f: first minus second
+    mean = sum(differences) / 6
+    spread = (sum((d - mean) ** 2 for d in differences) / 5) ** 0.5
+    assert (paired.questions, paired.only_first, paired.only_second) == (6, 3, 1)
+    assert paired.difference == pytest.approx(2 / 6)
+    assert paired.standard_error == pytest.approx(spread / 6 ** 0.5)
+    with pytest.raises(ValueError, match="not on the same questions"):
+        paired_difference(first, second[:-1])

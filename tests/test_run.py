@@ -50,6 +50,14 @@ def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tm
         standard_error = (result["accuracy"] * (1 - result["accuracy"]) / result["samples"]) ** 0.5
         assert cells[6] == f"{standard_error:.1%}"
     assert rows["fastv-tau111"].split("│")[8].strip() == "-"  # no training run behind FastV
+    # DiViCo against FastV at the same tau, question by question, from the two evaluations' answers.
+    answers = {name: {row["key"]: row["correct"] for row in map(json.loads, (root / "eval" / f"{name}.jsonl").open())}
+               for name in ("divico-tau111", "fastv-tau111")}
+    only = [sum(answers[a][key] and not answers[b][key] for key in answers[a])
+            for a, b in (("divico-tau111", "fastv-tau111"), ("fastv-tau111", "divico-tau111"))]
+    cells = [[cell.strip() for cell in line.split("│")] for line in first.stdout.splitlines()]
+    paired = next(row for row in cells if row[1:2] == ["divico-tau111 vs fastv-tau111"])
+    assert paired[4:6] == [str(only[0]), str(only[1])]
     assert f"tensorboard --logdir {root / 'tensorboard'}" in first.stdout
 
     before = files(root)

@@ -7,6 +7,7 @@ the `scorer=` key: a new scorer is a function in its own module plus one line he
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter, defaultdict
@@ -67,3 +68,29 @@ def score(predictions: list[dict[str, Any]], scorer: Scorer = exact_match) -> Sc
                          "chance": chance / len(group), "majority_answer": majority_answer}
     return Scores(accuracy=sum(p["correct"] for p in predictions) / len(predictions),
                   chance=chance_total / len(predictions), by_type=by_type)
+
+
+@dataclass
+class PairedDifference:
+    """Two models' accuracies compared question by question on the same questions."""
+
+    questions: int
+    difference: float  # accuracy of the first minus accuracy of the second
+    standard_error: float  # of that difference: the per-question differences' spread / sqrt(n)
+    only_first: int  # questions only the first answers correctly
+    only_second: int
+
+
+def paired_difference(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> PairedDifference:
+    """Compare two sets of scored predictions (rows with "key" and "correct", as `score` leaves
+    them) on the same questions. Pairing removes what the questions share (their difficulty),
+    so the standard error is that of the per-question differences, not of two independent means."""
+    correct = {row["key"]: bool(row["correct"]) for row in second}
+    if len(correct) != len(second) or sorted(correct) != sorted(row["key"] for row in first):
+        raise ValueError("paired_difference: the two sets of predictions are not on the same questions")
+    differences = [int(row["correct"]) - int(correct[row["key"]]) for row in first]
+    n = len(differences)
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
+    return PairedDifference(questions=n, difference=mean, standard_error=math.sqrt(variance / n),
+                            only_first=differences.count(1), only_second=differences.count(-1))
