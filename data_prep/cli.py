@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.synth import TASKS
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
                        help="share of entries given one of the real file's defects (0-1)")
     synth.add_argument("--realistic", action="store_true",
                        help="640x480 textured JPEGs of about 100 KB (benchmarks), not 336x336")
+    synth.add_argument("--task", choices=TASKS, default="shapes",
+                       help="shapes: a few large shapes (the demo's first task); grid: a 6x6 grid of small objects "
+                            "and questions that need specific cells (data_prep/grid.py; `divico bench accuracy`)")
+    synth.add_argument("--questions", type=int, default=None, metavar="N",
+                       help="grid task: N questions per image, their kinds in turn (held-out sets: 1); "
+                            "default: 1-4, drawn as the real file's turn counts")
     synth.set_defaults(func=_synth)
 
     shard = commands.add_parser("shard", help="validate entries + images and write webdataset shards")
@@ -52,9 +59,13 @@ def _synth(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         print(f"error: --num-samples {args.num_samples}: must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.questions is not None and (args.questions < 1 or args.task != "grid"):
+        print(f"error: --questions {args.questions}: must be >= 1, with --task grid", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         path = generate(SynthConfig(out=args.out, num_samples=args.num_samples, seed=args.seed,
-                                    defects=args.defects, realistic=args.realistic))
+                                    defects=args.defects, realistic=args.realistic, task=args.task,
+                                    questions=args.questions))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -306,6 +306,8 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Shar
             meta = {"id": sample.id, "index": sample.index, "source": sample.source,
                     "image": sample.image, "width": sample.width, "height": sample.height,
                     "conversations": entry["conversations"]}
+            if isinstance(entry.get("question_type"), str):  # evaluation sets may label their questions
+                meta["question_type"] = entry["question_type"]
             tar.add(f"{key}.json", _json.encode(meta).encode())
             if sample.image is not None:
                 info = checks.ImageInfo(sample.width, sample.height, sample.ext,

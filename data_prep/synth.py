@@ -15,6 +15,11 @@ Answers come from small vocabularies (4 colours, 3 shapes, counts 1-3, yes/no, 8
 chance level is clear. About 6% of entries are text-only (arithmetic, word questions).
 Sources, folder names, id styles and the <image> placement follow the real file.
 
+`--task grid` writes the grid task instead (data_prep/grid.py: a 6x6 grid of small objects and
+questions that need specific cells, for `divico bench accuracy`): image entries only, each with
+its first question's kind as "question_type", `--questions N` per image (kinds in turn, so a
+held-out set of N = 1 is balanced across kinds) or 1-4 as above.
+
 `--defects RATE` gives that share of entries one of the real file's defects (see DEFECTS);
 GIF/PNG bytes under .jpg names are valid images the shard step must convert, the rest must
 be rejected. Everything is drawn from one seeded generator: same seed, same bytes.
@@ -33,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_prep import grid
 from pipeline.contract import DATA_FILE, IMAGE_TOKEN
 from pipeline.durable import folder_written_whole
 
@@ -73,6 +79,11 @@ class SynthConfig:
     realistic: bool = False   # textured 640x480 photos-sized JPEGs (~100 KB) for benchmarks
     jpeg_quality: int = 90
     text_only: bool = True    # include the ~6% text-only entries (benchmarks want images only)
+    task: str = "shapes"      # or "grid" (TASKS)
+    questions: int | None = None  # grid: questions per image (None: 1-4 as the real file's turns)
+
+
+TASKS = ("shapes", "grid")
 
 
 # ---------------------------------------------------------------------------- images
@@ -272,14 +283,19 @@ def generate(cfg: SynthConfig) -> Path:
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise FileExistsError(f"{cfg.out} already holds files; choose an empty folder")
     with folder_written_whole(cfg.out) as partial:
+        if cfg.task not in TASKS:
+            raise ValueError(f"task {cfg.task!r}: expected one of {TASKS}")
         rng = random.Random(cfg.seed)
         size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
+        if cfg.task == "grid":
+            size = (grid.IMAGE_SIZE, grid.IMAGE_SIZE)
         root = partial / "images"
         outside = partial / "outside"   # targets of the escaping-path defects
         for _, folder, _ in FOLDERS:
             if folder:
                 (root / folder).mkdir(parents=True, exist_ok=True)
-        folders = FOLDERS if cfg.text_only else [f for f in FOLDERS if f[0] != "text"]
+        folders = FOLDERS if cfg.text_only and cfg.task == "shapes" else [f for f in FOLDERS if f[0] != "text"]
+        asked = 0  # grid questions so far: their kinds go in turn
         sources, weights = [f[:2] for f in folders], [f[2] for f in folders]
         used: set[str] = set()
         grains = grain_fields(rng, size) if cfg.realistic else []
@@ -295,7 +311,7 @@ def generate(cfg: SynthConfig) -> Path:
                          "conversations": conversation(rng, text_only_turns(rng), with_image=False)}
                 entries.append(_apply_entry_defect(rng, text_defect, entry) if text_defect else entry)
                 continue
-            if earlier and rng.random() < 0.03 and defect is None:
+            if earlier and rng.random() < 0.03 and defect is None and cfg.task == "shapes":
                 # The real file asks several datasets' questions about the same image (same id).
                 entry_id, image, cells = rng.choice(earlier)
                 qa = scene_questions(rng, cells, 1)
@@ -305,7 +321,16 @@ def generate(cfg: SynthConfig) -> Path:
             entry_id, image = _image_name(rng, source, folder, used)
             background = textured_background(rng, size, grains) if cfg.realistic else None
             reading = rng.random() < (0.5 if source in ("ocr_vqa", "textvqa") else 0.02)
-            if reading:
+            kind = None
+            if cfg.task == "grid":
+                scene = grid.random_scene(rng)
+                picture = grid.draw(scene, background)
+                count = cfg.questions or rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0]
+                kinds = [grid.QUESTION_KINDS[(asked + i) % len(grid.QUESTION_KINDS)] for i in range(count)]
+                asked += count
+                qa = [grid.question(rng, scene, kind) for kind in kinds]
+                kind = grid.kind_of(qa[0][0])
+            elif reading:
                 word = rng.choice(WORDS)
                 picture = draw_word(word, size, background)
                 qa = [("What word is written in the image?", word)]
@@ -316,6 +341,8 @@ def generate(cfg: SynthConfig) -> Path:
                 earlier.append((entry_id, image, cells))
             entry = {"id": entry_id, "image": image,
                      "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)}
+            if kind is not None:
+                entry["question_type"] = kind
 
             fmt = {"gif_as_jpg": "GIF", "png_as_jpg": "PNG"}.get(defect, "JPEG")
             data = encode(picture, fmt, cfg.jpeg_quality)
