@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import question_type, read_samples
-from pipeline.eval.main import evaluate, load_model, main
+from pipeline.eval.main import evaluate, llava_of, load_model, main
 from pipeline.eval.score import normalize_answer
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.settings import DiViCoConfig
@@ -216,10 +218,115 @@ def test_divico_eval_command_writes_the_summary(tiny_llava_dir, eval_json, capsy
     assert json.loads(out.read_text()) == printed and list(out.parent.iterdir()) == [out]  # no temporary left
     assert printed["samples"] == 4 and printed["visual_tokens"] == 100 and "predictions" not in printed
     assert set(printed) == {"samples", "accuracy", "chance", "by_type", "tokens_per_s", "samples_per_s",
-                            "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau"}
+                            "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau",
+                            "divico_seed", "image_noise", "noise_seed", "tags"}
+    assert (printed["divico_seed"], printed["image_noise"], printed["noise_seed"], printed["tags"]) == (None, 0, 0, {})
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     assert [a["answer"] for a in answers] == COLOR_ANSWERS[:4]
     assert all(a["correct"] == (normalize_answer(a["prediction"]) == normalize_answer(a["answer"])) for a in answers)
+
+
+def test_tags_and_the_new_settings_reach_the_summary(tiny_llava_dir, eval_json, capsys, tmp_path):
+    """What a benchmark cell writes and reads back: its tags verbatim, its noise and its seed."""
+    out = tmp_path / "cell.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", f"model={tiny_llava_dir}", f"data={eval_json}", f"image_root={eval_json.parent / 'images'}",
+                  "device=cpu", "max_samples=2", "max_new_tokens=1", "mode=random", "tau=0.5", "seed=4",
+                  "image_noise=0.5", "noise_seed=3", "tags.method=random", "tags.seed=4", "tags.condition=noise",
+                  "--json", "--out", str(out)])
+    assert exit_info.value.code == 0
+    summary = json.loads(out.read_text())
+    assert summary == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tags"] == {"method": "random", "seed": "4", "condition": "noise"}
+    assert (summary["mode"], summary["divico_seed"], summary["image_noise"], summary["noise_seed"]) == (
+        "random", 4, 0.5, 3)
+
+
+@contextlib.contextmanager
+def projector_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Every multi_modal_projector output while inside (one row per image, in evaluation order),
+    as the language model receives it: the eval's noise hook runs before this one."""
+    outputs: list[torch.Tensor] = []
+    projector = llava_of(model).model.multi_modal_projector
+    handle = projector.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def test_image_noise_is_added_to_the_encoded_images_and_removed_after(plain_model, collator, samples):
+    images = samples[:6]
+
+    def run(**noise) -> tuple[list[str], torch.Tensor]:
+        with projector_outputs(plain_model) as outputs:
+            result = evaluate(plain_model, collator, images, batch_size=3, max_new_tokens=2, progress=False, **noise)
+        assert result.image_noise == noise.get("image_noise", 0.0)
+        return [p["prediction"] for p in result.predictions], torch.cat(outputs)
+
+    said, clean = run()
+    assert clean.shape[0] == len(images)
+    said_without, without = run(image_noise=0.0)
+    assert said_without == said and torch.equal(without, clean)
+
+    _, noisy = run(image_noise=10.0)
+    added = noisy - clean
+    assert added.std().item() == pytest.approx(10.0, rel=0.05) and abs(added.mean().item()) < 0.5
+    assert not torch.allclose(added[0], added[1], atol=1.0)  # each image its own draw
+    _, other_seed = run(image_noise=10.0, noise_seed=1)
+    assert not torch.allclose(other_seed - clean, added, atol=1.0)
+
+    # An error during generation still removes the hooks.
+    def fail(module, args, output):
+        raise RuntimeError("stop")
+
+    failing = llava_of(plain_model).model.multi_modal_projector.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="stop"):
+        evaluate(plain_model, collator, images, max_new_tokens=1, progress=False, image_noise=10.0)
+    failing.remove()
+    assert not llava_of(plain_model).model.vision_tower._forward_pre_hooks
+    assert torch.equal(run()[1], clean)
+
+
+def test_an_images_noise_is_the_same_alone_in_a_batch_and_under_every_method(tiny_llava_dir, plain_model,
+                                                                              collator, samples):
+    """Alone on the plain model vs. in another order, in batches mixed with text-only samples,
+    on a FastV CompressedLlava: the added noise of each image must not change."""
+    def added_noise(model, batch_samples, batch_size) -> torch.Tensor:
+        rows = []
+        for noise in (0.0, 10.0):
+            with projector_outputs(model) as outputs:
+                evaluate(model, collator, batch_samples, batch_size=batch_size, max_new_tokens=1, progress=False,
+                         image_noise=noise, noise_seed=5)
+            rows.append(torch.cat(outputs))
+        return rows[1] - rows[0]
+
+    alone = added_noise(plain_model, samples[:4], batch_size=1)
+    fastv = load_model(tiny_llava_dir, mode="fastv", tau=0.5, device="cpu")
+    order = [3, 1, 2, 0]  # images 0-3 in batches [text, 3, 1, text] and [2, 0]
+    mixed = [samples[6], samples[3], samples[1], samples[7], samples[2], samples[0]]
+    batched = added_noise(fastv, mixed, batch_size=4)
+    assert batched.shape == alone.shape
+    torch.testing.assert_close(batched, alone[order], atol=1e-4, rtol=0)
+
+
+def test_seed_overrides_the_divico_seed(tiny_llava_dir, divico_dir, eval_json, collator, samples):
+    batch = collator.prompts(samples[:4])
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "query_positions")}
+
+    def kept(seed: int | None) -> torch.Tensor:
+        model = load_model(tiny_llava_dir, mode="random", tau=0.11, seed=seed, device="cpu")
+        assert model.config.seed == (0 if seed is None else seed)
+        with torch.inference_mode():
+            return model(**inputs).compressed_positions
+
+    assert torch.equal(kept(None), kept(0)) and not torch.equal(kept(0), kept(7))
+    assert load_model(divico_dir, seed=5, device="cpu").config.seed == 5  # over the saved setting
+    assert not isinstance(load_model(tiny_llava_dir, seed=5, device="cpu"), CompressedLlava)  # seed alone wraps nothing
+    result = main(EvalConfig(model=tiny_llava_dir, data=eval_json, image_root=eval_json.parent / "images",
+                             max_samples=2, max_new_tokens=1, device="cpu", mode="random", tau=0.5, seed=7),
+                  progress=False)
+    assert (result.mode, result.divico_seed) == ("random", 7)
 
 
 def truncated_copy(source: Path, folder: Path, name: str) -> Path:
@@ -246,6 +353,10 @@ def truncated_copy(source: Path, folder: Path, name: str) -> Path:
     ("truncated divico weights", ["model={tmp}/cut_divico"], EXIT_FAILURE,
      rf"cut_divico/{DIVICO_WEIGHTS_FILE}: cannot read it"),
     ("empty data", ["data={tmp}/empty.json"], EXIT_FAILURE, r"empty.json: expected a non-empty JSON list"),
+    ("negative noise", ["image_noise=-1"], EXIT_BAD_INPUT, r"image_noise=-1.0: must be a finite number >= 0"),
+    ("infinite noise", ["image_noise=.inf"], EXIT_BAD_INPUT, r"image_noise=inf: must be a finite number >= 0"),
+    ("noise type", ["image_noise=loud"], EXIT_BAD_INPUT, r"image_noise: Value 'loud'"),
+    ("nested tag", ["tags.run.a=1"], EXIT_BAD_INPUT, r"tags.run=\{'a': 1\}: a tag's value must be a string"),
 ])
 def test_bad_input_is_one_line_and_an_exit_status(case, overrides, status, message, tiny_llava_dir, divico_dir,
                                                   eval_json, tmp_path, caplog):

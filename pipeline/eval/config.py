@@ -5,12 +5,18 @@ loading the model stack.
 
 Keys are flat (no section prefix); the collator's (template, model_max_length,
 image_aspect_ratio) are the training recipe's `data.*` ones, declared once in
-pipeline/data/settings.py.
+pipeline/data/settings.py. The exceptions are dicts: `tags.NAME=VALUE` adds one tag.
+
+What a benchmark cell varies besides the model: `image_noise` (the robustness condition of
+the paper's Table II: Gaussian noise of that standard deviation added to every encoded image,
+the same noise for an image whatever the method, drawn from `noise_seed` and the image),
+`seed` (random mode's draw of kept tokens) and `tags` (labels copied into the summary, e.g.
+tags.method=divico tags.condition=noise, so a cell's JSON says which cell it is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING
@@ -36,4 +42,11 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     # need no trained weights); mode=none evaluates without compression.
     mode: str | None = None
     tau: float | None = None
+    seed: int | None = None  # overrides the DiViCo setting `seed` (random mode's per-image draw of kept tokens)
     scorer: str = "exact_match"  # a name in pipeline.eval.score.SCORERS
+    # Standard deviation of the Gaussian noise added to each image's projector output; 0 = none.
+    image_noise: float = 0.0
+    noise_seed: int = 0  # with the image's pixels, seeds its noise (so every method sees the same noise)
+    # Copied verbatim into the summary (nothing else reads them). Values given as key=value are
+    # parsed as YAML first: quote one that must keep its spelling, e.g. tags.run="'007'".
+    tags: dict[str, str] = field(default_factory=dict)

@@ -12,8 +12,16 @@ keeps per image.
 
 Models: a plain LlavaForConditionalGeneration folder, or one with DiViCo settings
 (divico.json, + divico.safetensors) beside it, which is evaluated through CompressedLlava;
-mode=/tau= override the saved settings or wrap a plain model. In code,
-`evaluate(model, collator, samples)` takes an in-memory model of either kind.
+mode=/tau= override the saved settings or wrap a plain model, seed= overrides the saved
+random-mode seed (a plain model stays plain). In code, `evaluate(model, collator, samples)`
+takes an in-memory model of either kind.
+
+image_noise=STD (noise_seed=N): Gaussian noise of standard deviation STD is added to each
+encoded image, the output of the LLaVA model's multi_modal_projector, while the answers are
+generated (the paper's Table II robustness test). An image's noise depends only on noise_seed
+and its pixel values, so every method, batch size and sample order sees the same noise for it.
+tags.NAME=VALUE labels are copied into the summary as "tags"; the summary also records
+image_noise, noise_seed and divico_seed (the effective DiViCo seed, null for a plain model).
 
 Reading: data.py; generation: generate.py; scoring: score.py; the keys: config.py.
 Exit status: 2 for a bad key or value, 1 for a file that fails to load or read; each is one
@@ -23,9 +31,11 @@ logged line, no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +55,7 @@ from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
 from pipeline.eval.score import SCORERS, Scorer, exact_match, score
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import kept_count
+from pipeline.model.divico import image_seed, kept_count
 from pipeline.model.settings import DiViCoConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,10 @@ class EvalResult:
     visual_tokens_kept: int  # per image, after compression (== visual_tokens without it)
     mode: str  # DiViCo mode, "none" for a plain model
     tau: float | None
+    divico_seed: int | None  # the DiViCo setting `seed` of a CompressedLlava, None for a plain model
+    image_noise: float  # standard deviation of the noise added to the encoded images (0: none)
+    noise_seed: int
+    tags: dict[str, str] = field(default_factory=dict)  # the caller's labels, copied verbatim
     predictions: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -71,14 +85,87 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if k != "predictions"}
 
 
+# XORed into an image's noise seed: with noise_seed equal to the DiViCo seed, image_seed alone
+# would seed the noise from the very generator random mode draws that image's kept tokens from,
+# and the noise on the kept tokens would follow from their scores.
+NOISE_STREAM = int.from_bytes(b"imgnoise", "little")
+
+
+def llava_of(model: torch.nn.Module) -> LlavaForConditionalGeneration:
+    """The LlavaForConditionalGeneration inside `model`: itself, CompressedLlava's, or a PEFT
+    wrapper's base model; TypeError for anything else."""
+    inner = model.llava if isinstance(model, CompressedLlava) else model
+    get_base_model = getattr(inner, "get_base_model", None)  # PeftModel
+    llava = get_base_model() if get_base_model is not None else inner
+    if not isinstance(llava, LlavaForConditionalGeneration):
+        raise TypeError(f"model: expected a LlavaForConditionalGeneration or CompressedLlava (optionally "
+                        f"PEFT-wrapped), got {type(llava).__name__}")
+    return llava
+
+
+def check_image_noise(image_noise: float) -> None:
+    """ConfigError unless `image_noise` is a usable standard deviation."""
+    if not (math.isfinite(image_noise) and image_noise >= 0):
+        raise ConfigError(f"image_noise={image_noise}: must be a finite number >= 0 (a standard deviation)")
+
+
+def image_noise_for(pixels: torch.Tensor, std: float, noise_seed: int, shape: torch.Size) -> torch.Tensor:
+    """The float32 CPU noise N(0, std^2) of `shape` for one image, drawn from a generator seeded
+    with `noise_seed` and the image's pixel values (image_seed, the project's per-image rule):
+    the same for that image in any batch, at any position, under every method."""
+    generator = torch.Generator().manual_seed(image_seed(noise_seed, pixels) ^ NOISE_STREAM)
+    return torch.randn(shape, generator=generator, dtype=torch.float32) * std
+
+
+@contextlib.contextmanager
+def noisy_images(model: torch.nn.Module, std: float, noise_seed: int = 0) -> Iterator[None]:
+    """While inside, every image `model` encodes gets `image_noise_for` noise added to its
+    multi_modal_projector output (so plain LLaVA and CompressedLlava, which both call the LLaVA
+    model's get_image_features, see it alike). The seed comes from the vision tower's input,
+    recorded on the way in: the projector's input may differ in its last bits with the batch
+    around an image (batched kernels), its pixel values do not. The noise hook runs before any
+    other hook on the projector, so those see the noisy features. std=0 installs nothing. The
+    hooks are removed on leaving, also on error."""
+    check_image_noise(std)
+    if std == 0:
+        yield
+        return
+    llava = llava_of(model).model
+    pending: list[torch.Tensor] = []  # the pixel values of the vision tower call now under way
+
+    def record_pixels(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        pending[:] = [kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]]
+
+    def add_noise(module: torch.nn.Module, args: tuple, features: torch.Tensor) -> torch.Tensor:
+        if not pending:
+            raise RuntimeError("image noise: the projector ran without the vision tower (no pixel values to seed from)")
+        pixels = pending.pop()
+        if pixels.shape[0] != features.shape[0]:
+            raise RuntimeError(f"image noise: {pixels.shape[0]} images entered the vision tower but the projector "
+                               f"gave features for {features.shape[0]}")
+        noise = torch.stack([image_noise_for(image, std, noise_seed, features.shape[1:]) for image in pixels])
+        return features + noise.to(features.device, features.dtype)
+
+    handles = [llava.vision_tower.register_forward_pre_hook(record_pixels, with_kwargs=True),
+               llava.multi_modal_projector.register_forward_hook(add_noise, prepend=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
              max_new_tokens: int = 8, max_samples: int | None = None, scorer: Scorer = exact_match,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, image_noise: float = 0.0, noise_seed: int = 0,
+             tags: dict[str, str] | None = None) -> EvalResult:
     """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava, in memory,
     e.g. mid-training: its train/eval mode is restored) to each sample's first question, scored
-    against the first answer."""
-    answers = generate_answers(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               max_samples=max_samples, progress=progress)
+    against the first answer. image_noise > 0 answers from noisy encoded images (`noisy_images`);
+    `tags` are copied into the result."""
+    with noisy_images(model, image_noise, noise_seed):
+        answers = generate_answers(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   max_samples=max_samples, progress=progress)
     if not answers.rows:
         raise EvalError("no samples to evaluate")
     scores = score(answers.rows, scorer)
@@ -90,7 +177,9 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         generated_tokens=answers.generated_tokens, visual_tokens=visual,
         visual_tokens_kept=int(kept_count(visual, model.config.tau)) if compresses else visual,
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
-        tau=model.config.tau if compresses else None, predictions=answers.rows)
+        tau=model.config.tau if compresses else None,
+        divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,
+        image_noise=float(image_noise), noise_seed=noise_seed, tags=dict(tags or {}), predictions=answers.rows)
 
 
 def check_model(path: Path) -> None:
@@ -100,17 +189,18 @@ def check_model(path: Path) -> None:
         raise ConfigError(f"model={path}: {what}")
 
 
-def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None,
+def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None, seed: int | None = None,
                device: str = "auto") -> torch.nn.Module:
     """The checkpoint at `path`: through CompressedLlava when DiViCo settings lie beside it or
-    `mode` asks for one, else the plain LLaVA model. bf16 on GPU, fp32 on CPU. ConfigError for
-    a request the folder cannot serve (checked before the weights load), EvalError for a file
+    `mode`/`tau` ask for one, else the plain LLaVA model; `seed` overrides the DiViCo seed of
+    a CompressedLlava and alone wraps nothing. bf16 on GPU, fp32 on CPU. ConfigError for a
+    request the folder cannot serve (checked before the weights load), EvalError for a file
     that does not load."""
     path = Path(path)
     check_model(path)
-    overrides = {name: value for name, value in (("mode", mode), ("tau", tau)) if value is not None}
+    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("seed", seed)) if value is not None}
     saved = (path / DIVICO_SETTINGS_FILE).is_file()
-    wrap = None if saved or not overrides or overrides.get("mode") == "none" else DiViCoConfig(**overrides)
+    wrap = None if saved or (mode is None and tau is None) or mode == "none" else DiViCoConfig(**overrides)
     if wrap is not None and wrap.uses_gap_encoder:
         raise ConfigError(f"model={path} has no DiViCo weights ({DIVICO_SETTINGS_FILE}); mode {wrap.mode!r} needs "
                           "a trained gap encoder (fastv, random and select_only do not)")
@@ -158,6 +248,10 @@ def validate(cfg: EvalConfig) -> None:
         raise ConfigError(str(error)) from error
     if cfg.scorer not in SCORERS:
         raise ConfigError(f"scorer={cfg.scorer!r}: expected one of {sorted(SCORERS)}")
+    check_image_noise(cfg.image_noise)
+    for name, value in cfg.tags.items():  # omegaconf lets a nested key (tags.a.b=1) or a list through
+        if not isinstance(value, str):
+            raise ConfigError(f"tags.{name}={value!r}: a tag's value must be a string")
     try:
         device = torch.device(resolve_device(cfg.device))
     except RuntimeError as error:
@@ -173,7 +267,7 @@ def validate(cfg: EvalConfig) -> None:
 def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Validate `cfg`, load its model, evaluate it."""
     validate(cfg)
-    model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, device=cfg.device)
+    model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, seed=cfg.seed, device=cfg.device)
     try:
         collator = LlavaCollator(AutoProcessor.from_pretrained(cfg.model),
                                  CollatorConfig.from_settings(cfg, padding_side="left"),
@@ -187,7 +281,7 @@ def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
              collator.num_visual_tokens, cfg.data)
     return evaluate(model, collator, read_samples(cfg.data, cfg.image_root), batch_size=cfg.batch_size,
                     max_new_tokens=cfg.max_new_tokens, max_samples=cfg.max_samples, scorer=SCORERS[cfg.scorer],
-                    progress=progress)
+                    progress=progress, image_noise=cfg.image_noise, noise_seed=cfg.noise_seed, tags=cfg.tags)
 
 
 def print_result(result: EvalResult) -> None:
@@ -195,7 +289,8 @@ def print_result(result: EvalResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"answer accuracy (mode {result.mode}"
-                        + (f", tau {result.tau:.3f}" if result.tau is not None else "") + ")")
+                        + (f", tau {result.tau:.3f}" if result.tau is not None else "")
+                        + (f", image noise {result.image_noise:g}" if result.image_noise else "") + ")")
     for column in ("question type", "samples", "accuracy", "chance", "majority answer"):
         table.add_column(column, justify="left" if column in ("question type", "majority answer") else "right")
     for name, row in result.by_type.items():
