@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from pipeline.eval.score import SCORERS, exact_match, normalize_answer, paired_difference, score
+from pipeline.eval.score import SCORERS, exact_match, normalize_answer, paired_bootstrap, paired_difference, score
 
 
 @pytest.mark.parametrize("text, normalized", [
@@ -79,3 +80,29 @@ def test_paired_difference_on_the_same_questions():
     assert paired.standard_error == pytest.approx(spread / 6 ** 0.5)
     with pytest.raises(ValueError, match="not on the same questions"):
         paired_difference(first, second[:-1])
+
+
+def test_paired_bootstrap_matches_the_hand_computed_case():
+    """One seed, 200 questions: 40 only A right, 20 only B right, 140 tied. The difference is
+    exactly 20 / 200; with one seed the bootstrap s.e. is the questions' s.e. of the mean,
+    sqrt(var(d) / n), and the 95% interval about 1.96 of them either side."""
+    d = np.array([[1] * 40 + [-1] * 20 + [0] * 140])
+    mean = 20 / 200
+    se = np.sqrt(((d - mean) ** 2).sum() / 199 / 200)
+    result = paired_bootstrap(d, resamples=4000)
+    assert (result.seeds, result.questions) == (1, 200)
+    assert result.difference == pytest.approx(0.1)
+    assert result.standard_error == pytest.approx(se, rel=0.08)
+    assert result.low == pytest.approx(mean - 1.96 * se, abs=0.012)
+    assert result.high == pytest.approx(mean + 1.96 * se, abs=0.012)
+
+
+def test_paired_bootstrap_counts_the_seeds_spread():
+    """Three seeds that disagree (+0.3, 0, -0.3 on every question) are no evidence of a difference,
+    however many questions: the interval must cover 0, which a questions-only spread would not."""
+    d = np.repeat(np.array([[1] * 3 + [0] * 7, [0] * 10, [-1] * 3 + [0] * 7]), 50, axis=1)
+    result = paired_bootstrap(d)
+    assert result.difference == pytest.approx(0.0)
+    assert result.low < 0 < result.high and result.standard_error > 0.1
+    with pytest.raises(ValueError, match="seeds, questions"):
+        paired_bootstrap(np.zeros(5))

@@ -94,3 +94,37 @@ def paired_difference(first: list[dict[str, Any]], second: list[dict[str, Any]])
     variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
     return PairedDifference(questions=n, difference=mean, standard_error=math.sqrt(variance / n),
                             only_first=differences.count(1), only_second=differences.count(-1))
+
+
+@dataclass
+class PairedInterval:
+    """A paired accuracy difference over fine-tune seeds and questions, with its bootstrap spread."""
+
+    difference: float  # mean over seeds of (accuracy of A - accuracy of B), same questions, same seed
+    standard_error: float  # bootstrap s.e. of that mean
+    low: float  # 95% percentile interval
+    high: float
+    seeds: int
+    questions: int
+
+
+def paired_bootstrap(differences: Any, *, resamples: int = 2000, seed: int = 0) -> PairedInterval:
+    """`differences`: a (seeds, questions) array of per-question correctness differences (+1, 0,
+    -1) of two methods, row s pairing the two at fine-tune seed s. Both sources of spread are
+    resampled: seeds (which model training happened to give) and questions (which questions the
+    held-out set happened to draw), seeds first, then questions, each with replacement."""
+    import numpy as np
+
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 2 or 0 in d.shape:
+        raise ValueError(f"paired_bootstrap: expected a non-empty (seeds, questions) array, got shape {d.shape}")
+    seeds, questions = d.shape
+    rng = np.random.default_rng(seed)
+    # Each resample's question counts (a multinomial draw) turn every seed's row into one mean.
+    counts = rng.multinomial(questions, np.full(questions, 1 / questions), size=resamples)
+    row_means = d @ counts.T / questions  # (seeds, resamples)
+    picked = rng.integers(0, seeds, size=(resamples, seeds)) if seeds > 1 else np.zeros((resamples, 1), int)
+    means = row_means[picked, np.arange(resamples)[:, None]].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return PairedInterval(difference=float(d.mean()), standard_error=float(means.std(ddof=1)), low=float(low),
+                          high=float(high), seeds=seeds, questions=questions)
