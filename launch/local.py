@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from launch.stages import Pipeline, PipelineError, Stage, Task
 from pipeline.contract import EXIT_FAILURE
 
@@ -32,27 +34,39 @@ DEEPSPEED_SCRIPTS = Path(__file__).parent / "deepspeed"
 
 
 def walk(pipeline: Pipeline, execute: Callable[[Stage, Task], int], *,
-         logs: Callable[[Stage, Task], str] | None = None, echo=print) -> int:
+         logs: Callable[[Stage, Task], str] | None = None, echo=print, progress: bool = False) -> int:
     """Run every unfinished task with `execute` (returns its exit status); stop at the first failure.
-    `logs` says where a task's output is kept, if not only on the terminal. Returns 0 or the
-    failing exit status."""
-    for stage in pipeline.stages:
-        for task in stage.tasks:
-            if task.complete():
-                echo(f"== {stage.name} {task.label}: outputs complete, skipped")
-                continue
-            where = logs(stage, task) if logs else None
-            echo(f"== {stage.name} {task.label}: running" + (f" (log: {where})" if where else ""))
-            status = execute(stage, task)
-            see = f"; see {where}" if where else ""
-            if status != 0:
-                echo(f"== {stage.name} {task.label}: failed with exit status {status}{see}")
-                return status
-            missing = [str(path) for path in task.outputs if not path.exists()]
-            if missing:
-                echo(f"== {stage.name} {task.label}: exited 0 but did not write {missing}{see}")
-                return EXIT_FAILURE
-    echo(f"== all stages complete under {pipeline.root}; TensorBoard: tensorboard --logdir {pipeline.tensorboard_dir}")
+    `logs` says where a task's output is kept, if not only on the terminal. `progress`: a bar over
+    all tasks, with the ETA of those left. Returns 0 or the failing exit status."""
+    tasks = [(stage, task) for stage in pipeline.stages for task in stage.tasks]
+    bar = tqdm(total=len(tasks), desc="tasks", unit="task", disable=not progress, dynamic_ncols=True)
+    with bar:
+        status = _walk_tasks(tasks, execute, logs, echo if not progress else bar.write, bar)
+    if status == 0:
+        echo(f"== all stages complete under {pipeline.root}; TensorBoard: tensorboard --logdir "
+             f"{pipeline.tensorboard_dir}")
+    return status
+
+
+def _walk_tasks(tasks: list[tuple[Stage, Task]], execute: Callable[[Stage, Task], int],
+                logs: Callable[[Stage, Task], str] | None, echo, bar: tqdm) -> int:
+    for stage, task in tasks:
+        if task.complete():
+            echo(f"== {stage.name} {task.label}: outputs complete, skipped")
+            bar.update()
+            continue
+        where = logs(stage, task) if logs else None
+        echo(f"== {stage.name} {task.label}: running" + (f" (log: {where})" if where else ""))
+        status = execute(stage, task)
+        see = f"; see {where}" if where else ""
+        if status != 0:
+            echo(f"== {stage.name} {task.label}: failed with exit status {status}{see}")
+            return status
+        missing = [str(path) for path in task.outputs if not path.exists()]
+        if missing:
+            echo(f"== {stage.name} {task.label}: exited 0 but did not write {missing}{see}")
+            return EXIT_FAILURE
+        bar.update()
     return 0
 
 
@@ -94,7 +108,7 @@ def _run_logged(command: list[str], log: Path, cwd: Path, env: dict[str, str]) -
     return process.returncode
 
 
-def run_in_process(pipeline: Pipeline, *, echo=print) -> int:
+def run_in_process(pipeline: Pipeline, *, echo=print, progress: bool = False) -> int:
     """Every unfinished task in this process, from the pipeline's working directory (relative
     paths in the commands mean the same as for the other runners)."""
     for stage in pipeline.stages:
@@ -105,7 +119,7 @@ def run_in_process(pipeline: Pipeline, *, echo=print) -> int:
     cwd = Path.cwd()
     os.chdir(pipeline.workdir)
     try:
-        return walk(pipeline, _execute_here, echo=echo)
+        return walk(pipeline, _execute_here, echo=echo, progress=progress)
     finally:
         os.chdir(cwd)
 

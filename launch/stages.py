@@ -127,6 +127,7 @@ class Pipeline:
     workdir: Path  # commands run here; relative paths in them are relative to it
     cluster: ClusterConfig
     stages: tuple[Stage, ...]  # in dependency order
+    vars: dict[str, Any] = field(default_factory=dict)  # the file's `vars`, resolved
 
     def stage(self, name: str) -> Stage:
         return next(stage for stage in self.stages if stage.name == name)
@@ -168,7 +169,11 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None,
     if cluster.signal_seconds < 1 or cluster.max_requeues < 0:
         raise PipelineError(f"pipeline file {path}: cluster.signal_seconds must be >= 1 and "
                             "cluster.max_requeues >= 0")
-    return Pipeline(path=path.resolve(), root=root, workdir=workdir, cluster=cluster, stages=stages)
+    try:
+        variables = OmegaConf.to_container(raw.vars, resolve=True)
+    except Exception as error:
+        raise PipelineError(f"pipeline file {path}: vars: {error}") from error
+    return Pipeline(path=path.resolve(), root=root, workdir=workdir, cluster=cluster, stages=stages, vars=variables)
 
 
 def _dependency_order(path: Path, raw: DictConfig) -> list[str]:
