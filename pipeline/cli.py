@@ -7,7 +7,7 @@
     divico run                               pipeline/run.py: the embedded default (tiny model, CPU)
     divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
     divico launch {local,slurm,status}       launch/
-    divico bench {prep,loader,model,train}   measured figures, printed
+    divico bench {prep,loader,model,train,accuracy}   measured figures, printed
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("pipeline.bench.loader", "add_parser"),
         ("pipeline.bench.model", "add_parser"),
         ("pipeline.bench.train", "add_parser"),
+        ("pipeline.bench.accuracy", "add_parser"),
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.

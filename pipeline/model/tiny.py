@@ -131,6 +131,15 @@ class TinyLlavaConfig:
     seed: int = 0
 
 
+# The debug geometries `divico model tiny --geometry` writes. "grid" is the grid task's
+# (data_prep/grid.py): 168 px = 144 visual tokens, so tau = 1/15 keeps 9; a one-layer tower,
+# whose features (layer -2: the patch embeddings) hold only their own patch, so no tower
+# attention spreads a cell's object into the tokens that compression drops; 8 decoder layers,
+# far more than K = 2, so late layers must still read the image.
+GEOMETRIES = {"shapes": TinyLlavaConfig(),
+              "grid": TinyLlavaConfig(image_size=168, vision_layers=1, layers=8)}
+
+
 def build_tokenizer(vocab_size: int, extra_text: str = "") -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -199,14 +208,14 @@ def save_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, ext
     return out_dir
 
 
-def write_tiny_llava(out_dir: Path, fit_text: str = "") -> Path:
+def write_tiny_llava(out_dir: Path, fit_text: str = "", cfg: TinyLlavaConfig | None = None) -> Path:
     """save_tiny_llava into `out_dir` atomically: written to `<out_dir>.tmp`, renamed when complete,
     so a folder with a config.json is a whole model. An existing model is kept."""
     if (out_dir / "config.json").is_file():
         log.info("tiny model: %s already holds a model, skipped", out_dir)
         return out_dir
     with folder_written_whole(out_dir) as partial:
-        save_tiny_llava(partial, extra_text=fit_text)
+        save_tiny_llava(partial, cfg, extra_text=fit_text)
     log.info("tiny model: wrote %s", out_dir)
     return out_dir
 
@@ -216,6 +225,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder (skipped when it holds a model)")
     parser.add_argument("--fit-text", type=Path, default=None, metavar="FILE",
                         help="text the tokenizer's merges also learn (e.g. the data's JSON): shorter sequences")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shapes",
+                        help="shapes: 100 visual tokens, 4 layers (the demo's first task); grid: 144 visual tokens, "
+                             "a one-layer tower, 8 layers (the grid task of `divico bench accuracy`)")
     parser.set_defaults(func=_main)
 
 
@@ -228,6 +240,6 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: --out {args.out}: exists and holds no model (config.json); give a new or empty folder",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    write_tiny_llava(args.out, args.fit_text.read_text() if args.fit_text else "")
+    write_tiny_llava(args.out, args.fit_text.read_text() if args.fit_text else "", GEOMETRIES[args.geometry])
     print(f"tiny LLaVA in {args.out}")
     return 0

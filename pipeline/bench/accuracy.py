@@ -1,0 +1,153 @@
+"""`divico bench accuracy`: the paper's claims, measured on CPU on a task where compression matters.
+
+    divico bench accuracy [--quick] [--seeds N] [--out DIR] [key=value ...]
+
+Runs the stage graph configs/pipelines/bench_accuracy.yaml in this process (the grid task of
+data_prep/grid.py -> shards -> the tiny grid LLaVA -> one base model -> every method's held-out
+cell), then writes into DIR: report.md, results.json, results.csv, accuracy_vs_tau.png
+(pipeline/bench/report.py), kept_tokens.png (which visual tokens DiViCo keeps on a few held-out
+images, like the paper's Fig. 6) and, in report.md's header, the command, the machine, the
+package versions and the timings. Each cell is a file under DIR/cells, each stage's output a
+file or folder: a rerun skips what is finished and an interrupted run resumes (training inside
+its epoch too). key=value changes the graph file, e.g. vars.seeds=[0,1] vars.noise=0.5.
+
+--quick: QUICK's smaller base and fewer cells, through the same graph, in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from launch.local import run_in_process
+from launch.stages import Pipeline, PipelineError, load_pipeline
+from pipeline.contract import EXIT_BAD_INPUT, TRAIN_SUMMARY_FILE, run_name
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
+# --quick: a smaller base model and held-out set, one seed, tau 1/9 only, one ablation.
+QUICK = ["vars.train.samples=6000", "vars.finetune.samples=800", "vars.heldout.samples=800",
+         "vars.taus=[0.1111111]", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]"]
+# The paired comparisons report.md shows (first, second) at every tau where both exist.
+COMPARISONS = [("divico", "fastv"), ("divico", "random"), ("divico", "select_only"), ("divico", "point_estimate"),
+               ("divico", "random_trained"), ("fastv", "random"), ("select_only", "random_trained")]
+PACKAGES = ("torch", "transformers", "peft", "deepspeed", "webdataset", "numpy")
+FIGURE_IMAGES = 4
+
+
+def add_parser(benches: argparse._SubParsersAction) -> None:
+    parser = benches.add_parser("accuracy", help="held-out accuracy of every method x tau on the grid task "
+                                                 "(Table I, II, Fig. 8 on CPU)",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller base and fewer cells (minutes)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="fine-tune seeds 0..N-1 (default: the graph file's, 3)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: runs/bench_accuracy, or runs/bench_accuracy_quick)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the graph file")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.seeds is not None and args.seeds < 1:
+        print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = (args.out or REPO / "runs" / ("bench_accuracy_quick" if args.quick else "bench_accuracy")).resolve()
+    overrides = [f"root={out}", *(QUICK if args.quick else [])]
+    if args.seeds is not None:
+        overrides.append(f"vars.seeds=[{','.join(map(str, range(args.seeds)))}]")
+    try:
+        pipeline = load_pipeline(BENCH, [*overrides, *args.overrides], workdir=REPO)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    started = time.perf_counter()
+    status = run_in_process(pipeline, progress=True)
+    if status != 0:
+        return status
+    return write_outputs(pipeline, out, seconds=time.perf_counter() - started)
+
+
+def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
+    from pipeline.bench.report import read_cells, write_report
+
+    cells_dir = Path(pipeline.vars["cells"])
+    plot_kept_tokens(pipeline, out / "kept_tokens.png")
+    write_report(read_cells(cells_dir), out, comparisons=COMPARISONS, header=header(pipeline, seconds))
+    print((out / "report.md").read_text())
+    print(f"report, results and plots in {out}")
+    return 0
+
+
+def header(pipeline: Pipeline, seconds: float) -> str:
+    """The command, the machine, the package versions and the timings, for report.md."""
+    base = pipeline.root / "base" / TRAIN_SUMMARY_FILE
+    base_seconds = json.loads(base.read_text()).get("run/seconds") if base.is_file() else None
+    versions = ", ".join(f"{name} {version(name)}" for name in PACKAGES)
+    lines = [
+        "# divico bench accuracy",
+        "",
+        f"- command: `divico bench {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else 'accuracy'}`",
+        f"- graph: {pipeline.path.relative_to(REPO) if pipeline.path.is_relative_to(REPO) else pipeline.path}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}",
+        f"- packages: {versions}",
+        f"- base model training: {base_seconds / 60:.1f} min" if base_seconds else "- base model: reused",
+        f"- this run: {seconds / 60:.1f} min (finished cells from earlier runs are not counted)",
+    ]
+    return "\n".join(lines)
+
+
+def plot_kept_tokens(pipeline: Pipeline, path: Path) -> None:
+    """Which visual tokens DiViCo (the first seed's tau-1/9 model) keeps on a few held-out images:
+    the kept patches are outlined, the dropped ones dimmed (the paper's Fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoProcessor
+
+    from pipeline.data.collator import CollatorConfig, LlavaCollator
+    from pipeline.eval.data import first_question, read_samples
+    from pipeline.eval.main import load_model
+
+    settings = pipeline.vars
+    tau = settings["ablation_tau"]
+    model_dir = pipeline.root / "trained" / f"{run_name('divico', tau)}-seed{settings['seeds'][0]}" / "model"
+    if not model_dir.is_dir():
+        return
+    model = load_model(model_dir, device="cpu").eval()
+    collator = LlavaCollator(AutoProcessor.from_pretrained(model_dir), CollatorConfig(padding_side="left"),
+                             AutoConfig.from_pretrained(model_dir))
+    samples = [sample for _, sample in zip(range(FIGURE_IMAGES), read_samples(pipeline.root / "shards" / "heldout"))]
+    batch = collator.prompts(samples)
+    with torch.inference_mode():
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], query_positions=batch["query_positions"])
+    image_token = model.llava.config.image_token_id
+    side = int(collator.num_visual_tokens ** 0.5)
+    figure, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3.6))
+    for axis, sample, ids, kept in zip(np.atleast_1d(axes), samples, batch["input_ids"],
+                                       output.compressed_positions):
+        visual = (ids == image_token).nonzero().flatten()
+        keep = torch.isin(visual, kept[kept >= 0]).reshape(side, side).numpy()
+        image = np.asarray(sample.image.resize((side * 14, side * 14)), dtype=np.float32) / 255
+        shade = np.kron(np.where(keep, 1.0, 0.35), np.ones((14, 14)))[..., None]
+        axis.imshow(image * shade + (1 - shade) * 0.15)
+        for row, col in zip(*keep.nonzero()):
+            axis.add_patch(plt.Rectangle((col * 14 - 0.5, row * 14 - 0.5), 14, 14, fill=False, color="white", lw=1.5))
+        axis.set_title(f"{first_question(sample)}\n-> {sample.conversations[1]['value']}", fontsize=7)
+        axis.axis("off")
+    figure.suptitle(f"DiViCo at tau {tau:.3f}: kept visual tokens ({int(keep.sum())} of {keep.size}) outlined")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
