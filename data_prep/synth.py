@@ -18,7 +18,8 @@ Sources, folder names, id styles and the <image> placement follow the real file.
 `--task grid` writes the grid task instead (data_prep/grid.py: a 6x6 grid of small objects and
 questions that need specific cells, for `divico bench accuracy`): image entries only, each with
 its first question's kind as "question_type", `--questions N` per image (kinds in turn, so a
-held-out set of N = 1 is balanced across kinds) or 1-4 as above.
+held-out set of N = 1 is balanced across kinds) or 1-4 as above, half of those images opening
+with the row-by-row description (a training signal, never asked with --questions).
 
 `--defects RATE` gives that share of entries one of the real file's defects (see DEFECTS);
 GIF/PNG bytes under .jpg names are valid images the shard step must convert, the rest must
@@ -329,6 +330,8 @@ def generate(cfg: SynthConfig) -> Path:
                 kinds = [grid.QUESTION_KINDS[(asked + i) % len(grid.QUESTION_KINDS)] for i in range(count)]
                 asked += count
                 qa = [grid.question(rng, scene, kind) for kind in kinds]
+                if cfg.questions is None and rng.random() < grid.DESCRIBE_SHARE:
+                    qa.insert(0, grid.describe(scene))
                 kind = grid.kind_of(qa[0][0])
             elif reading:
                 word = rng.choice(WORDS)

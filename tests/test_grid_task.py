@@ -75,6 +75,16 @@ def test_every_answer_is_right_for_its_scene() -> None:
         grid.question(rng, scene, "colour")
 
 
+def test_the_description_lists_every_cell_row_by_row() -> None:
+    scene = {(0, 0): ("red", "circle"), (0, 5): ("blue", "cross"), (5, 2): ("cyan", "triangle")}
+    question, answer = grid.describe(scene)
+    rows = [row.split(": ")[1].split(", ") for row in answer.split("; ")]
+    assert [row.split(": ")[0] for row in answer.split("; ")] == [f"row {n}" for n in range(1, grid.GRID + 1)]
+    assert grid.kind_of(question) == "describe" and len(rows) == grid.GRID
+    assert rows[0] == ["red circle", "empty", "empty", "empty", "empty", "blue cross"]
+    assert rows[5][2] == "cyan triangle" and sum(cell != "empty" for row in rows for cell in row) == 3
+
+
 def test_exists_questions_are_balanced() -> None:
     rng = random.Random(1)
     answers = Counter(grid.question(rng, grid.random_scene(rng), "exists")[1] for _ in range(2000))
