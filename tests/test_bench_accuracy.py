@@ -54,7 +54,8 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
     assert cells == {("none", "clean"), ("fastv", "clean"), ("random", "clean"), ("divico", "clean"),
                      ("divico_init_zero", "clean"), ("fastv", "noise"), ("divico", "noise")}
     assert all(row["questions"] == 16 and 0 <= row["accuracy"] <= 1 for row in rows)
-    assert next(row for row in rows if row["method"] == "none")["retention"] == 1
+    base = next(row for row in rows if row["method"] == "none")
+    assert base["retention"] == (1 if base["accuracy"] > 0 else None)  # a toy base may answer nothing right
     for name in ("report.md", "results.csv", "accuracy_vs_tau.png", "kept_tokens.png"):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
