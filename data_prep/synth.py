@@ -281,11 +281,11 @@ def generate(cfg: SynthConfig) -> Path:
 
     Everything is written into OUT.tmp/ and renamed to OUT at the end (every path inside is
     relative), so an interrupted run leaves no half dataset: running it again starts afresh."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task {cfg.task!r}: expected one of {TASKS}")
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise FileExistsError(f"{cfg.out} already holds files; choose an empty folder")
     with folder_written_whole(cfg.out) as partial:
-        if cfg.task not in TASKS:
-            raise ValueError(f"task {cfg.task!r}: expected one of {TASKS}")
         rng = random.Random(cfg.seed)
         size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
         if cfg.task == "grid":
@@ -327,9 +327,9 @@ def generate(cfg: SynthConfig) -> Path:
                 scene = grid.random_scene(rng)
                 picture = grid.draw(scene, background)
                 count = cfg.questions or rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0]
-                kinds = [grid.QUESTION_KINDS[(asked + i) % len(grid.QUESTION_KINDS)] for i in range(count)]
+                qa = [grid.question(rng, scene, grid.QUESTION_KINDS[(asked + i) % len(grid.QUESTION_KINDS)])
+                      for i in range(count)]
                 asked += count
-                qa = [grid.question(rng, scene, kind) for kind in kinds]
                 if cfg.questions is None and rng.random() < grid.DESCRIBE_SHARE:
                     qa.insert(0, grid.describe(scene))
                 kind = grid.kind_of(qa[0][0])

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from importlib.metadata import version
@@ -93,7 +94,7 @@ def header(pipeline: Pipeline, seconds: float) -> str:
     lines = [
         "# divico bench accuracy",
         "",
-        f"- command: `divico bench {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else 'accuracy'}`",
+        f"- command: `{shlex.join(['divico', *sys.argv[1:]])}`",
         f"- graph: {pipeline.path.relative_to(REPO) if pipeline.path.is_relative_to(REPO) else pipeline.path}",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
