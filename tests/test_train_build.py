@@ -1,7 +1,10 @@
 """What build.py makes of the tiny recipe: which weights train, in which parameter group, at
-which lr (a trainable weight no group claims is refused), and the schedule DeepSpeed gets."""
+which lr (a trainable weight no group claims is refused), and the lr every step runs at."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 import torch
@@ -69,17 +72,50 @@ def test_full_mode_trains_the_language_model_and_tower_in_their_groups(tiny_llav
     assert ids(groups["vision_tower"]["params"]) == ids(llava.model.vision_tower.parameters())
 
 
-@pytest.mark.parametrize("warmup_ratio, first_ratios", [(0.0, [1.0, 1.0]), (0.3, [0.0, 1 / 3])])
-def test_the_schedule_deepspeed_gets_with_and_without_warmup(tiny_llava_dir, warmup_ratio, first_ratios):
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+def closed_form(step: int, total: int, warmup: int, floor: float) -> float:
+    """The lr factor of optimizer step `step` (1-based), as pipeline/train/schedule.py states it."""
+    if step <= warmup:
+        return step / warmup
+    return floor + (1 - floor) * (1 + math.cos(math.pi * (step - warmup - 1) / (total - warmup - 1))) / 2
 
-    cfg = load_config([TINY_RECIPE], [f"model.base={tiny_llava_dir}", f"optim.warmup_ratio={warmup_ratio}",
-                                      f"train.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"])
-    params = deepspeed_config(cfg, total_steps=10, accumulation=1, bf16=False, on_gpu=False)["scheduler"]["params"]
-    schedule = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **params)
-    ratios = []
-    for _ in range(10):
+
+@pytest.mark.parametrize("total, warmup_ratio, floor", [(8, 0.3, 0.1), (10, 0.0, 0.0), (1000, 0.03, 0.0), (4, 0.5, 0.2)])
+def test_every_step_runs_at_the_closed_form_lr(total, warmup_ratio, floor):
+    from pipeline.train.schedule import WarmupCosine, warmup_steps
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = WarmupCosine(optimizer, total_steps=total, warmup=warmup_steps(warmup_ratio, total), floor=floor)
+    warmup = math.ceil(warmup_ratio * total)
+    used = []
+    for _ in range(total):  # the order DeepSpeed's engine keeps: the optimizer step, then the scheduler's
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         schedule.step()
-        ratios.append(schedule.get_lr()[0])
-    assert ratios[:2] == pytest.approx(first_ratios)
-    assert max(ratios) == pytest.approx(1.0, abs=0.05) and ratios[-1] < 0.1  # then the cosine decay
+    assert used == pytest.approx([2.0 * closed_form(k, total, warmup, floor) for k in range(1, total + 1)], rel=1e-12)
+    assert min(used[:-1]) > 0 and used[-1] == pytest.approx(2.0 * floor)  # no step at lr 0 before the last, at the floor
+    assert max(used) == pytest.approx(2.0)
+
+
+def test_a_restored_schedule_runs_the_next_step_at_its_lr():
+    from pipeline.train.schedule import WarmupCosine
+
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, WarmupCosine(optimizer, total_steps=20, warmup=4, floor=0.1)
+
+    optimizer, schedule = fresh()
+    for _ in range(7):
+        optimizer.step()
+        schedule.step()
+    resumed_optimizer, resumed = fresh()  # a new process: the optimizer's lr is the first step's
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(closed_form(8, 20, 4, 0.1))
+
+
+def test_a_deepspeed_scheduler_section_is_refused(tiny_llava_dir, tmp_path):
+    ds = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    ds["scheduler"] = {"type": "WarmupCosineLR", "params": {}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = load_config([TINY_RECIPE], [f"model.base={tiny_llava_dir}", f"train.deepspeed_config={tmp_path / 'ds.json'}"])
+    with pytest.raises(TrainingError, match="scheduler"):
+        deepspeed_config(cfg, total_steps=10, accumulation=1, bf16=False, on_gpu=False)

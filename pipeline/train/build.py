@@ -4,15 +4,17 @@ the collator, and the DeepSpeed config with its "auto" fields filled."""
 from __future__ import annotations
 
 import json
-import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from pipeline.config import OptimConfig, RunConfig, collator_config
 from pipeline.train.distributed import TrainingError
+from pipeline.train.schedule import WarmupCosine, warmup_steps
 
 
 @dataclass
@@ -136,12 +138,14 @@ def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: 
     params["lr"], params["weight_decay"] = o.lr, o.weight_decay  # defaults; each param group sets its own lr
     if not on_gpu and optimizer["type"].lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel
-    scheduler = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})["params"]
-    warmup = math.ceil(o.warmup_ratio * total_steps)
-    for key, value in {"total_num_steps": total_steps, "warmup_num_steps": max(1, warmup),
-                       "cos_min_ratio": o.min_lr_ratio}.items():
-        if scheduler.get(key, "auto") == "auto":
-            scheduler[key] = value
-    if not warmup:  # WarmupCosineLR refuses 0 warmup steps: no warmup is one that starts at the full lr
-        scheduler["warmup_min_ratio"] = 1.0
+    if "scheduler" in ds:
+        raise TrainingError(f"{path}: has a \"scheduler\" section; the schedule is the run config's "
+                            "(optim.warmup_ratio, optim.min_lr_ratio: pipeline/train/schedule.py), remove it")
     return ds
+
+
+def lr_scheduler(cfg: RunConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], WarmupCosine]:
+    """What deepspeed.initialize(lr_scheduler=...) builds on its optimizer: the run config's schedule."""
+    o = cfg.optim
+    return partial(WarmupCosine, total_steps=total_steps, warmup=warmup_steps(o.warmup_ratio, total_steps),
+                   floor=o.min_lr_ratio)

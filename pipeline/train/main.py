@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, RunConfig, load_config, save_config, to
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE
 from pipeline.device import default_dtype
 from pipeline.train import checkpoint
-from pipeline.train.build import build_model, deepspeed_config
+from pipeline.train.build import build_model, deepspeed_config, lr_scheduler
 from pipeline.train.distributed import (
     PREEMPTION_SIGNALS,
     TrainingError,
@@ -152,7 +152,8 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
                           collate_fn=partial(_collate_with_keys, built.collator))
 
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=built.param_groups,
-                                      config=deepspeed_config(cfg, total_steps, accumulation, bf16, on_gpu))
+                                      config=deepspeed_config(cfg, total_steps, accumulation, bf16, on_gpu),
+                                      lr_scheduler=lr_scheduler(cfg, total_steps))
     start_step = 0
     if resume_from:
         state = checkpoint.resume(engine, resume_from, world_size=world_size)
