@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep import grid
 from data_prep.synth import TASKS
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
 
@@ -24,11 +25,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--realistic", action="store_true",
                        help="640x480 textured JPEGs of about 100 KB (benchmarks), not 336x336")
     synth.add_argument("--task", choices=TASKS, default="shapes",
-                       help="shapes: a few large shapes (the demo's first task); grid: a 6x6 grid of small objects "
-                            "and questions that need specific cells (data_prep/grid.py; `divico bench accuracy`)")
+                       help="shapes: a few large shapes (the demo's first task); grid: one small object per patch "
+                            "and one-word questions (data_prep/grid.py; `divico bench accuracy`)")
     synth.add_argument("--questions", type=int, default=None, metavar="N",
                        help="grid task: N questions per image, their kinds in turn (held-out sets: 1); "
                             "default: 1-4, drawn as the real file's turn counts")
+    synth.add_argument("--grid-side", type=int, default=None, metavar="N",
+                       help=f"grid task: cells (= patches) per side, one of {grid.SIDES} (default {grid.DEFAULT_SIDE})")
+    synth.add_argument("--kinds", default=None, metavar="K1,K2",
+                       help=f"grid task: the question kinds asked, in turn, of {','.join(grid.QUESTION_KINDS)} "
+                            f"(default {','.join(grid.HEADLINE_KINDS)})")
     synth.set_defaults(func=_synth)
 
     shard = commands.add_parser("shard", help="validate entries + images and write webdataset shards")
@@ -62,10 +68,28 @@ def _synth(args: argparse.Namespace) -> int:
     if args.questions is not None and (args.questions < 1 or args.task != "grid"):
         print(f"error: --questions {args.questions}: must be >= 1, with --task grid", file=sys.stderr)
         return EXIT_BAD_INPUT
+    grid_options = {}
+    for name, value in (("--grid-side", args.grid_side), ("--kinds", args.kinds)):
+        if value is not None and args.task != "grid":
+            print(f"error: {name}: only with --task grid", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.grid_side is not None:
+        if args.grid_side not in grid.SIDES:
+            print(f"error: --grid-side {args.grid_side}: expected one of {grid.SIDES}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        grid_options["grid_side"] = args.grid_side
+    if args.kinds is not None:
+        kinds = tuple(args.kinds.split(","))
+        unknown = [kind for kind in kinds if kind not in grid.QUESTION_KINDS]
+        if unknown or not kinds:
+            print(f"error: --kinds {args.kinds}: unknown kind(s) {unknown}; expected of {grid.QUESTION_KINDS}",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        grid_options["kinds"] = kinds
     try:
         path = generate(SynthConfig(out=args.out, num_samples=args.num_samples, seed=args.seed,
                                     defects=args.defects, realistic=args.realistic, task=args.task,
-                                    questions=args.questions))
+                                    questions=args.questions, **grid_options))
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,11 +15,10 @@ Answers come from small vocabularies (4 colours, 3 shapes, counts 1-3, yes/no, 8
 chance level is clear. About 6% of entries are text-only (arithmetic, word questions).
 Sources, folder names, id styles and the <image> placement follow the real file.
 
-`--task grid` writes the grid task instead (data_prep/grid.py: a 6x6 grid of small objects and
-questions that need specific cells, for `divico bench accuracy`): image entries only, each with
-its first question's kind as "question_type", `--questions N` per image (kinds in turn, so a
-held-out set of N = 1 is balanced across kinds) or 1-4 as above, half of those images opening
-with the row-by-row description (a training signal, never asked with --questions).
+`--task grid` writes the grid task instead (data_prep/grid.py: one small object per patch and
+one-word questions, for `divico bench accuracy`): image entries only, each with its first
+question's kind as "question_type", `--questions N` per image (kinds in turn, so a held-out set
+of N = 1 is balanced across kinds), `--grid-side` cells per side, `--kinds` the kinds asked.
 
 `--defects RATE` gives that share of entries one of the real file's defects (see DEFECTS);
 GIF/PNG bytes under .jpg names are valid images the shard step must convert, the rest must
@@ -82,6 +81,8 @@ class SynthConfig:
     text_only: bool = True    # include the ~6% text-only entries (benchmarks want images only)
     task: str = "shapes"      # or "grid" (TASKS)
     questions: int | None = None  # grid: questions per image (None: 1-4 as the real file's turns)
+    grid_side: int = grid.DEFAULT_SIDE
+    kinds: tuple[str, ...] = grid.HEADLINE_KINDS  # grid: the question kinds asked, in turn
 
 
 TASKS = ("shapes", "grid")
@@ -289,7 +290,7 @@ def generate(cfg: SynthConfig) -> Path:
         rng = random.Random(cfg.seed)
         size = (640, 480) if cfg.realistic else (cfg.width, cfg.height)
         if cfg.task == "grid":
-            size = (grid.IMAGE_SIZE, grid.IMAGE_SIZE)
+            size = (grid.image_size(cfg.grid_side),) * 2
         root = partial / "images"
         outside = partial / "outside"   # targets of the escaping-path defects
         for _, folder, _ in FOLDERS:
@@ -324,14 +325,10 @@ def generate(cfg: SynthConfig) -> Path:
             reading = rng.random() < (0.5 if source in ("ocr_vqa", "textvqa") else 0.02)
             kind = None
             if cfg.task == "grid":
-                scene = grid.random_scene(rng)
-                picture = grid.draw(scene, background)
                 count = cfg.questions or rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0]
-                qa = [grid.question(rng, scene, grid.QUESTION_KINDS[(asked + i) % len(grid.QUESTION_KINDS)])
-                      for i in range(count)]
+                scene, qa = grid.entry_questions(rng, cfg.grid_side, cfg.kinds, count, first=asked)
                 asked += count
-                if cfg.questions is None and rng.random() < grid.DESCRIBE_SHARE:
-                    qa.insert(0, grid.describe(scene))
+                picture = grid.draw(scene, cfg.grid_side)
                 kind = grid.kind_of(qa[0][0])
             elif reading:
                 word = rng.choice(WORDS)
@@ -342,8 +339,9 @@ def generate(cfg: SynthConfig) -> Path:
                 picture = draw_scene(cells, size, background)
                 qa = scene_questions(rng, cells, rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0])
                 earlier.append((entry_id, image, cells))
-            entry = {"id": entry_id, "image": image,
-                     "conversations": conversation(rng, [(ask(rng, q), a) for q, a in qa], True)}
+            # Grid questions never carry the short-answer suffix: every answer is one word.
+            asked_qa = qa if cfg.task == "grid" else [(ask(rng, q), a) for q, a in qa]
+            entry = {"id": entry_id, "image": image, "conversations": conversation(rng, asked_qa, True)}
             if kind is not None:
                 entry["question_type"] = kind
 

@@ -1,6 +1,7 @@
-"""The grid task (data_prep/grid.py, `divico prep synth --task grid`): determinism, and every
-answer right for its drawn scene, checked by reading the question back against the scene
-description (an independent solver) and the scene back from the pixels."""
+"""The grid task (data_prep/grid.py, `divico prep synth --task grid`): determinism, every answer
+right for its drawn scene (checked by an independent solver that reads the question back
+against the scene, and by reading the scene's colours back from the pixels), one object per
+patch, balanced yes/no, and every answer word one token of the tiny model's tokenizer."""
 
 from __future__ import annotations
 
@@ -20,75 +21,101 @@ from data_prep.synth import SynthConfig, generate
 from pipeline.cli import main as divico
 from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT
 
-CELL_QUESTION = re.compile(r"What (color is the shape|shape is) in row (\d), column (\d)\?")
-RELATION_QUESTION = re.compile(r"What color is the shape (right of|left of|above|below) the (\w+) (\w+)\?")
-COUNT_QUESTION = re.compile(r"How many (\w+) shapes are there\?")
-EXISTS_QUESTION = re.compile(r"Is there a (\w+) (\w+) in the image\?")
+COUNT = re.compile(r"How many (\w+) shapes are there\?")
+EXISTS = re.compile(r"Is there a (\w+) (\w+)\?")
+COLOR_OF = re.compile(r"What color is the (\w+)\?")
+SHAPE_OF = re.compile(r"What shape is the (\w+) one\?")
+WHERE = re.compile(r"Which (row|column) is the (\w+) (\w+) in\?")
+CELL = re.compile(r"What color is the shape in row (\d+), column (\d+)\?")
+RELATION = re.compile(r"What color is the shape (right of|left of|above|below) the (\w+) (\w+)\?")
 STEP = {"right of": (0, 1), "left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
+
+
+def only(cells: list) -> object:
+    assert len(cells) == 1, cells  # the question names a unique object
+    return cells[0]
 
 
 def solve(question: str, scene: grid.Scene) -> tuple[str, str]:
     """(kind, answer) of a grid question, worked out from the scene alone."""
-    if match := CELL_QUESTION.fullmatch(question):
-        color, shape = scene[(int(match[2]) - 1, int(match[3]) - 1)]
-        return "cell", color if match[1].startswith("color") else shape
-    if match := RELATION_QUESTION.fullmatch(question):
-        (row, col), = [cell for cell, obj in scene.items() if obj == (match[2], match[3])]  # exactly one
+    if match := COUNT.fullmatch(question):
+        return "count", str(sum(color == match[1] for color, _ in scene.values()))
+    if match := EXISTS.fullmatch(question):
+        return "exists", "yes" if (match[1], match[2]) in scene.values() else "no"
+    if match := CELL.fullmatch(question):
+        return "cell", scene[(int(match[1]) - 1, int(match[2]) - 1)][0]
+    if match := RELATION.fullmatch(question):
+        row, col = only([cell for cell, obj in scene.items() if obj == (match[2], match[3])])
         dr, dc = STEP[match[1]]
         return "relation", scene[(row + dr, col + dc)][0]
-    if match := COUNT_QUESTION.fullmatch(question):
-        return "count", str(sum(color == match[1] for color, _ in scene.values()))
-    if match := EXISTS_QUESTION.fullmatch(question):
-        return "exists", "yes" if (match[1], match[2]) in scene.values() else "no"
+    if match := COLOR_OF.fullmatch(question):
+        return "attribute", only([color for color, shape in scene.values() if shape == match[1]])
+    if match := SHAPE_OF.fullmatch(question):
+        return "attribute", only([shape for color, shape in scene.values() if color == match[1]])
+    if match := WHERE.fullmatch(question):
+        row, col = only([cell for cell, obj in scene.items() if obj == (match[2], match[3])])
+        return "where", str((row if match[1] == "row" else col) + 1)
     raise AssertionError(f"not a grid question: {question!r}")
 
 
-def read_scene(image: Image.Image) -> dict[tuple[int, int], str]:
-    """The colour at each cell's centre, where an object is drawn (every shape covers its centre)."""
+def read_colors(image: Image.Image, side: int) -> dict[tuple[int, int], str]:
+    """The colour at each patch's centre, where an object is drawn (every shape covers it)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
     scene = {}
-    for row in range(grid.GRID):
-        for col in range(grid.GRID):
-            centre = pixels[int((row + 0.5) * grid.CELL), int((col + 0.5) * grid.CELL)]
+    for row in range(side):
+        for col in range(side):
+            centre = pixels[row * grid.PATCH + 6, col * grid.PATCH + 6]
             name, rgb = min(grid.COLORS.items(), key=lambda item: np.abs(centre - item[1]).sum())
-            if np.abs(centre - rgb).sum() < 60:
+            if np.abs(centre - rgb).sum() < 90:
                 scene[(row, col)] = name
     return scene
 
 
-def test_every_answer_is_right_for_its_scene() -> None:
-    rng = random.Random(0)
-    kinds = Counter()
-    for _ in range(400):
-        scene = grid.random_scene(rng)
-        assert grid.MIN_OBJECTS <= len(scene) <= grid.MAX_OBJECTS
-        assert max(Counter(color for color, _ in scene.values()).values()) <= grid.MAX_COUNT
-        assert read_scene(grid.draw(scene)) == {cell: color for cell, (color, _) in scene.items()}
+@pytest.mark.parametrize("side", grid.SIDES)
+def test_every_answer_is_right_for_its_scene(side: int) -> None:
+    rng = random.Random(side)
+    asked = Counter()
+    for _ in range(300):
+        scene = grid.random_scene(rng, side)
+        low, high = grid.OBJECTS[side]
+        assert low <= len(scene) <= high
+        image = grid.draw(scene, side)
+        assert image.size == (side * grid.PATCH,) * 2
+        assert read_colors(image, side) == {cell: color for cell, (color, _) in scene.items()}
         for kind in grid.QUESTION_KINDS:
-            question, answer = grid.question(rng, scene, kind)
-            solved_kind, solved = solve(question, scene)
-            assert answer == solved, (question, scene)
-            assert grid.kind_of(question) == solved_kind
-            kinds[solved_kind] += 1
-    assert kinds["relation"] > 380  # the fallback to a cell question is rare
+            drawn = grid.question(rng, scene, kind, side)
+            if drawn is None:
+                continue
+            question, answer = drawn
+            assert solve(question, scene) == (kind, answer), (question, scene)
+            assert grid.kind_of(question) == kind
+            asked[kind] += 1
+    assert all(asked[kind] > 150 for kind in grid.QUESTION_KINDS), asked  # most scenes pose every kind
     with pytest.raises(ValueError, match="question kind 'colour'"):
-        grid.question(rng, scene, "colour")
+        grid.question(rng, scene, "colour", side)
 
 
-def test_the_description_lists_every_cell_row_by_row() -> None:
-    scene = {(0, 0): ("red", "circle"), (0, 5): ("blue", "cross"), (5, 2): ("cyan", "triangle")}
-    question, answer = grid.describe(scene)
-    rows = [row.split(": ")[1].split(", ") for row in answer.split("; ")]
-    assert [row.split(": ")[0] for row in answer.split("; ")] == [f"row {n}" for n in range(1, grid.GRID + 1)]
-    assert grid.kind_of(question) == "describe" and len(rows) == grid.GRID
-    assert rows[0] == ["red circle", "empty", "empty", "empty", "empty", "blue cross"]
-    assert rows[5][2] == "cyan triangle" and sum(cell != "empty" for row in rows for cell in row) == 3
+def test_objects_stay_inside_their_patch() -> None:
+    for shape in grid.SHAPES:
+        image = np.asarray(grid.draw({(2, 3): ("yellow", shape)}, 6))
+        lit = np.argwhere(image.sum(-1) > 3 * max(grid.BACKGROUND) + 30)
+        assert lit.min(0).tolist() >= [2 * grid.PATCH, 3 * grid.PATCH], shape
+        assert lit.max(0).tolist() < [3 * grid.PATCH, 4 * grid.PATCH], shape
 
 
 def test_exists_questions_are_balanced() -> None:
     rng = random.Random(1)
-    answers = Counter(grid.question(rng, grid.random_scene(rng), "exists")[1] for _ in range(2000))
+    answers = Counter(grid.question(rng, grid.random_scene(rng, 8), "exists", 8)[1] for _ in range(2000))
     assert abs(answers["yes"] - answers["no"]) < 150
+
+
+def test_an_entry_asks_distinct_questions_kinds_in_turn() -> None:
+    rng = random.Random(2)
+    for first in range(20):
+        scene, questions = grid.entry_questions(rng, 6, grid.HEADLINE_KINDS, 8, first=first)
+        assert len(set(questions)) == 8
+        assert grid.kind_of(questions[0][0]) == grid.HEADLINE_KINDS[first % 4]
+        assert all(solve(q, scene)[1] == a for q, a in questions)
 
 
 def _digest(folder: Path) -> str:
@@ -99,41 +126,56 @@ def _digest(folder: Path) -> str:
 def test_synth_grid_is_deterministic_and_answers_match_its_images(tmp_path: Path) -> None:
     first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for out, seed in ((first, 5), (second, 5), (other, 6)):
-        generate(SynthConfig(out=out, num_samples=60, seed=seed, task="grid", questions=1))
+        generate(SynthConfig(out=out, num_samples=60, seed=seed, task="grid", questions=1, grid_side=8))
     assert _digest(first) == _digest(second) != _digest(other)
     entries = json.loads((first / DATA_FILE).read_text())
     assert len(entries) == 60 and all(entry["image"] for entry in entries)
-    kinds = Counter(entry["question_type"] for entry in entries)  # in turn; a relation may fall back to a cell
-    assert kinds["count"] == kinds["exists"] == 15 and kinds["cell"] + kinds["relation"] == 30
+    assert Counter(entry["question_type"] for entry in entries) == {kind: 15 for kind in grid.HEADLINE_KINDS}
     for entry in entries:
-        question = entry["conversations"][0]["value"].replace("<image>", "").strip().splitlines()[0]
+        question = entry["conversations"][0]["value"].replace("<image>", "").strip()
+        answer = entry["conversations"][1]["value"]
         with Image.open(first / "images" / entry["image"]) as image:
-            assert image.size == (grid.IMAGE_SIZE, grid.IMAGE_SIZE)
-            colors = read_scene(image)
-        kind, _ = solve_from_colors(question, colors, entry["conversations"][1]["value"])
-        assert kind == entry["question_type"]
+            assert image.size == (8 * grid.PATCH,) * 2
+            colors = read_colors(image, 8)  # through JPEG: the colours survive, shapes are not read back
+        if match := COUNT.fullmatch(question):
+            assert str(sum(color == match[1] for color in colors.values())) == answer
+        elif match := SHAPE_OF.fullmatch(question):
+            assert list(colors.values()).count(match[1]) == 1
+        elif match := COLOR_OF.fullmatch(question):
+            assert answer in colors.values()
+        elif match := EXISTS.fullmatch(question):
+            assert answer == "no" or match[1] in colors.values()
+        else:
+            assert WHERE.fullmatch(question) and 1 <= int(answer) <= 8
+        assert grid.kind_of(question) == entry["question_type"]
 
 
-def solve_from_colors(question: str, colors: dict[tuple[int, int], str], answer: str) -> tuple[str, str]:
-    """Check what the pixels can confirm of an answer (colours; shapes are not read back)."""
-    if match := CELL_QUESTION.fullmatch(question):
-        cell = (int(match[2]) - 1, int(match[3]) - 1)
-        assert cell in colors
-        if match[1].startswith("color"):
-            assert colors[cell] == answer
-        return "cell", answer
-    if match := COUNT_QUESTION.fullmatch(question):
-        assert str(sum(color == match[1] for color in colors.values())) == answer
-        return "count", answer
-    if RELATION_QUESTION.fullmatch(question):
-        assert answer in colors.values()
-        return "relation", answer
-    assert EXISTS_QUESTION.fullmatch(question) and answer in ("yes", "no")
-    return "exists", answer
+def test_every_answer_word_and_role_tag_is_one_token(tmp_path: Path) -> None:
+    """The tiny model's tokenizer, fitted on the rendered chats: every answer the grid task can
+    give (and the role tags) is one token where the model reads and writes it."""
+    from transformers import AutoTokenizer
+
+    generate(SynthConfig(out=tmp_path / "data", num_samples=300, seed=0, task="grid", questions=8, grid_side=10,
+                         kinds=grid.QUESTION_KINDS))
+    with pytest.raises(SystemExit) as exit_:
+        divico(["model", "tiny", "--geometry", "grid", "--grid-side", "10", "--out", str(tmp_path / "model"),
+                "--fit-text", str(tmp_path / "data" / DATA_FILE)])
+    assert exit_.value.code == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    answers = {turn["value"] for entry in json.loads((tmp_path / "data" / DATA_FILE).read_text())
+               for turn in entry["conversations"][1::2]}
+    assert {"yes", "no", "red", "cross", "10", "0"} <= answers
+    for answer in answers:  # after "ASSISTANT:", as the chat template renders it
+        assert len(tokenizer.tokenize(f" ASSISTANT: {answer}")) == 2, answer
+    assert len(tokenizer.tokenize("USER:")) == 1
 
 
-def test_synth_questions_flag_needs_the_grid_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("flags, problem", [(["--questions", "1"], "--questions 1"),
+                                            (["--grid-side", "6"], "--grid-side: only with --task grid"),
+                                            (["--task", "grid", "--grid-side", "7"], "--grid-side 7"),
+                                            (["--task", "grid", "--kinds", "count,colour"], "colour")])
+def test_synth_grid_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture, flags, problem) -> None:
     with pytest.raises(SystemExit) as exit_status:
-        divico(["prep", "synth", "--out", str(tmp_path / "x"), "--questions", "1"])
+        divico(["prep", "synth", "--out", str(tmp_path / "x"), *flags])
     assert exit_status.value.code == EXIT_BAD_INPUT
-    assert "--questions 1" in capsys.readouterr().err
+    assert problem in capsys.readouterr().err

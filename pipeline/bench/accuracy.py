@@ -1,6 +1,7 @@
 """`divico bench accuracy`: the paper's claims, measured on CPU on a task where compression matters.
 
     divico bench accuracy [--quick] [--seeds N] [--out DIR] [key=value ...]
+    divico bench accuracy --curve [--every N] [--curve-questions Q] [--curve-steps S] [--out DIR]
 
 Runs the stage graph configs/pipelines/bench_accuracy.yaml in this process (the grid task of
 data_prep/grid.py -> shards -> the tiny grid LLaVA -> one base model -> every method's held-out
@@ -12,6 +13,8 @@ file or folder: a rerun skips what is finished and an interrupted run resumes (t
 its epoch too). key=value changes the graph file, e.g. vars.seeds=[0,1] vars.noise=0.5.
 
 --quick: QUICK's smaller base and fewer cells, through the same graph, in minutes.
+--curve: only the base model, trained N steps at a time and scored per question kind after each
+slice (pipeline/bench/curve.py); the same base the table then uses.
 """
 
 from __future__ import annotations
@@ -51,14 +54,23 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
                         help="fine-tune seeds 0..N-1 (default: the graph file's, 3)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: runs/bench_accuracy, or runs/bench_accuracy_quick)")
+    parser.add_argument("--curve", action="store_true",
+                        help="train only the base, scoring it per kind every --every steps (the learning curve)")
+    parser.add_argument("--every", type=int, default=100, metavar="N", help="--curve: steps between points")
+    parser.add_argument("--curve-questions", type=int, default=400, metavar="Q",
+                        help="--curve: held-out questions per point (the kinds in turn)")
+    parser.add_argument("--curve-steps", type=int, default=None, metavar="S",
+                        help="--curve: stop after this many steps of the base's epoch (resume later to go on)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the graph file")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.seeds is not None and args.seeds < 1:
-        print(f"error: --seeds {args.seeds}: must be >= 1", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for name, value in (("--seeds", args.seeds), ("--every", args.every), ("--curve-questions", args.curve_questions),
+                        ("--curve-steps", args.curve_steps)):
+        if value is not None and value < 1:
+            print(f"error: {name} {value}: must be >= 1", file=sys.stderr)
+            return EXIT_BAD_INPUT
     out = (args.out or REPO / "runs" / ("bench_accuracy_quick" if args.quick else "bench_accuracy")).resolve()
     overrides = [f"root={out}", *(QUICK if args.quick else [])]
     if args.seeds is not None:
@@ -68,6 +80,10 @@ def _main(args: argparse.Namespace) -> int:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.curve:
+        from pipeline.bench.curve import learning_curve
+
+        return learning_curve(pipeline, every=args.every, questions=args.curve_questions, max_steps=args.curve_steps)
     started = time.perf_counter()
     status = run_in_process(pipeline, progress=True)
     if status != 0:

@@ -12,13 +12,14 @@ after loading is the real one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -29,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from data_prep import grid
 from pipeline.contract import EXIT_BAD_INPUT, IMAGE_TOKEN
 from pipeline.durable import folder_written_whole
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
+# The chat template's role tags, one token each (with the space before them), as a word.
+ROLE_TAGS = ["USER:", "ASSISTANT:"]
+FIT_ENTRIES = 4000  # entries of a --fit-text data file whose rendered chats the merges learn from
 
 # The llava-hf chat template (llava-1.5-*-hf): "USER: <image>\n{text} ASSISTANT: {answer}</s>".
 CHAT_TEMPLATE = (
@@ -74,14 +79,16 @@ LLAVA_IMAGE_TOKEN_ID = 32000
 def llava_config(*, width: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
                  image_token_id: int, image_size: int, patch_size: int = 14, vision_width: int = 64,
                  vision_layers: int = 1, vision_heads: int = 4, max_positions: int = 4096,
-                 bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = None) -> LlavaConfig:
+                 bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int | None = None,
+                 init_std: float = 0.02) -> LlavaConfig:
     """A LlavaConfig of any size in LLaVA-1.5's layout: a CLIP vision tower (features from its
     second-to-last layer, CLS dropped: (image_size / patch_size)^2 visual tokens), the two-layer
     GELU projector, a Llama decoder. Head dim = width / heads, in the tower as in the decoder.
 
     The vocabulary rule, for every model built here: `vocab` is the size of the tokenizer the
     model is used with, image token included (the tiny model's own BPE; LLAVA_VOCAB for the
-    benches, whose inputs are random ids).
+    benches, whose inputs are random ids). `init_std` is the decoder's and projector's weight
+    init (transformers' `initializer_range`; 0.02 is Llama's); the tower keeps CLIP's own.
     """
     if width % heads or heads % kv_heads or vision_width % vision_heads:
         raise ValueError(f"width {width} / {heads} heads / {kv_heads} kv heads, vision width {vision_width} / "
@@ -94,10 +101,11 @@ def llava_config(*, width: int, layers: int, heads: int, kv_heads: int, intermed
     text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        head_dim=width // heads, max_position_embeddings=max_positions, bos_token_id=bos_token_id,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=False)
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=False,
+                       initializer_range=init_std)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       projector_hidden_act="gelu")
+                       projector_hidden_act="gelu", initializer_range=init_std)
 
 
 def llava_7b_config(width: int, layers: int = 32) -> LlavaConfig:
@@ -128,19 +136,28 @@ class TinyLlavaConfig:
     kv_heads: int = 2  # GQA, as in larger Llama models, so every code path sees it
     vocab_size: int = 1024
     max_positions: int = 2048
+    init_std: float = 0.02
+    # > 0: the tower's position table starts as a row vector plus a column vector per patch (each
+    # N(0, std^2)), so patches of one row or column look alike from the first step; 0: CLIP's init.
+    grid_positions_std: float = 0.0
     seed: int = 0
 
 
-# The debug geometries `divico model tiny --geometry` writes. "grid" is the grid task's
-# (data_prep/grid.py): 168 px = 144 visual tokens, so tau = 1/15 keeps 9; a one-layer tower,
-# whose features (layer -2: the patch embeddings) hold only their own patch, so no tower
-# attention spreads a cell's object into the tokens that compression drops; 8 decoder layers,
-# far more than K = 2, so late layers must still read the image.
-GEOMETRIES = {"shapes": TinyLlavaConfig(),
-              "grid": TinyLlavaConfig(image_size=168, vision_layers=1, layers=8)}
+def grid_geometry(side: int) -> TinyLlavaConfig:
+    """The grid task's model (data_prep/grid.py): side * 14 px, one visual token per cell. A
+    two-layer tower read at layer -2 as LLaVA reads CLIP, so the features carry one trained
+    tower layer; its positions start with row + column structure; a 6-layer decoder of width
+    96 (the sizes that learn the task on CPU in minutes: the README's learning curves)."""
+    return TinyLlavaConfig(image_size=side * 14, vision_layers=2, hidden=96, intermediate=288, layers=6,
+                           grid_positions_std=0.5)
+
+
+# The debug geometries `divico model tiny --geometry` writes (grid: at --grid-side).
+GEOMETRIES = ("shapes", "grid")
 
 
 def build_tokenizer(vocab_size: int, extra_text: str = "") -> PreTrainedTokenizerFast:
+    """A byte-level BPE fitted on _CORPUS and `extra_text`, with the role tags as single tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -151,6 +168,7 @@ def build_tokenizer(vocab_size: int, extra_text: str = "") -> PreTrainedTokenize
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS, extra_text], trainer=trainer)
+    tokenizer.add_tokens([AddedToken(tag, lstrip=True, normalized=False) for tag in ROLE_TAGS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -162,6 +180,28 @@ def build_tokenizer(vocab_size: int, extra_text: str = "") -> PreTrainedTokenize
         padding_side="left",
         add_bos_token=True,
     )
+
+
+def chat_text(data_file: Path, limit: int = FIT_ENTRIES) -> str:
+    """The first `limit` entries of a LLaVA data file as the model reads them: rendered with
+    CHAT_TEMPLATE, so the merges learn the answers as they follow "ASSISTANT:" (" yes", " 3").
+    Entries that are not well-formed conversations are skipped: this text only shapes merges."""
+    from pipeline.data.conversation import conversation_rounds, render_chat_template
+
+    entries = json.loads(data_file.read_text())
+    if not isinstance(entries, list):
+        raise ValueError(f"{data_file}: a JSON {type(entries).__name__}, not a list of entries")
+    renderer = build_tokenizer(len(SPECIAL_TOKENS) + 256)  # applies the template; its merges do not matter
+    texts = []
+    for index, entry in enumerate(entries[:limit]):
+        try:
+            has_image = "image" in entry
+            rounds = conversation_rounds(entry["conversations"], key=str(index), has_image=has_image)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+        texts.append(render_chat_template(rounds, has_image=has_image, tokenizer=renderer,
+                                          chat_template=CHAT_TEMPLATE).text)
+    return "\n".join(texts)
 
 
 def build_processor(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
@@ -188,9 +228,16 @@ def build_tiny_llava(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -
         vocab=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_size=cfg.image_size, patch_size=cfg.patch_size, vision_width=cfg.vision_hidden,
         vision_layers=cfg.vision_layers, vision_heads=cfg.vision_heads, max_positions=cfg.max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        init_std=cfg.init_std)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
+    if cfg.grid_positions_std:
+        side, width = cfg.image_size // cfg.patch_size, cfg.vision_hidden
+        rows, cols = torch.randn(side, 1, width), torch.randn(1, side, width)
+        with torch.no_grad():  # row 0 of the table is the CLS token's, which LLaVA drops
+            model.model.vision_tower.embeddings.position_embedding.weight[1:] = (
+                cfg.grid_positions_std * (rows + cols).reshape(side * side, width))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -224,10 +271,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("tiny", help="write the tiny debug LLaVA (random init) and its processor")
     parser.add_argument("--out", type=Path, required=True, help="model folder (skipped when it holds a model)")
     parser.add_argument("--fit-text", type=Path, default=None, metavar="FILE",
-                        help="text the tokenizer's merges also learn (e.g. the data's JSON): shorter sequences")
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shapes",
-                        help="shapes: 100 visual tokens, 4 layers (the demo's first task); grid: 144 visual tokens, "
-                             "a one-layer tower, 8 layers (the grid task of `divico bench accuracy`)")
+                        help="a llava_v1_5_mix665k.json whose chats (rendered with the chat template) the "
+                             "tokenizer's merges also learn: shorter sequences, one token per frequent answer")
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="shapes",
+                        help="shapes: 100 visual tokens, 4 layers (the demo's first task); grid: one visual token "
+                             "per grid cell, a 6-layer decoder (the grid task of `divico bench accuracy`)")
+    parser.add_argument("--grid-side", type=int, default=grid.DEFAULT_SIDE, choices=grid.SIDES,
+                        help="with --geometry grid: cells per side (data_prep/grid.py)")
     parser.set_defaults(func=_main)
 
 
@@ -240,6 +290,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: --out {args.out}: exists and holds no model (config.json); give a new or empty folder",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    write_tiny_llava(args.out, args.fit_text.read_text() if args.fit_text else "", GEOMETRIES[args.geometry])
+    try:
+        fit_text = chat_text(args.fit_text) if args.fit_text else ""
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        print(f"error: --fit-text {args.fit_text}: not a LLaVA JSON data file ({error})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    geometry = grid_geometry(args.grid_side) if args.geometry == "grid" else TinyLlavaConfig()
+    write_tiny_llava(args.out, fit_text, geometry)
     print(f"tiny LLaVA in {args.out}")
     return 0
