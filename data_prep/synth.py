@@ -297,7 +297,7 @@ def generate(cfg: SynthConfig) -> Path:
             if folder:
                 (root / folder).mkdir(parents=True, exist_ok=True)
         folders = FOLDERS if cfg.text_only and cfg.task == "shapes" else [f for f in FOLDERS if f[0] != "text"]
-        asked = 0  # grid questions so far: their kinds go in turn
+        grid_entries = 0  # the first question's kind goes in turn over the grid's entries
         sources, weights = [f[:2] for f in folders], [f[2] for f in folders]
         used: set[str] = set()
         grains = grain_fields(rng, size) if cfg.realistic else []
@@ -326,8 +326,8 @@ def generate(cfg: SynthConfig) -> Path:
             kind = None
             if cfg.task == "grid":
                 count = cfg.questions or rng.choices((1, 2, 3, 4), (0.4, 0.2, 0.2, 0.2))[0]
-                scene, qa = grid.entry_questions(rng, cfg.grid_side, cfg.kinds, count, first=asked)
-                asked += count
+                scene, qa = grid.entry_questions(rng, cfg.grid_side, cfg.kinds, count, first=grid_entries)
+                grid_entries += 1
                 picture = grid.draw(scene, cfg.grid_side)
                 kind = grid.kind_of(qa[0][0])
             elif reading:

@@ -29,8 +29,10 @@ new entries in the file: the SLURM and local runners know only these two kinds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -131,6 +133,29 @@ class Pipeline:
 
     def stage(self, name: str) -> Stage:
         return next(stage for stage in self.stages if stage.name == name)
+
+    def upstream(self, names: Iterable[str]) -> set[str]:
+        """The stages `names` need, transitively, without `names` themselves."""
+        after = {stage.name: stage.after for stage in self.stages}
+        needed: set[str] = set()
+        todo = [before for name in names for before in after[name]]
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo += after[name]
+        return needed
+
+    def restricted(self, names: Iterable[str]) -> Pipeline:
+        """This pipeline with only the stages `names` (PipelineError for an unknown one) and
+        those they need."""
+        names = set(names)
+        unknown = names - {stage.name for stage in self.stages}
+        if unknown:
+            raise PipelineError(f"pipeline file {self.path}: no stage(s) {sorted(unknown)}; "
+                                f"stages: {[stage.name for stage in self.stages]}")
+        keep = names | self.upstream(names)
+        return dataclasses.replace(self, stages=tuple(stage for stage in self.stages if stage.name in keep))
 
     @property
     def tensorboard_dir(self) -> Path:

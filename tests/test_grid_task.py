@@ -179,3 +179,11 @@ def test_synth_grid_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixt
         divico(["prep", "synth", "--out", str(tmp_path / "x"), *flags])
     assert exit_status.value.code == EXIT_BAD_INPUT
     assert problem in capsys.readouterr().err
+
+
+def test_the_first_questions_kind_goes_in_turn_over_entries(tmp_path: Path) -> None:
+    """Whatever the questions per image, every kind opens the same share of entries: a held-out
+    question is always an entry's first, so a kind never asked first in training would be unseen there."""
+    generate(SynthConfig(out=tmp_path / "d", num_samples=40, seed=3, task="grid", questions=8))
+    entries = json.loads((tmp_path / "d" / DATA_FILE).read_text())
+    assert Counter(entry["question_type"] for entry in entries) == {kind: 10 for kind in grid.HEADLINE_KINDS}

@@ -54,6 +54,9 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
                         help="fine-tune seeds 0..N-1 (default: the graph file's, 3)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: runs/bench_accuracy, or runs/bench_accuracy_quick)")
+    parser.add_argument("--only", default=None, metavar="STAGE[,STAGE]",
+                        help="run only these stages of the graph (and those they need), then report "
+                             "(e.g. eval_base,eval_training_free,eval_training_free_seeded,eval_k_sweep)")
     parser.add_argument("--curve", action="store_true",
                         help="train only the base, scoring it per kind every --every steps (the learning curve)")
     parser.add_argument("--every", type=int, default=100, metavar="N", help="--curve: steps between points")
@@ -77,6 +80,8 @@ def _main(args: argparse.Namespace) -> int:
         overrides.append(f"vars.seeds=[{','.join(map(str, range(args.seeds)))}]")
     try:
         pipeline = load_pipeline(BENCH, [*overrides, *args.overrides], workdir=REPO)
+        if args.only:
+            pipeline = pipeline.restricted(args.only.split(","))
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

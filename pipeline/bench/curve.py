@@ -32,7 +32,7 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
     from pipeline.train.main import train
 
     base = pipeline.stage(BASE_STAGE)
-    before = _upstream(pipeline, BASE_STAGE)
+    before = pipeline.upstream([BASE_STAGE])
     status = run_in_process(dataclasses.replace(pipeline, stages=tuple(s for s in pipeline.stages if s.name in before)))
     if status != 0:
         return status
@@ -61,20 +61,6 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
     plot_curve(points, curve_dir / "curve.png")
     print(f"learning curve: {curve_dir / 'curve.jsonl'}, {curve_dir / 'curve.png'}")
     return 0
-
-
-def _upstream(pipeline: Pipeline, name: str) -> set[str]:
-    """The stages `name` needs, transitively (their outputs must exist before it runs)."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.load(pipeline.path).stages
-    needed, todo = set(), list(raw[name].get("after", []))
-    while todo:
-        stage = todo.pop()
-        if stage not in needed:
-            needed.add(stage)
-            todo += list(raw[stage].get("after", []))
-    return needed
 
 
 def _override(overrides: list[str], key: str) -> str:

@@ -42,6 +42,7 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     # need no trained weights); mode=none evaluates without compression.
     mode: str | None = None
     tau: float | None = None
+    layer: int | None = None  # K: the layer where compression happens (the saved setting, or DiViCo's default)
     seed: int | None = None  # overrides the DiViCo setting `seed` (random mode's per-image draw of kept tokens)
     scorer: str = "exact_match"  # a name in pipeline.eval.score.SCORERS
     # Standard deviation of the Gaussian noise added to each image's projector output; 0 = none.

@@ -12,7 +12,7 @@ keeps per image.
 
 Models: a plain LlavaForConditionalGeneration folder, or one with DiViCo settings
 (divico.json, + divico.safetensors) beside it, which is evaluated through CompressedLlava;
-mode=/tau= override the saved settings or wrap a plain model, seed= overrides the saved
+mode=/tau=/layer= override the saved settings or wrap a plain model, seed= overrides the saved
 random-mode seed (a plain model stays plain). In code, `evaluate(model, collator, samples)`
 takes an in-memory model of either kind.
 
@@ -74,6 +74,7 @@ class EvalResult:
     visual_tokens_kept: int  # per image, after compression (== visual_tokens without it)
     mode: str  # DiViCo mode, "none" for a plain model
     tau: float | None
+    layer: int | None  # K, the layer where compression happens (None without compression)
     divico_seed: int | None  # the DiViCo setting `seed` of a CompressedLlava, None for a plain model
     image_noise: float  # standard deviation of the noise added to the encoded images (0: none)
     noise_seed: int
@@ -177,7 +178,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         generated_tokens=answers.generated_tokens, visual_tokens=visual,
         visual_tokens_kept=int(kept_count(visual, model.config.tau)) if compresses else visual,
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
-        tau=model.config.tau if compresses else None,
+        tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,
         image_noise=float(image_noise), noise_seed=noise_seed, tags=dict(tags or {}), predictions=answers.rows)
 
@@ -189,18 +190,20 @@ def check_model(path: Path) -> None:
         raise ConfigError(f"model={path}: {what}")
 
 
-def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None, seed: int | None = None,
-               device: str = "auto") -> torch.nn.Module:
+def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None, layer: int | None = None,
+               seed: int | None = None, device: str = "auto") -> torch.nn.Module:
     """The checkpoint at `path`: through CompressedLlava when DiViCo settings lie beside it or
-    `mode`/`tau` ask for one, else the plain LLaVA model; `seed` overrides the DiViCo seed of
+    `mode`/`tau`/`layer` ask for one, else the plain LLaVA model; `seed` overrides the DiViCo seed of
     a CompressedLlava and alone wraps nothing. bf16 on GPU, fp32 on CPU. ConfigError for a
     request the folder cannot serve (checked before the weights load), EvalError for a file
     that does not load."""
     path = Path(path)
     check_model(path)
-    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("seed", seed)) if value is not None}
+    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("layer", layer), ("seed", seed))
+                 if value is not None}
     saved = (path / DIVICO_SETTINGS_FILE).is_file()
-    wrap = None if saved or (mode is None and tau is None) or mode == "none" else DiViCoConfig(**overrides)
+    asks = mode is not None or tau is not None or layer is not None
+    wrap = None if saved or not asks or mode == "none" else DiViCoConfig(**overrides)
     if wrap is not None and wrap.uses_gap_encoder:
         raise ConfigError(f"model={path} has no DiViCo weights ({DIVICO_SETTINGS_FILE}); mode {wrap.mode!r} needs "
                           "a trained gap encoder (fastv, random and select_only do not)")
@@ -240,7 +243,7 @@ def validate(cfg: EvalConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}={value}: must be >= 1")
-    divico = {name: getattr(cfg, name) for name in ("mode", "tau") if getattr(cfg, name) is not None}
+    divico = {name: getattr(cfg, name) for name in ("mode", "tau", "layer") if getattr(cfg, name) is not None}
     try:
         cfg.validate()  # the collator settings
         DiViCoConfig(**divico).validate()
@@ -267,7 +270,7 @@ def validate(cfg: EvalConfig) -> None:
 def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Validate `cfg`, load its model, evaluate it."""
     validate(cfg)
-    model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, seed=cfg.seed, device=cfg.device)
+    model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
     try:
         collator = LlavaCollator(AutoProcessor.from_pretrained(cfg.model),
                                  CollatorConfig.from_settings(cfg, padding_side="left"),
@@ -289,7 +292,7 @@ def print_result(result: EvalResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"answer accuracy (mode {result.mode}"
-                        + (f", tau {result.tau:.3f}" if result.tau is not None else "")
+                        + (f", tau {result.tau:.3f}, K {result.layer}" if result.tau is not None else "")
                         + (f", image noise {result.image_noise:g}" if result.image_noise else "") + ")")
     for column in ("question type", "samples", "accuracy", "chance", "majority answer"):
         table.add_column(column, justify="left" if column in ("question type", "majority answer") else "right")
