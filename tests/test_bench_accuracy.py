@@ -20,7 +20,8 @@ from pipeline.bench.accuracy import BENCH, QUICK
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = ["vars.train.samples=48", "vars.finetune.samples=32", "vars.heldout.samples=16", "vars.taus=[0.1111111]",
+TOY = ["vars.train.samples=64", "vars.finetune.samples=32", "vars.heldout.samples=16", "vars.taus=[0.1111111]",
+       "vars.k_sweep=[1]",
        "vars.seeds=[0]", "vars.trained=[divico]", "vars.ablations=[divico_init_zero]", "vars.eval=max_new_tokens=2 "
        "model_max_length=512 batch_size=16 device=cpu"]
 
@@ -52,7 +53,8 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
     rows = json.loads((out / "results.json").read_text())
     cells = {(row["method"], row["condition"]) for row in rows}
     assert cells == {("none", "clean"), ("fastv", "clean"), ("random", "clean"), ("divico", "clean"),
-                     ("divico_init_zero", "clean"), ("fastv", "noise"), ("divico", "noise")}
+                     ("divico_init_zero", "clean"), ("fastv", "noise"), ("divico", "noise"),
+                     ("fastv_k1", "clean"), ("random_k1", "clean")}
     assert all(row["questions"] == 16 and 0 <= row["accuracy"] <= 1 for row in rows)
     base = next(row for row in rows if row["method"] == "none")
     assert base["retention"] == (1 if base["accuracy"] > 0 else None)  # a toy base may answer nothing right

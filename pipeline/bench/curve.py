@@ -4,8 +4,9 @@ The graph's `base` stage is trained through the real `divico train`, `--every` o
 at a time (train.max_steps, then --resume auto: the same run as one uninterrupted epoch).
 After each slice its newest checkpoint is exported and scored on the first `--questions`
 held-out questions: greedy accuracy and teacher-forced loss of the answer per kind. Each point
-is printed, logged to TensorBoard beside the run's training scalars (heldout/accuracy/<kind>,
-heldout/loss/<kind>) and appended to <root>/curve/curve.jsonl; curve.png plots it. A killed run
+is printed, logged to TensorBoard as the run <stage>-heldout beside the base's own run
+(heldout/accuracy/<kind>, heldout/loss/<kind>; a run of its own, since a resumed training run
+purges the steps after its checkpoint) and appended to <root>/curve/curve.jsonl; curve.png plots it. A killed run
 resumes from the newest checkpoint and keeps the points it has.
 """
 
@@ -53,7 +54,7 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
         step = _newest_step(output_dir)
         if step not in {point["step"] for point in points}:
             point = score_checkpoint(output_dir, pipeline.root / "shards" / "heldout", curve_dir, questions=questions,
-                                     tensorboard=pipeline.tensorboard_dir / _override(args.overrides, "train.stage"))
+                                     tensorboard=pipeline.tensorboard_dir / f"{_override(args.overrides, 'train.stage')}-heldout")
             points.append(point)
             with (curve_dir / "curve.jsonl").open("a") as file:
                 file.write(json.dumps(point) + "\n")

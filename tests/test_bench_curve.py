@@ -1,0 +1,64 @@
+"""`divico bench accuracy --curve` at a toy size: the base is trained slice by slice through the
+real `divico train`, each slice's checkpoint scored per question kind into curve.jsonl and
+TensorBoard; a stopped curve resumes without rescoring its points and ends with the epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_prep import grid
+from pipeline.cli import main as divico
+
+pytestmark = pytest.mark.slow
+
+TOY = ["vars.train.samples=96", "vars.heldout.samples=16", "vars.finetune.samples=8"]  # 3 steps of 32
+
+
+def curve(out: Path, *flags: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        divico(["bench", "accuracy", "--curve", "--every", "2", "--curve-questions", "12", "--out", str(out),
+                *flags, *TOY])
+    assert exit_.value.code == 0
+
+
+def test_the_curve_scores_each_slice_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench"
+    curve(out, "--curve-steps", "2")
+    assert not (out / "base" / "train_summary.json").exists()  # stopped inside the epoch
+    first = (out / "curve" / "curve.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in first] == [2]
+    printed = capsys.readouterr().out
+    assert "step     2  all" in printed and "count" in printed
+
+    curve(out)  # on to the end of the epoch: step 3 (a slice of 2 stops at the epoch's end)
+    lines = (out / "curve" / "curve.jsonl").read_text().splitlines()
+    assert lines[0] == first[0]  # the point of step 2 is kept, not rescored
+    points = [json.loads(line) for line in lines]
+    assert [point["step"] for point in points] == [2, 3]
+    assert (out / "base" / "train_summary.json").is_file() and (out / "curve" / "curve.png").is_file()
+    for point in points:
+        assert point["questions"] == 12
+        assert set(point["accuracy_by_kind"]) == set(point["loss_by_kind"]) == set(grid.HEADLINE_KINDS)
+        assert all(0 <= value <= 1 for value in point["accuracy_by_kind"].values())
+        assert all(value > 0 for value in point["loss_by_kind"].values())
+
+    assert sorted(path.name for path in (out / "tensorboard").iterdir()) == ["base", "base-heldout"]
+    events = EventAccumulator(str(out / "tensorboard" / "base-heldout"), size_guidance={"scalars": 0})
+    events.Reload()
+    for kind in grid.HEADLINE_KINDS:
+        assert [event.step for event in events.Scalars(f"heldout/accuracy/{kind}")] == [2, 3]
+        assert [event.value for event in events.Scalars(f"heldout/loss/{kind}")] == pytest.approx(
+            [point["loss_by_kind"][kind] for point in points])
+
+
+def test_curve_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        divico(["bench", "accuracy", "--curve", "--every", "0", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--every 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        divico(["bench", "accuracy", "--only", "eval_nothing", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "no stage(s) ['eval_nothing']" in capsys.readouterr().err
