@@ -218,7 +218,7 @@ def test_divico_eval_command_writes_the_summary(tiny_llava_dir, eval_json, capsy
     assert json.loads(out.read_text()) == printed and list(out.parent.iterdir()) == [out]  # no temporary left
     assert printed["samples"] == 4 and printed["visual_tokens"] == 100 and "predictions" not in printed
     assert set(printed) == {"samples", "accuracy", "chance", "by_type", "tokens_per_s", "samples_per_s",
-                            "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau",
+                            "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau", "layer",
                             "divico_seed", "image_noise", "noise_seed", "tags"}
     assert (printed["divico_seed"], printed["image_noise"], printed["noise_seed"], printed["tags"]) == (None, 0, 0, {})
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]

@@ -46,7 +46,8 @@ def test_llava_config_head_dim_is_width_over_heads() -> None:
 
 def test_model_tiny_command(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     fit = tmp_path / "data.json"
-    fit.write_text(json.dumps([{"id": str(i), "conversations": [{"from": "gpt", "value": f"{WORD} {WORD}"}]}
+    fit.write_text(json.dumps([{"id": str(i), "conversations": [{"from": "human", "value": "Say it twice."},
+                                                                {"from": "gpt", "value": f"{WORD} {WORD}"}]}
                                for i in range(50)]))
     out = tmp_path / "tiny"
     with pytest.raises(SystemExit) as exit_:
@@ -57,7 +58,7 @@ def test_model_tiny_command(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert model.config.text_config.vocab_size == len(processor.tokenizer)
-    assert len(processor.tokenizer.tokenize(WORD)) == 1  # the merges learned the file's words
+    assert len(processor.tokenizer.tokenize(f" {WORD}")) == 1  # the merges learned the chats' words
 
     written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with caplog.at_level(logging.INFO, logger="pipeline.model.tiny"), pytest.raises(SystemExit) as exit_:
@@ -71,7 +72,7 @@ def test_model_tiny_without_fit_text_does_not_know_the_word(tmp_path: Path) -> N
     with pytest.raises(SystemExit) as exit_:
         divico(["model", "tiny", "--out", str(tmp_path / "tiny")])
     assert exit_.value.code == 0
-    assert len(AutoProcessor.from_pretrained(tmp_path / "tiny").tokenizer.tokenize(WORD)) > 1
+    assert len(AutoProcessor.from_pretrained(tmp_path / "tiny").tokenizer.tokenize(f" {WORD}")) > 1
 
 
 def test_model_tiny_missing_fit_text_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

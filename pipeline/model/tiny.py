@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
-# The chat template's role tags, one token each (with the space before them), as a word.
-ROLE_TAGS = ["USER:", "ASSISTANT:"]
+# The chat template's role tags as it renders them, one token each.
+ROLE_TAGS = ["USER:", " ASSISTANT:"]
 FIT_ENTRIES = 4000  # entries of a --fit-text data file whose rendered chats the merges learn from
 
 # The llava-hf chat template (llava-1.5-*-hf): "USER: <image>\n{text} ASSISTANT: {answer}</s>".
@@ -168,7 +168,7 @@ def build_tokenizer(vocab_size: int, extra_text: str = "") -> PreTrainedTokenize
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS, extra_text], trainer=trainer)
-    tokenizer.add_tokens([AddedToken(tag, lstrip=True, normalized=False) for tag in ROLE_TAGS])
+    tokenizer.add_tokens([AddedToken(tag, normalized=False) for tag in ROLE_TAGS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
