@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vars.train.samples=64", "vars.finetune.samples=32", "vars.heldout.samples=16", "vars.taus=[0.1111111]",
-       "vars.k_sweep=[1]",
+       "vars.k_sweep.layers=[1]", "vars.k_sweep.questions=8",
        "vars.seeds=[0]", "vars.trained=[divico]", "vars.ablations=[divico_init_zero]", "vars.eval=max_new_tokens=2 "
        "model_max_length=512 batch_size=16 device=cpu"]
 
@@ -53,8 +53,7 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
     rows = json.loads((out / "results.json").read_text())
     cells = {(row["method"], row["condition"]) for row in rows}
     assert cells == {("none", "clean"), ("fastv", "clean"), ("random", "clean"), ("divico", "clean"),
-                     ("divico_init_zero", "clean"), ("fastv", "noise"), ("divico", "noise"),
-                     ("fastv_k1", "clean"), ("random_k1", "clean")}
+                     ("divico_init_zero", "clean"), ("fastv", "noise"), ("divico", "noise")}
     assert all(row["questions"] == 16 and 0 <= row["accuracy"] <= 1 for row in rows)
     base = next(row for row in rows if row["method"] == "none")
     assert base["retention"] == (1 if base["accuracy"] > 0 else None)  # a toy base may answer nothing right
@@ -62,6 +61,9 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "divico bench accuracy" in report and "torch" in report
+    sweep = {(row["method"], row["questions"]) for row in json.loads((out / "k_sweep" / "results.json").read_text())}
+    assert sweep == {("none", 8), ("fastv_k1", 8), ("random_k1", 8)}  # on the same first questions
+    assert "Paired difference fastv_k1 - random_k1" in (out / "k_sweep" / "report.md").read_text()
 
 
 def test_quick_is_the_same_graph_with_fewer_cells() -> None:

@@ -20,6 +20,7 @@ slice (pipeline/bench/curve.py); the same base the table then uses.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
 # --quick: a smaller base model and held-out set, one seed, tau 1/9 only, one ablation.
 QUICK = ["vars.train.samples=6000", "vars.finetune.samples=800", "vars.heldout.samples=800",
-         "vars.taus=[0.1111111]", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]"]
+         "vars.taus=[0.1111111]", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]",
+         "vars.k_sweep.layers=[1,2]"]
 # The paired comparisons report.md shows (first, second) at every tau where both exist.
 COMPARISONS = [("divico", "fastv"), ("divico", "random"), ("divico", "select_only"), ("divico", "point_estimate"),
                ("divico", "random_trained"), ("fastv", "random"), ("select_only", "random_trained")]
@@ -97,13 +99,22 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
+    """The method table's report in `out` and the K sweep's in `out`/k_sweep, each where its cells exist."""
     from pipeline.bench.report import read_cells, write_report
 
-    cells_dir = Path(pipeline.vars["cells"])
+    sweep = pipeline.vars["k_sweep"]
+    k_comparisons = [(f"{first}_k{k}", f"{second}_k{k}") for k in sweep["layers"]
+                     for first, second in itertools.combinations(sweep["methods"], 2)]
+    reports = [(Path(pipeline.vars["cells"]), out, COMPARISONS, ""),
+               (Path(sweep["cells"]), out / "k_sweep", k_comparisons,
+                f"\n\nThe K sweep: the training-free methods with compression at layer K (rows METHOD_kK), "
+                f"on the first {sweep['questions']} held-out questions.")]
+    for cells_dir, where, comparisons, note in reports:
+        if cells_dir.is_dir() and any(cells_dir.glob("*.json")):
+            write_report(read_cells(cells_dir), where, comparisons=comparisons, header=header(pipeline, seconds) + note)
+            print((where / "report.md").read_text())
+            print(f"report, results and plots in {where}")
     plot_kept_tokens(pipeline, out / "kept_tokens.png")
-    write_report(read_cells(cells_dir), out, comparisons=COMPARISONS, header=header(pipeline, seconds))
-    print((out / "report.md").read_text())
-    print(f"report, results and plots in {out}")
     return 0
 
 

@@ -137,6 +137,7 @@ class TinyLlavaConfig:
     vocab_size: int = 1024
     max_positions: int = 2048
     init_std: float = 0.02
+    embed_std: float | None = None  # the token embedding table's init std (None: init_std, as in Llama)
     # > 0: the tower's position table starts as a row vector plus a column vector per patch (each
     # N(0, std^2)), so patches of one row or column look alike from the first step; 0: CLIP's init.
     grid_positions_std: float = 0.0
@@ -146,10 +147,12 @@ class TinyLlavaConfig:
 def grid_geometry(side: int) -> TinyLlavaConfig:
     """The grid task's model (data_prep/grid.py): side * 14 px, one visual token per cell. A
     two-layer tower read at layer -2 as LLaVA reads CLIP, so the features carry one trained
-    tower layer; its positions start with row + column structure; a 6-layer decoder of width
-    96 (the sizes that learn the task on CPU in minutes: the README's learning curves)."""
+    tower layer; its positions start with row + column structure; a 6-layer decoder of width 96.
+    Init at PyTorch's default scales (linear weights std 0.06 ~ 1/sqrt(3 * 96), token embeddings
+    N(0, 1)), not Llama's 0.02: at 0.02 the loss stayed flat at its plateau for 1,000 steps
+    while this init left it (the README's learning curves)."""
     return TinyLlavaConfig(image_size=side * 14, vision_layers=2, hidden=96, intermediate=288, layers=6,
-                           grid_positions_std=0.5)
+                           init_std=0.06, embed_std=1.0, grid_positions_std=0.5)
 
 
 # The debug geometries `divico model tiny --geometry` writes (grid: at --grid-side).
@@ -232,6 +235,9 @@ def build_tiny_llava(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -
         init_std=cfg.init_std)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
+    if cfg.embed_std is not None:
+        with torch.no_grad():
+            model.model.language_model.embed_tokens.weight.normal_(0.0, cfg.embed_std)
     if cfg.grid_positions_std:
         side, width = cfg.image_size // cfg.patch_size, cfg.vision_hidden
         rows, cols = torch.randn(side, 1, width), torch.randn(1, side, width)
