@@ -138,10 +138,10 @@ class Pipeline:
         """The stages `names` need, transitively, without `names` themselves."""
         after = {stage.name: stage.after for stage in self.stages}
         needed: set[str] = set()
-        todo = [before for name in names for before in after[name]]
+        todo = [before for name in names for before in after.get(name, ())]
         while todo:
             name = todo.pop()
-            if name not in needed:
+            if name not in needed and name in after:  # a stage dropped from this pipeline is not needed
                 needed.add(name)
                 todo += after[name]
         return needed

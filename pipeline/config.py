@@ -67,6 +67,8 @@ class OptimConfig:
     projector_lr: float = 2e-5
     encoder_lr: float = 2e-4  # the DiViCo gap encoder
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999  # LLaVA's (transformers' default); a from-scratch tiny model wants 0.98
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of each group's lr
     grad_clip: float = 1.0
@@ -190,6 +192,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
     for name in ("lr", "projector_lr", "encoder_lr"):
         if getattr(o, name) < 0:
             raise ConfigError(f"optim.{name}={getattr(o, name)}: must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name}={getattr(o, name)}: must be in [0, 1)")
     if not 0 <= o.warmup_ratio < 1:
         raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio}: must be in [0, 1)")
 

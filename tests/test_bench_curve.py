@@ -62,3 +62,35 @@ def test_curve_flags_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) 
     with pytest.raises(SystemExit) as exit_:
         divico(["bench", "accuracy", "--only", "eval_nothing", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "no stage(s) ['eval_nothing']" in capsys.readouterr().err
+
+
+def test_a_shipped_base_is_verified_installed_and_replaces_training(tmp_path: Path) -> None:
+    from launch.stages import load_pipeline
+    from pipeline.bench import shipped_base
+    from pipeline.bench.accuracy import BENCH, REPO
+
+    out = tmp_path / "bench"
+    curve(out)  # trains the toy base through the epoch
+    pipeline = load_pipeline(BENCH, [f"root={out}", *TOY], workdir=REPO)
+    shipped = shipped_base.ship(pipeline, tmp_path / "shipped")
+    manifest = json.loads((shipped / shipped_base.MANIFEST).read_text())
+    assert "model.safetensors" in manifest["sha256"] and manifest["steps"] == 3
+    assert (shipped / shipped_base.RECORD / "curve.jsonl").is_file()
+
+    fresh = load_pipeline(BENCH, [f"root={tmp_path / 'fresh'}", *TOY], workdir=REPO)
+    assert shipped_base.applies(fresh, shipped)
+    other = load_pipeline(BENCH, [f"root={tmp_path / 'fresh'}", *TOY, "vars.grid_side=8"], workdir=REPO)
+    assert not shipped_base.applies(other, shipped)
+    recipe = load_pipeline(BENCH, [f"root={tmp_path / 'fresh'}", *TOY], workdir=REPO)
+    assert shipped_base.trained_as(recipe) == manifest["trained_as"]
+
+    (shipped / "config.json").write_text((shipped / "config.json").read_text() + " ")  # damaged
+    with pytest.raises(shipped_base.ShippedBaseError, match="config.json: sha256 differs"):
+        shipped_base.install(fresh, shipped)
+    assert not (tmp_path / "fresh" / "base" / "model").exists()
+    (shipped / "config.json").write_text((shipped / "config.json").read_text()[:-1])
+    installed = shipped_base.install(fresh, shipped)
+    assert {stage.name for stage in installed.stages}.isdisjoint(shipped_base.BASE_STAGES)
+    copied = tmp_path / "fresh" / "base" / "model"
+    assert sorted(path.name for path in copied.iterdir()) == sorted(manifest["sha256"])
+    assert installed.restricted(["eval_base"]).stages[-1].name == "eval_base"  # runs without the base stages

@@ -119,3 +119,10 @@ def test_a_deepspeed_scheduler_section_is_refused(tiny_llava_dir, tmp_path):
     cfg = load_config([TINY_RECIPE], [f"model.base={tiny_llava_dir}", f"train.deepspeed_config={tmp_path / 'ds.json'}"])
     with pytest.raises(TrainingError, match="scheduler"):
         deepspeed_config(cfg, total_steps=10, accumulation=1, bf16=False, on_gpu=False)
+
+
+def test_adam_betas_come_from_the_run_config(tiny_llava_dir):
+    cfg = load_config([TINY_RECIPE], [f"model.base={tiny_llava_dir}", "optim.adam_beta2=0.98",
+                                      f"train.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}"])
+    params = deepspeed_config(cfg, total_steps=10, accumulation=1, bf16=False, on_gpu=False)["optimizer"]["params"]
+    assert params["betas"] == [0.9, 0.98]

@@ -2,6 +2,7 @@
 
     divico bench accuracy [--quick] [--seeds N] [--out DIR] [key=value ...]
     divico bench accuracy --curve [--every N] [--curve-questions Q] [--curve-steps S] [--out DIR]
+    divico bench accuracy --ship-base [--out DIR]
 
 Runs the stage graph configs/pipelines/bench_accuracy.yaml in this process (the grid task of
 data_prep/grid.py -> shards -> the tiny grid LLaVA -> one base model -> every method's held-out
@@ -15,6 +16,9 @@ its epoch too). key=value changes the graph file, e.g. vars.seeds=[0,1] vars.noi
 --quick: QUICK's smaller base and fewer cells, through the same graph, in minutes.
 --curve: only the base model, trained N steps at a time and scored per question kind after each
 slice (pipeline/bench/curve.py); the same base the table then uses.
+The base: the export kept in the repository (pipeline/bench/shipped_base.py) whenever the graph
+would train the same one; --retrain-base trains it here; --ship-base writes DIR's trained base
+into the repository.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 
 from launch.local import run_in_process
 from launch.stages import Pipeline, PipelineError, load_pipeline
-from pipeline.contract import EXIT_BAD_INPUT, TRAIN_SUMMARY_FILE, run_name
+from pipeline.bench import shipped_base
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, TRAIN_SUMMARY_FILE, run_name
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
@@ -66,6 +71,10 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
                         help="--curve: held-out questions per point (the kinds in turn)")
     parser.add_argument("--curve-steps", type=int, default=None, metavar="S",
                         help="--curve: stop after this many steps of the base's epoch (resume later to go on)")
+    parser.add_argument("--retrain-base", action="store_true",
+                        help="train the base model although the repository ships one for these settings")
+    parser.add_argument("--ship-base", action="store_true",
+                        help="write DIR's trained base (fp16 export, sha256, record) to pipeline/bench/grid_base")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the graph file")
     parser.set_defaults(func=_main)
 
@@ -82,8 +91,6 @@ def _main(args: argparse.Namespace) -> int:
         overrides.append(f"vars.seeds=[{','.join(map(str, range(args.seeds)))}]")
     try:
         pipeline = load_pipeline(BENCH, [*overrides, *args.overrides], workdir=REPO)
-        if args.only:
-            pipeline = pipeline.restricted(args.only.split(","))
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -91,6 +98,22 @@ def _main(args: argparse.Namespace) -> int:
         from pipeline.bench.curve import learning_curve
 
         return learning_curve(pipeline, every=args.every, questions=args.curve_questions, max_steps=args.curve_steps)
+    try:
+        if args.ship_base:
+            print(f"shipped base: {shipped_base.ship(pipeline)}")
+            return 0
+        if not args.retrain_base and shipped_base.applies(pipeline):
+            pipeline = shipped_base.install(pipeline)
+            print(f"base model: the repository's {shipped_base.SHIPPED} (--retrain-base trains it here)")
+    except shipped_base.ShippedBaseError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if args.ship_base else EXIT_FAILURE
+    if args.only:
+        try:
+            pipeline = pipeline.restricted(args.only.split(","))
+        except PipelineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     started = time.perf_counter()
     status = run_in_process(pipeline, progress=True)
     if status != 0:
@@ -131,7 +154,8 @@ def header(pipeline: Pipeline, seconds: float) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
         f"- packages: {versions}",
-        f"- base model training: {base_seconds / 60:.1f} min" if base_seconds else "- base model: reused",
+        f"- base model training: {base_seconds / 60:.1f} min" if base_seconds else
+        f"- base model: {shipped_base.describe()}",
         f"- this run: {seconds / 60:.1f} min (finished cells from earlier runs are not counted)",
     ]
     return "\n".join(lines)

@@ -147,11 +147,12 @@ class TinyLlavaConfig:
 def grid_geometry(side: int) -> TinyLlavaConfig:
     """The grid task's model (data_prep/grid.py): side * 14 px, one visual token per cell. A
     two-layer tower read at layer -2 as LLaVA reads CLIP, so the features carry one trained
-    tower layer; its positions start with row + column structure; a 6-layer decoder of width 96.
+    tower layer; its positions start with row + column structure; a 6-layer decoder of width 96
+    with full multi-head attention.
     Init at PyTorch's default scales (linear weights std 0.06 ~ 1/sqrt(3 * 96), token embeddings
     N(0, 1)), not Llama's 0.02: at 0.02 the loss stayed flat at its plateau for 1,000 steps
     while this init left it (the README's learning curves)."""
-    return TinyLlavaConfig(image_size=side * 14, vision_layers=2, hidden=96, intermediate=288, layers=6,
+    return TinyLlavaConfig(image_size=side * 14, vision_layers=2, hidden=96, intermediate=288, layers=6, kv_heads=4,
                            init_std=0.06, embed_std=1.0, grid_positions_std=0.5)
 
 

@@ -136,6 +136,8 @@ def deepspeed_config(cfg: RunConfig, total_steps: int, accumulation: int, bf16: 
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
     params["lr"], params["weight_decay"] = o.lr, o.weight_decay  # defaults; each param group sets its own lr
+    if params.get("betas") == "auto":  # Adam's; another optimizer's JSON has none
+        params["betas"] = [o.adam_beta1, o.adam_beta2]
     if not on_gpu and optimizer["type"].lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel
     if "scheduler" in ds:
