@@ -4,10 +4,10 @@ The graph's `base` stage is trained through the real `divico train`, `--every` o
 at a time (train.max_steps, then --resume auto: the same run as one uninterrupted epoch).
 After each slice its newest checkpoint is exported and scored on the first `--questions`
 held-out questions: greedy accuracy and teacher-forced loss of the answer per kind. Each point
-is printed, logged to TensorBoard as the run <stage>-heldout beside the base's own run
-(heldout/accuracy/<kind>, heldout/loss/<kind>; a run of its own, since a resumed training run
-purges the steps after its checkpoint) and appended to <root>/curve/curve.jsonl; curve.png plots it. A killed run
-resumes from the newest checkpoint and keeps the points it has.
+is printed, appended to <root>/curve/curve.jsonl (curve.png plots them) and logged to
+TensorBoard as the run <stage>-heldout beside the base's own run (heldout/accuracy/<kind>,
+heldout/loss/<kind>; a run of its own, since a resumed training run purges its steps after the
+checkpoint). A killed run resumes from the newest checkpoint and keeps the points it has.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
     (task,) = base.tasks
     args = parse(["train", *task.train_args])
     output_dir = Path(_override(args.overrides, "train.output_dir"))
+    tensorboard = pipeline.tensorboard_dir / f"{_override(args.overrides, 'train.stage')}-heldout"
     curve_dir = pipeline.root / "curve"
     curve_dir.mkdir(parents=True, exist_ok=True)
     points = read_points(curve_dir / "curve.jsonl")
@@ -54,7 +55,7 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
         step = _newest_step(output_dir)
         if step not in {point["step"] for point in points}:
             point = score_checkpoint(output_dir, pipeline.root / "shards" / "heldout", curve_dir, questions=questions,
-                                     tensorboard=pipeline.tensorboard_dir / f"{_override(args.overrides, 'train.stage')}-heldout")
+                                     tensorboard=tensorboard)
             points.append(point)
             with (curve_dir / "curve.jsonl").open("a") as file:
                 file.write(json.dumps(point) + "\n")
