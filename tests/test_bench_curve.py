@@ -92,5 +92,10 @@ def test_a_shipped_base_is_verified_installed_and_replaces_training(tmp_path: Pa
     installed = shipped_base.install(fresh, shipped)
     assert {stage.name for stage in installed.stages}.isdisjoint(shipped_base.BASE_STAGES)
     copied = tmp_path / "fresh" / "base" / "model"
-    assert sorted(path.name for path in copied.iterdir()) == sorted(manifest["sha256"])
+    assert sorted(path.name for path in copied.iterdir()) == sorted([*manifest["sha256"], shipped_base.MANIFEST])
     assert installed.restricted(["eval_base"]).stages[-1].name == "eval_base"  # runs without the base stages
+    assert shipped_base.describe(fresh).startswith("the repository's export (3 steps")
+
+    (out / "base" / "model").mkdir()  # a base trained in DIR itself (--retrain-base) is kept, not replaced
+    assert shipped_base.install(pipeline, shipped) is pipeline
+    assert shipped_base.describe(pipeline).startswith("trained here")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import shlex
@@ -37,7 +36,7 @@ from pathlib import Path
 from launch.local import run_in_process
 from launch.stages import Pipeline, PipelineError, load_pipeline
 from pipeline.bench import shipped_base
-from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, TRAIN_SUMMARY_FILE, run_name
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, run_name
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
@@ -143,8 +142,6 @@ def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
 
 def header(pipeline: Pipeline, seconds: float) -> str:
     """The command, the machine, the package versions and the timings, for report.md."""
-    base = pipeline.root / "base" / TRAIN_SUMMARY_FILE
-    base_seconds = json.loads(base.read_text()).get("run/seconds") if base.is_file() else None
     versions = ", ".join(f"{name} {version(name)}" for name in PACKAGES)
     lines = [
         "# divico bench accuracy",
@@ -154,8 +151,7 @@ def header(pipeline: Pipeline, seconds: float) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
         f"- packages: {versions}",
-        f"- base model training: {base_seconds / 60:.1f} min" if base_seconds else
-        f"- base model: {shipped_base.describe()}",
+        f"- base model: {shipped_base.describe(pipeline)}",
         f"- this run: {seconds / 60:.1f} min (finished cells from earlier runs are not counted)",
     ]
     return "\n".join(lines)

@@ -65,10 +65,12 @@ def applies(pipeline: Pipeline, shipped: Path = SHIPPED) -> bool:
 
 
 def install(pipeline: Pipeline, shipped: Path = SHIPPED) -> Pipeline:
-    """Copy the shipped model to DIR/base/model (verified) unless it is there; the pipeline
-    without the stages that would train it."""
+    """Copy the shipped model to DIR/base/model (verified, with its manifest) and return the
+    pipeline without the stages that would train it; a DIR whose base was trained here keeps it."""
     manifest = json.loads((shipped / MANIFEST).read_text())
     target = pipeline.root / "base" / "model"
+    if target.is_dir() and not (target / MANIFEST).is_file():
+        return pipeline  # trained by an earlier run in DIR (--retrain-base): its stages are complete
     if not target.is_dir():
         for name, digest in manifest["sha256"].items():
             if sha256_file(shipped / name) != digest:
@@ -76,19 +78,22 @@ def install(pipeline: Pipeline, shipped: Path = SHIPPED) -> Pipeline:
                                        "restore it from git or pass --retrain-base")
         target.parent.mkdir(parents=True, exist_ok=True)
         with folder_written_whole(target) as partial:
-            for name in manifest["sha256"]:
+            for name in [*manifest["sha256"], MANIFEST]:
                 shutil.copy(shipped / name, partial / name)
     return dataclasses.replace(pipeline, stages=tuple(s for s in pipeline.stages if s.name not in BASE_STAGES))
 
 
-def describe(shipped: Path = SHIPPED) -> str:
-    """One line for report headers: where the base came from and what it took."""
-    manifest = shipped / MANIFEST
+def describe(pipeline: Pipeline) -> str:
+    """One line for report headers: where DIR's base model came from and what it took."""
+    summary = pipeline.root / "base" / TRAIN_SUMMARY_FILE
+    if summary.is_file():
+        return f"trained here, {json.loads(summary.read_text())['run/seconds'] / 60:.1f} min"
+    manifest = pipeline.root / "base" / "model" / MANIFEST
     if not manifest.is_file():
-        return "reused from an earlier run"
+        return "none yet"
     recorded = json.loads(manifest.read_text())
-    return (f"the repository's export {shipped.name}/ ({recorded['steps']} steps, {recorded['minutes']} min of "
-            f"training; `{recorded['command']}`)")
+    return (f"the repository's export ({recorded['steps']} steps, {recorded['minutes']} min of training; "
+            f"`{recorded['command']}`)")
 
 
 def ship(pipeline: Pipeline, shipped: Path = SHIPPED) -> Path:
