@@ -78,6 +78,7 @@ def install(pipeline: Pipeline, shipped: Path = SHIPPED) -> Pipeline:
                                        "restore it from git or pass --retrain-base")
         target.parent.mkdir(parents=True, exist_ok=True)
         with folder_written_whole(target) as partial:
+            partial.mkdir()
             for name in [*manifest["sha256"], MANIFEST]:
                 shutil.copy(shipped / name, partial / name)
     return dataclasses.replace(pipeline, stages=tuple(s for s in pipeline.stages if s.name not in BASE_STAGES))
