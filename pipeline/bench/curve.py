@@ -12,7 +12,6 @@ checkpoint). A killed run resumes from the newest checkpoint and keeps the point
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections import defaultdict
@@ -33,8 +32,7 @@ def learning_curve(pipeline: Pipeline, *, every: int, questions: int, max_steps:
     from pipeline.train.main import train
 
     base = pipeline.stage(BASE_STAGE)
-    before = pipeline.upstream([BASE_STAGE])
-    status = run_in_process(dataclasses.replace(pipeline, stages=tuple(s for s in pipeline.stages if s.name in before)))
+    status = run_in_process(pipeline.restricted(pipeline.upstream([BASE_STAGE])))  # what the base needs
     if status != 0:
         return status
     (task,) = base.tasks
