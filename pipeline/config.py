@@ -23,6 +23,7 @@ from omegaconf.errors import MissingMandatoryValue
 from pipeline.contract import MANIFEST_FILE
 from pipeline.data.settings import CollatorSettings
 from pipeline.model.settings import DiViCoConfig
+from pipeline.train.rates import RATE_SCHEDULES
 
 TRAIN_MODES = ("lora", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -97,12 +98,29 @@ class TrainConfig:
 
 
 @dataclass
+class MoETrainConfig:
+    """How the Mixture-of-Experts stage trains (divico.encoder=moe; the model's own settings
+    are divico.moe). pipeline/train/rates.py has the schedules."""
+
+    # Each step's rate: "log_uniform" or "uniform" on divico.moe.tau_range (the same on every
+    # rank, a function of train.seed and the step), or "all_centres" (every centre each step).
+    rate_schedule: str = "log_uniform"
+    # The routing prior's weight decays linearly to 0 over this fraction of the epoch (0: constant).
+    prior_anneal: float = 0.5
+    # Warm start: the specialists' exports, one per divico.moe.centres entry and in its order;
+    # each expert starts from the gap encoder of the specialist trained at its centre. The LoRA
+    # starts from whatever model.base is (the base model, or one specialist's export).
+    init_experts_from: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     divico: DiViCoConfig = field(default_factory=DiViCoConfig)  # mode, tau, layer, beta, ...
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoETrainConfig = field(default_factory=MoETrainConfig)
 
 
 Config = TypeVar("Config")
@@ -220,6 +238,14 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         divico.validate()
     except ValueError as error:
         raise ConfigError(f"divico: {error}") from error
+    if cfg.moe.rate_schedule not in RATE_SCHEDULES:
+        raise ConfigError(f"moe.rate_schedule={cfg.moe.rate_schedule!r}: expected one of {RATE_SCHEDULES}")
+    if not 0 <= cfg.moe.prior_anneal <= 1:
+        raise ConfigError(f"moe.prior_anneal={cfg.moe.prior_anneal}: must be in [0, 1]")
+    if cfg.moe.init_experts_from and (divico.encoder != "moe"
+                                      or len(cfg.moe.init_experts_from) != len(divico.moe.centres)):
+        raise ConfigError(f"moe.init_experts_from: needs divico.encoder=moe and one export per centre "
+                          f"({len(divico.moe.centres)}), got {len(cfg.moe.init_experts_from)}")
     if divico.mode == "fastv":
         raise ConfigError("divico.mode=fastv is the training-free baseline: evaluate it with `divico eval "
                           "mode=fastv tau=T` on the base model; its trained counterpart is mode select_only")

@@ -29,7 +29,11 @@ CHECKSUMS_FILE = "checksums.json"  # in each checkpoint, written last: size + sh
 TRAIN_SUMMARY_FILE = "train_summary.json"  # written after an epoch's last step: the stage is done
 
 # ---------------------------------------------------------------- the DiViCo module's files
-DIVICO_FORMAT_VERSION = 1
+# Format 2 records the gap encoder's kind and settings (config.encoder, config.moe) and
+# config.kl_per_token; a format-1 file lacks them and loads with their defaults (the released
+# single encoder, the KL summed over kept tokens), which is what format 1 always meant.
+DIVICO_FORMAT_VERSION = 2
+DIVICO_FORMATS_READ = (1, 2)
 DIVICO_SETTINGS_FILE = "divico.json"
 DIVICO_WEIGHTS_FILE = "divico.safetensors"
 

@@ -116,7 +116,8 @@ def test_sweep_configs_are_valid_for_4_gpus(model, sweep):
 # What each variant file must hold: its DiViCo mode and the visual tokens LLaVA-1.5 keeps of 576.
 VARIANTS = {"divico_tau067": ("divico", 38), "divico_tau111": ("divico", 64), "divico_tau167": ("divico", 96),
             "lora": ("none", 576), "select_only_tau111": ("select_only", 64),
-            "point_estimate_tau111": ("point_estimate", 64), "random_tau111": ("random", 64)}
+            "point_estimate_tau111": ("point_estimate", 64), "random_tau111": ("random", 64),
+            "divico_moe": ("divico", 64)}  # any tau in its range; 1/9 unless told
 
 
 def test_each_variant_holds_what_its_name_says():
@@ -128,4 +129,5 @@ def test_each_variant_holds_what_its_name_says():
         assert cfg.divico.mode == mode, path.name
         assert (kept_count(576, tau) if mode != "none" else 576) == kept, path.name
         # The TensorBoard run and output folder are named by pipeline/contract.py's rule.
-        assert cfg.train.stage == (run_name(mode, tau) if mode != "none" else "lora"), path.name
+        expected = "divico-moe" if cfg.divico.encoder == "moe" else run_name(mode, tau) if mode != "none" else "lora"
+        assert cfg.train.stage == expected, path.name

@@ -285,16 +285,19 @@ def test_eval_feeds_layer_k_v_s_plus_mu(llava, processor):
         dropped[kept] = False
         v_s, v_p = before[kept], before[dropped].double().mean(0).float()
         with torch.no_grad():
-            mu = wrapper.divico.gap_encoder(v_s, v_p.expand_as(v_s), keep_ratio=1 / 9).mu
+            mu = wrapper.divico.gap_encoder(v_s, v_p.expand_as(v_s), torch.full((len(v_s),), 1 / 9),
+                                            torch.zeros(len(v_s), dtype=torch.long)).mu
         assert mu.norm(dim=-1).min() > 0.1 * v_s.norm(dim=-1).max(), "mu is not negligible here"
         torch.testing.assert_close(received[visual], v_s + mu, atol=1e-5, rtol=1e-5)
 
 
-def test_kl_averages_over_image_samples_and_gap_stats(llava, processor):
+@pytest.mark.parametrize("per_token", [False, True])
+def test_kl_averages_over_image_samples_and_gap_stats(llava, processor, per_token):
     """In a batch of two image samples and a text-only one the KL sum is divided by 2 (and
-    the hidden size); gap_stats are those of the kept tokens the encoder saw."""
+    the hidden size), or with kl_per_token by the 22 kept tokens; gap_stats are those of the
+    kept tokens the encoder saw."""
     batch = training_batch(processor, [True, False, True])
-    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9)).eval()
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9, kl_per_token=per_token)).eval()
     seen = {}
     hook = wrapper.divico.gap_encoder.register_forward_hook(
         lambda module, args, out: seen.update(selected=args[0], estimate=out))
@@ -303,11 +306,11 @@ def test_kl_averages_over_image_samples_and_gap_stats(llava, processor):
             out = wrapper(**batch)
     finally:
         hook.remove()
-    mu, l = seen["estimate"]
+    mu, l = seen["estimate"][:2]
     assert mu.shape[0] == 2 * 11, "11 kept tokens in each image sample"
     total = (0.5 * (-l + l.exp() + mu**2 - 1)).sum()
     hidden_size = mu.shape[-1]
-    torch.testing.assert_close(out.kl, total / (2 * hidden_size))
+    torch.testing.assert_close(out.kl, total / ((22 if per_token else 2) * hidden_size))
     assert not torch.allclose(out.kl, total / (3 * hidden_size))
     ratio = (mu.norm(dim=-1) / seen["selected"].norm(dim=-1)).mean()
     torch.testing.assert_close(out.gap_stats["mu_over_vs"], ratio)

@@ -141,7 +141,7 @@ def test_gap_encoder_init(init):
         assert abs(weight.std() / (bound / math.sqrt(3)) - 1) < 0.02
     for bias in (encoder.fc1.bias, fc2_bias):
         assert abs(bias.std() / 0.001 - 1) < 0.15 and bias.abs().max() < 0.01
-    estimate = encoder(torch.randn(5, d), torch.randn(5, d), keep_ratio=1 / 9)
+    estimate = encoder(torch.randn(5, d), torch.randn(5, d), torch.full((5,), 1 / 9), torch.zeros(5, dtype=torch.long))
     assert estimate.mu.shape == estimate.log_ratio.shape == (5, d)
     assert bool(torch.all(estimate.mu == 0)) == (init == "zero")
 
@@ -168,7 +168,8 @@ class FixedGap(nn.Module):
         super().__init__()
         self.mu, self.log_ratio = mu, log_ratio
 
-    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: float) -> GapEstimate:
+    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: torch.Tensor,
+                sample_index: torch.Tensor) -> GapEstimate:
         return GapEstimate(self.mu.to(selected.dtype), self.log_ratio.to(selected.dtype))
 
 
@@ -209,7 +210,8 @@ class HalfToken(nn.Module):
     def __init__(self, hidden_size: int, config: DiViCoConfig) -> None:
         super().__init__()
 
-    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: float) -> GapEstimate:
+    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: torch.Tensor,
+                sample_index: torch.Tensor) -> GapEstimate:
         return GapEstimate(-selected / 2, torch.zeros_like(selected))
 
 
@@ -220,8 +222,8 @@ def test_a_registered_encoder_is_built_by_name(monkeypatch):
     hidden, image_mask, keep = _two_kept_tokens()
     torch.testing.assert_close(module.eval()(hidden, image_mask, keep).hidden[0, [1, 3]], hidden[0, [1, 3]] / 2)
     assert isinstance(DiViCo(DiViCoConfig(mode="divico"), hidden_size=4).gap_encoder, GapEncoder)
-    with pytest.raises(ValueError, match=r"encoder='moe': expected one of \('mlp', 'half'\)"):
-        DiViCoConfig(encoder="moe").validate()
+    with pytest.raises(ValueError, match=r"encoder='mixture': expected one of \('mlp', 'moe', 'half'\)"):
+        DiViCoConfig(encoder="mixture").validate()
 
 
 @pytest.mark.parametrize("mode", ["divico", "point_estimate"])
@@ -242,9 +244,9 @@ def test_gap_stats_by_hand(mode):
 
 def test_kl_released_and_standard():
     mu, l = torch.randn(6, 8), torch.randn(6, 8) * 0.3
-    released = kl_divergence(GapEstimate(mu, l), num_samples=2, sigma0=0.075, variant="released")
+    released = kl_divergence(GapEstimate(mu, l), count=2, sigma0=0.075, variant="released")
     torch.testing.assert_close(released, (0.5 * (-l + l.exp() + mu**2 - 1)).sum() / (2 * 8))
-    standard = kl_divergence(GapEstimate(mu, l), num_samples=2, sigma0=0.075, variant="standard")
+    standard = kl_divergence(GapEstimate(mu, l), count=2, sigma0=0.075, variant="standard")
     posterior = torch.distributions.Normal(mu, (l / 2).exp() * 0.075)
     prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     torch.testing.assert_close(standard, torch.distributions.kl_divergence(posterior, prior).sum() / 2)
@@ -257,13 +259,15 @@ def test_divico_writes_compressed_tokens_only_at_kept_positions():
     image_mask = torch.zeros(2, 8, dtype=torch.bool)
     image_mask[0, 2:6] = True
     keep = select_visual_tokens(torch.rand(2, 8), image_mask, tau=0.5)
-    out, kl, _ = module(hidden, image_mask, keep)
+    out, kl = module(hidden, image_mask, keep)[:2]
     assert kl == 0
     assert torch.equal(out[~keep], hidden[~keep])
     dropped = image_mask & ~keep
     pooled = hidden[0][dropped[0]].mean(0)
     selected = hidden[0][keep[0]]
-    mu = module.gap_encoder(selected, pooled.expand_as(selected), keep_ratio=0.5).mu
+    tokens = selected.shape[0]
+    mu = module.gap_encoder(selected, pooled.expand_as(selected), torch.full((tokens,), 0.5),
+                            torch.zeros(tokens, dtype=torch.long)).mu
     torch.testing.assert_close(out[0][keep[0]], selected + mu)
 
 

@@ -204,6 +204,13 @@ def load_model(path: str | Path, *, mode: str | None = None, tau: float | None =
     saved = (path / DIVICO_SETTINGS_FILE).is_file()
     asks = mode is not None or tau is not None or layer is not None
     wrap = None if saved or not asks or mode == "none" else DiViCoConfig(**overrides)
+    if saved:
+        try:  # a request the saved model cannot serve (e.g. a tau outside a MoE model's range) is bad input
+            CompressedLlava.read_saved(path, **overrides)
+        except json.JSONDecodeError as error:
+            raise EvalError(f"{path / DIVICO_SETTINGS_FILE}: not valid JSON ({error})") from error
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     if wrap is not None and wrap.uses_gap_encoder:
         raise ConfigError(f"model={path} has no DiViCo weights ({DIVICO_SETTINGS_FILE}); mode {wrap.mode!r} needs "
                           "a trained gap encoder (fastv, random and select_only do not)")

@@ -8,6 +8,8 @@ Construction (the model may already carry PEFT LoRA adapters):
     llava.gradient_checkpointing_enable()                    # optional, keeps working
     model = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1/9))
     out = model(input_ids, attention_mask, pixel_values, labels)   # .loss, .lm_loss, .kl, .gap_stats
+    out = model(..., keep_ratio=0.08)                       # another rate (a MoE model), or one per sample
+    out = model(..., branch_rates=(1/15, 1/9, 1/6))         # layers >= K once per rate (training)
     out.loss.backward()
     model.save_divico(adapter_dir)        # divico.json + divico.safetensors beside the adapter
     tokens = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32)
@@ -53,7 +55,13 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from pipeline.contract import DIVICO_FORMAT_VERSION, DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, IGNORE_INDEX
+from pipeline.contract import (
+    DIVICO_FORMAT_VERSION,
+    DIVICO_FORMATS_READ,
+    DIVICO_SETTINGS_FILE,
+    DIVICO_WEIGHTS_FILE,
+    IGNORE_INDEX,
+)
 from pipeline.model.divico import DiViCo, ProjectionCapture, image_seed, query_attention_scores
 from pipeline.model.settings import DiViCoConfig
 
@@ -98,6 +106,10 @@ class CompressedLlavaOutput:
     # Gap-encoder health (pipeline.model.divico.Compression.gap_stats): {"mu_over_vs", "sigma"},
     # None when the mode has no gap encoder or the batch no image.
     gap_stats: dict[str, torch.Tensor] | None = None
+    # The encoder's auxiliary losses, unweighted (loss adds them with their weights), and its
+    # routing (Compression.routing); empty / None without them.
+    aux_losses: dict[str, torch.Tensor] | None = None
+    routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def zero_graph_anchor(module: nn.Module) -> torch.Tensor | None:
@@ -183,6 +195,9 @@ class CompressedLlava(nn.Module):
         image_features: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         logits_to_keep: int = 0,
+        keep_ratio: float | torch.Tensor | None = None,
+        branch_rates: tuple[float, ...] | None = None,
+        aux_weights: dict[str, float] | None = None,
     ) -> CompressedLlavaOutput:
         """Full-sequence forward (training, evaluation, or the prefill of generation).
 
@@ -194,15 +209,23 @@ class CompressedLlava(nn.Module):
         `query_positions`); config.query decides whether they are used (`query_positions()`).
         position_ids default to positions that skip padding. logits_to_keep > 0 computes
         logits for the last positions only (not with labels).
+        keep_ratio: the kept fraction, a float or one per sample (B,); config.tau when None.
+        branch_rates: layers < K run once and layers >= K once per rate, on the batch repeated
+        rate by rate (rows r*B..(r+1)*B-1 at rate r; logits come back (R*B, ...)); the losses
+        are means over all of them (the MoE stage's `all_centres` schedule). Not with a cache.
+        aux_weights: the weights of the gap encoder's auxiliary losses; its `aux_weights` when None.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         image_mask = input_ids == self.llava.config.image_token_id
         queries = self.query_positions(attention_mask, image_mask, labels, first_answer=query_positions)
+        if branch_rates is not None and (past_key_values is not None or keep_ratio is not None):
+            raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache")
         return self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, labels,
                              position_ids=position_ids, image_features=image_features,
-                             past_key_values=past_key_values, logits_to_keep=logits_to_keep)
+                             past_key_values=past_key_values, logits_to_keep=logits_to_keep,
+                             keep_ratio=keep_ratio, branch_rates=branch_rates, aux_weights=aux_weights)
 
     def _forward(
         self,
@@ -217,6 +240,9 @@ class CompressedLlava(nn.Module):
         image_features: torch.Tensor | None,
         past_key_values: Cache | None,
         logits_to_keep: int,
+        keep_ratio: float | torch.Tensor | None = None,
+        branch_rates: tuple[float, ...] | None = None,
+        aux_weights: dict[str, float] | None = None,
     ) -> CompressedLlavaOutput:
         """forward() with the selection query of each sample given (`queries` (B,)): generation
         keeps its prompt's query while it recomputes the longer sequence."""
@@ -249,7 +275,7 @@ class CompressedLlava(nn.Module):
                                **{CACHE_ARG: past_key_values}, use_cache=use_cache)
 
         kl = hidden.new_zeros((), dtype=torch.float32)
-        gap_stats = None
+        gap_stats, aux_losses, routing = None, {}, None
         kept_mask = attention_mask
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if compress:
@@ -258,8 +284,17 @@ class CompressedLlava(nn.Module):
             if self.config.mode == "random":
                 images = _images_per_sample(image_mask, pixel_values, image_features)
                 seeds = [image_seed(self.config.seed, image) for image in images]
-            keep_visual = self.divico.select(scores, image_mask, seeds)
-            hidden, kl, gap_stats = self.divico(hidden, image_mask, keep_visual)
+            if branch_rates:  # the rest of the network once per rate, on the batch repeated
+                repeats = len(branch_rates)
+                keep_ratio = torch.tensor(branch_rates, device=hidden.device).repeat_interleave(hidden.shape[0])
+                hidden, attention_mask, image_mask, position_ids = (
+                    x.repeat(repeats, *([1] * (x.dim() - 1))) for x in (hidden, attention_mask, image_mask, position_ids))
+                position_embeddings = tuple(x.repeat(repeats, 1, 1) for x in position_embeddings)
+                scores = scores.repeat(repeats, 1) if scores is not None else None
+                seeds = seeds * repeats if seeds is not None else None
+                targets = targets.repeat(repeats, 1) if targets is not None else None
+            keep_visual = self.divico.select(scores, image_mask, seeds, keep_ratio)
+            hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio)
 
             # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
             # compressed sequence as long as the input.
@@ -286,10 +321,13 @@ class CompressedLlava(nn.Module):
 
         out = CompressedLlavaOutput(logits=logits, kl=kl, past_key_values=past_key_values,
                                     compressed_attention_mask=kept_mask, compressed_positions=kept_positions,
-                                    gap_stats=gap_stats)
+                                    gap_stats=gap_stats, aux_losses=aux_losses, routing=routing)
         if targets is not None:
             out.lm_loss = self._lm_loss(logits, targets)
             out.loss = out.lm_loss + self.config.beta * kl
+            if aux_losses:
+                weights = self.divico.gap_encoder.aux_weights if aux_weights is None else aux_weights
+                out.loss = out.loss + sum(weights[name] * value for name, value in aux_losses.items())
             if self.training and torch.is_grad_enabled():
                 out.loss = out.loss + self._unused_module_anchor(used_images=bool(image_mask.any()),
                                                                  used_encoder=compress)
@@ -371,29 +409,45 @@ class CompressedLlava(nn.Module):
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.divico.gap_encoder.state_dict().items()}
             save_file(state, str(directory / DIVICO_WEIGHTS_FILE), metadata={"format": "pt"})
 
+    @staticmethod
+    def read_saved(directory: str | Path, **overrides) -> tuple[DiViCoConfig, int]:
+        """The settings `save_divico` wrote into `directory` with `overrides` applied, validated
+        (ValueError naming the file or the setting), and the hidden size they were saved for."""
+        settings_path = Path(directory) / DIVICO_SETTINGS_FILE
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"{settings_path}: no DiViCo settings (written by CompressedLlava.save_divico)")
+        settings = json.loads(settings_path.read_text())
+        if settings.get("format_version") not in DIVICO_FORMATS_READ:
+            raise ValueError(f"{settings_path}: format_version {settings.get('format_version')!r}, "
+                             f"this code reads {DIVICO_FORMATS_READ}")
+        config = DiViCoConfig.from_dict({**settings["config"], **overrides})
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ValueError(f"{settings_path} with {overrides}: {error}" if overrides else
+                             f"{settings_path}: {error}") from error
+        return config, settings["hidden_size"]
+
     @classmethod
     def from_saved(cls, model: nn.Module, directory: str | Path, **overrides) -> CompressedLlava:
         """Rebuild the wrapper around `model` from `save_divico`'s files. `overrides`
         replace saved settings (e.g. mode="fastv" to evaluate the same LoRA without the
-        encoder). Weights are read with safetensors (never unpickled)."""
+        encoder, tau=T to run a mixture-of-experts model at another rate). Weights are read
+        with safetensors (never unpickled)."""
         directory = Path(directory)
         settings_path = directory / DIVICO_SETTINGS_FILE
-        if not settings_path.is_file():
-            raise FileNotFoundError(f"{settings_path}: no DiViCo settings (written by CompressedLlava.save_divico)")
-        settings = json.loads(settings_path.read_text())
-        if settings.get("format_version") != DIVICO_FORMAT_VERSION:
-            raise ValueError(f"{settings_path}: format_version {settings.get('format_version')!r}, "
-                             f"this code reads {DIVICO_FORMAT_VERSION}")
-        wrapper = cls(model, DiViCoConfig.from_dict({**settings["config"], **overrides}))
-        if settings["hidden_size"] != wrapper.decoder.config.hidden_size:
-            raise ValueError(f"{settings_path}: saved for hidden size {settings['hidden_size']}, "
+        config, hidden_size = cls.read_saved(directory, **overrides)
+        wrapper = cls(model, config)
+        if hidden_size != wrapper.decoder.config.hidden_size:
+            raise ValueError(f"{settings_path}: saved for hidden size {hidden_size}, "
                              f"the model has {wrapper.decoder.config.hidden_size}")
         encoder = wrapper.divico.gap_encoder
         if encoder is not None:
             weights_path = directory / DIVICO_WEIGHTS_FILE
             if not weights_path.is_file():
                 raise FileNotFoundError(f"{weights_path}: mode {wrapper.config.mode!r} needs gap-encoder weights")
-            encoder.load_state_dict(load_file(str(weights_path), device=str(encoder.fc1.weight.device)))
+            device = next(encoder.parameters()).device
+            encoder.load_state_dict(load_file(str(weights_path), device=str(device)))
         return wrapper
 
     # --------------------------------------------------------------- generation

@@ -24,11 +24,17 @@ Modes (`DiViCoConfig.mode`):
   draw is seeded per image (`random_scores`), so it is reproducible and batch-invariant.
 
 The gap-encoder slot: `DiViCo.gap_encoder` is any module called as
-`encoder(selected, pooled, keep_ratio=tau) -> GapEstimate(mu, log_ratio)` with `selected`
-and `pooled` of shape (T, d) (one row per kept token, `pooled` repeating its sample's v_p).
+`encoder(selected, pooled, keep_ratio, sample_index) -> GapEstimate` with `selected` and
+`pooled` of shape (T, d) (one row per kept token, `pooled` repeating its sample's v_p), and
+`keep_ratio` (T,) float32 and `sample_index` (T,) long: each kept token's sample and that
+sample's rate, so one batch may mix rates. A GapEstimate carries mu and l and may carry named
+auxiliary losses (added to the loss with the encoder's `aux_weights`) and router weights.
 An encoder is chosen by `divico.encoder` from settings.GAP_ENCODERS ("module:Class", built as
-Class(hidden_size, config)): a mixture-of-experts encoder (small/medium/large-rate experts and a
-router reading `keep_ratio`) is one new file and one line there.
+Class(hidden_size, config)): "mlp" is the released g_theta, "moe" the Mixture-of-Experts
+encoder of pipeline/model/moe.py (one expert per rate, a router reading the rate).
+
+The keep ratio: `config.tau` unless the caller passes `keep_ratio`, a float or a (B,) tensor
+(one rate per sample); N_i' = round(keep_ratio_i * N_i).
 
 Defaults reproduce the released code's numerics: g_theta = Linear(2d, d) -> tanh ->
 Linear(d, 2d), output split into mu and l = log(sigma^2 / sigma0^2), sigma0 = 0.075,
@@ -54,6 +60,8 @@ Deviations from the released code (each deliberate):
 - v_p is averaged in fp32 whatever the decoder's dtype.
 - `kl="standard"` gives the textbook KL(N(mu, sigma^2) || N(0, I)), summed over hidden
   dims and kept tokens, averaged over samples (beta must then be re-tuned).
+- `kl_per_token`: the sum over kept tokens becomes a mean, so beta weighs the same at every
+  rate (the released sum makes it 2.5x heavier at tau 1/6 than at 1/15); on for the MoE stage.
 """
 
 from __future__ import annotations
@@ -71,19 +79,25 @@ from transformers.models.llama.modeling_llama import rotate_half
 from pipeline.model.settings import GAP_ENCODERS, DiViCoConfig
 
 
-def kept_count(num_visual: int | torch.Tensor, tau: float) -> int | torch.Tensor:
-    """N_i' = round(tau * N_i), rounding halves up, at least 1 (0 for a sample without image)."""
+def kept_count(num_visual: int | torch.Tensor, tau: float | torch.Tensor) -> int | torch.Tensor:
+    """N_i' = round(tau * N_i), rounding halves up, at least 1 (0 for a sample without image).
+    With tensors, tau may be one rate per sample."""
     if isinstance(num_visual, torch.Tensor):
+        if isinstance(tau, torch.Tensor):
+            tau = tau.to(num_visual.device, torch.float64)
         kept = torch.floor(num_visual.double() * tau + 0.5).long().clamp(min=1)
         return torch.where(num_visual > 0, kept, torch.zeros_like(kept))
     return max(1, math.floor(num_visual * tau + 0.5)) if num_visual > 0 else 0
 
 
 class GapEstimate(NamedTuple):
-    """Posterior of the gap v_c' for each kept token: mean and l = log(sigma^2 / sigma0^2)."""
+    """Posterior of the gap v_c' for each kept token: mean and l = log(sigma^2 / sigma0^2);
+    an encoder may add named auxiliary losses (scalars) and its router's weights (T, experts)."""
 
     mu: torch.Tensor
     log_ratio: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] | None = None
+    router_weights: torch.Tensor | None = None
 
 
 class GapEncoder(nn.Module):
@@ -96,6 +110,7 @@ class GapEncoder(nn.Module):
     """
 
     param_group = "gap_encoder"  # trains at optim.encoder_lr (pipeline/train/build.py)
+    aux_weights: dict[str, float] = {}  # no auxiliary losses
 
     def __init__(self, hidden_size: int, config: DiViCoConfig) -> None:
         super().__init__()
@@ -114,24 +129,26 @@ class GapEncoder(nn.Module):
                 self.fc2.weight[:hidden_size].zero_()  # forward() takes mu from the first half
                 self.fc2.bias[:hidden_size].zero_()
 
-    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: float) -> GapEstimate:
-        # keep_ratio is part of the slot's contract (a mixture-of-experts router reads it);
-        # a single encoder serves one rate and ignores it.
+    def forward(self, selected: torch.Tensor, pooled: torch.Tensor, keep_ratio: torch.Tensor,
+                sample_index: torch.Tensor) -> GapEstimate:
+        # keep_ratio and sample_index are part of the slot's contract (the mixture's router
+        # reads them); a single encoder serves one rate and ignores them.
         out = self.fc2(torch.tanh(self.fc1(torch.cat([selected, pooled], dim=-1))))
         mu, log_ratio = out.chunk(2, dim=-1)
         return GapEstimate(mu, log_ratio)
 
 
-def kl_divergence(estimate: GapEstimate, num_samples: int, sigma0: float, variant: str) -> torch.Tensor:
-    """KL of the gap posterior against its prior, summed over kept tokens, averaged over
-    the `num_samples` samples that have an image (and, for "released", over hidden dims)."""
+def kl_divergence(estimate: GapEstimate, count: int, sigma0: float, variant: str) -> torch.Tensor:
+    """KL of the gap posterior against its prior, summed over kept tokens and divided by
+    `count`: the samples that have an image (the released normalisation), or the kept tokens
+    (`kl_per_token`); for "released" also averaged over hidden dims."""
     mu, l = estimate.mu.float(), estimate.log_ratio.float()
     if variant == "released":
         per_entry = 0.5 * (-l + l.exp() + mu.square() - 1)
-        return per_entry.sum() / (num_samples * mu.shape[-1])
+        return per_entry.sum() / (count * mu.shape[-1])
     log_var = l + 2 * math.log(sigma0)
     per_entry = 0.5 * (-log_var + log_var.exp() + mu.square() - 1)
-    return per_entry.sum() / num_samples
+    return per_entry.sum() / count
 
 
 class ProjectionCapture:
@@ -228,9 +245,9 @@ def random_scores(image_mask: torch.Tensor, sample_seeds: Sequence[int]) -> torc
     return scores
 
 
-def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float) -> torch.Tensor:
+def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """(B, N) bool: the top round(tau * N_i) visual tokens of each sample by score (ties go
-    to the earlier token, so selection is deterministic)."""
+    to the earlier token, so selection is deterministic); tau a float or one per sample (B,)."""
     masked = scores.float().masked_fill(~image_mask, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -254,6 +271,10 @@ class Compression(NamedTuple):
     # ||mu|| / ||v_s||, and "sigma", the mean of sigma over kept tokens and hidden dims (what
     # divico samples with; point_estimate ignores it). None in modes without a gap encoder.
     gap_stats: dict[str, torch.Tensor] | None
+    # The encoder's auxiliary losses (unweighted; the encoder's aux_weights weigh them), {} if none.
+    aux_losses: dict[str, torch.Tensor]
+    # (keep_ratio (T,), router weights (T, experts)) of the kept tokens, detached; None without a router.
+    routing: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def build_gap_encoder(config: DiViCoConfig, hidden_size: int) -> nn.Module:
@@ -274,39 +295,49 @@ class DiViCo(nn.Module):
         self.gap_encoder = build_gap_encoder(config, hidden_size) if config.uses_gap_encoder else None
 
     def select(self, scores: torch.Tensor | None, image_mask: torch.Tensor,
-               sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
+               sample_seeds: Sequence[int] | None = None, keep_ratio: float | torch.Tensor | None = None
+               ) -> torch.Tensor:
         """(B, N) bool of the kept visual tokens; `scores` from query_attention_scores.
-        Random mode ignores them and draws from `sample_seeds` (one `image_seed` per sample)."""
+        Random mode ignores them and draws from `sample_seeds` (one `image_seed` per sample).
+        keep_ratio: a float or (B,) rates; config.tau when None."""
         if self.config.mode == "random":
             if sample_seeds is None:
                 raise ValueError("DiViCo.select: random mode needs sample_seeds (one image_seed per sample)")
             scores = random_scores(image_mask, sample_seeds)
-        return select_visual_tokens(scores, image_mask, self.config.tau)
+        return select_visual_tokens(scores, image_mask, self.config.tau if keep_ratio is None else keep_ratio)
 
-    def forward(self, hidden: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor) -> Compression:
-        """hidden (B, N, d) after layer K-1; image_mask and keep_visual (B, N) bool."""
+    def forward(self, hidden: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor,
+                keep_ratio: float | torch.Tensor | None = None) -> Compression:
+        """hidden (B, N, d) after layer K-1; image_mask and keep_visual (B, N) bool; keep_ratio
+        as in select()."""
         kl = hidden.new_zeros((), dtype=torch.float32)
         if self.gap_encoder is None:
-            return Compression(hidden, kl, None)
+            return Compression(hidden, kl, None, {}, None)
         pooled = mean_of_dropped(hidden, image_mask & ~keep_visual)
         sample_idx, token_idx = keep_visual.nonzero(as_tuple=True)
         selected = hidden[sample_idx, token_idx]
+        rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio,
+                                dtype=torch.float32, device=hidden.device).expand(hidden.shape[0])
         # The encoder may be kept in another dtype than the decoder (e.g. fp32 beside a
         # quantised or bf16 model): it computes in its own. One without parameters computes
         # in the decoder's.
         weight = next(self.gap_encoder.parameters(), None)
         encoder_dtype = hidden.dtype if weight is None else weight.dtype
         estimate = self.gap_encoder(selected.to(encoder_dtype), pooled[sample_idx].to(encoder_dtype),
-                                    keep_ratio=self.config.tau)
+                                    rates[sample_idx], sample_idx)
         gap = estimate.mu
         if self.config.uses_kl and self.training:
             sigma = (estimate.log_ratio * 0.5).exp() * self.config.sigma0
             gap = gap + torch.randn_like(gap) * sigma
         hidden = hidden.index_put((sample_idx, token_idx), selected + gap.to(hidden.dtype))
         if self.config.uses_kl:
-            num_samples = int(image_mask.any(1).sum())
-            kl = kl_divergence(estimate, num_samples, self.config.sigma0, self.config.kl)
-        return Compression(hidden, kl, gap_stats(estimate, selected, self.config.sigma0))
+            count = selected.shape[0] if self.config.kl_per_token else int(image_mask.any(1).sum())
+            kl = kl_divergence(estimate, count, self.config.sigma0, self.config.kl)
+        routing = None
+        if estimate.router_weights is not None:
+            routing = (rates[sample_idx].detach(), estimate.router_weights.detach().float())
+        return Compression(hidden, kl, gap_stats(estimate, selected, self.config.sigma0),
+                           estimate.aux_losses or {}, routing)
 
 
 @torch.no_grad()

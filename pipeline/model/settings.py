@@ -6,7 +6,8 @@ this dataclass, and validating a config must not import the training stack.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
 QUERY_RULES = ("first_answer", "last")
@@ -15,7 +16,40 @@ INITS = ("released", "zero")
 # The gap encoders `divico.encoder` can name, as "module:Class"; each is built as
 # Class(hidden_size, config) and called as the DiViCo module's gap_encoder slot (divico.py's
 # docstring). A new encoder, such as the Mixture-of-Experts stage's, is one file plus one line here.
-GAP_ENCODERS = {"mlp": "pipeline.model.divico:GapEncoder"}
+GAP_ENCODERS = {"mlp": "pipeline.model.divico:GapEncoder", "moe": "pipeline.model.moe:MixtureGapEncoder"}
+
+
+@dataclass
+class MixtureSettings:
+    """The Mixture-of-Experts gap encoder (`encoder: moe`, pipeline/model/moe.py): one expert of
+    the released g_theta's shape per centre rate, mixed by a router that reads the rate."""
+
+    # Each expert's centre rate (kept fraction), ascending: the paper's large / medium / small
+    # compression. The routing prior pulls each rate toward the expert whose centre is nearest in log tau.
+    centres: list[float] = field(default_factory=lambda: [1 / 15, 1 / 9, 1 / 6])
+    # The rates the model is trained for and may be run at, [low, high].
+    tau_range: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    router_hidden: int = 64
+    # The router reads log tau and, when true, a summary of the sample's tokens (v_p and the mean kept token).
+    router_reads_tokens: bool = True
+    # Weight of the routing prior (-log of the nearest expert's router weight, an auxiliary loss).
+    prior_weight: float = 0.1
+
+    def validate(self) -> None:
+        if len(self.tau_range) != 2 or not 0.0 < self.tau_range[0] < self.tau_range[1] <= 1.0:
+            raise ValueError(f"DiViCoConfig.moe.tau_range={self.tau_range}: expected [low, high] with 0 < low < high <= 1")
+        if len(self.centres) < 2 or list(self.centres) != sorted(set(self.centres)):
+            raise ValueError(f"DiViCoConfig.moe.centres={self.centres}: expected two or more distinct rates, ascending")
+        if not (self.tau_range[0] <= self.centres[0] and self.centres[-1] <= self.tau_range[1]):
+            raise ValueError(f"DiViCoConfig.moe.centres={self.centres}: outside tau_range {self.tau_range}")
+        if self.router_hidden < 1:
+            raise ValueError(f"DiViCoConfig.moe.router_hidden={self.router_hidden}: must be >= 1")
+        if self.prior_weight < 0:
+            raise ValueError(f"DiViCoConfig.moe.prior_weight={self.prior_weight}: must be >= 0")
+
+    def nearest_centre(self, tau: float) -> int:
+        """Index of the expert whose centre is nearest to tau in log tau (the routing prior's target)."""
+        return min(range(len(self.centres)), key=lambda e: abs(math.log(self.centres[e]) - math.log(tau)))
 
 
 @dataclass
@@ -35,7 +69,12 @@ class DiViCoConfig:
     # Gap-encoder init: "released" (xavier weights), or "zero": the mu half of the last layer
     # starts at zero, so training starts exactly at select_only instead of v_s + noise.
     init: str = "released"
-    encoder: str = "mlp"  # a key of GAP_ENCODERS: the released g_theta
+    encoder: str = "mlp"  # a key of GAP_ENCODERS: "mlp" (the released g_theta) or "moe"
+    moe: MixtureSettings = field(default_factory=MixtureSettings)  # read when encoder is "moe"
+    # KL normalised per kept token (a mean over kept tokens) instead of summed over them: beta
+    # then weighs the same at every rate. The released sum weighs it 2.5x more at tau 1/6 than
+    # at 1/15, so a model trained at several rates wants this (the MoE recipe sets it).
+    kl_per_token: bool = False
     seed: int = 0  # random mode: seeds each image's draw of kept token slots
 
     def validate(self, num_layers: int | None = None) -> None:
@@ -50,6 +89,12 @@ class DiViCoConfig:
             raise ValueError(f"DiViCoConfig.beta={self.beta}: must be >= 0")
         if self.sigma0 <= 0:
             raise ValueError(f"DiViCoConfig.sigma0={self.sigma0}: must be > 0")
+        if self.encoder == "moe":
+            self.moe.validate()
+            low, high = self.moe.tau_range
+            if not low <= self.tau <= high:
+                raise ValueError(f"DiViCoConfig.tau={self.tau:.4f}: outside the rates this mixture-of-experts "
+                                 f"model is trained for, moe.tau_range=[{low}, {high}]")
         if self.layer < 1 or (num_layers is not None and self.layer >= num_layers):
             limit = f" and < {num_layers} (the decoder's layer count)" if num_layers is not None else ""
             raise ValueError(f"DiViCoConfig.layer={self.layer}: K must be >= 1{limit}, "
@@ -76,4 +121,11 @@ class DiViCoConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown DiViCo settings {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("moe"), dict):
+            moe = values["moe"]
+            unknown = sorted(set(moe) - {f.name for f in fields(MixtureSettings)})
+            if unknown:
+                raise ValueError(f"unknown DiViCo moe settings {unknown}")
+            values["moe"] = MixtureSettings(**moe)
         return cls(**values)

@@ -78,6 +78,8 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
 
     divico = cfg.divico
     model = CompressedLlava(peft_model or llava, divico)
+    if cfg.moe.init_experts_from:
+        warm_start_experts(model.divico.gap_encoder, cfg.moe.init_experts_from, divico.moe.centres)
     model.train()
     param_groups = parameter_groups(model, llava, o)
 
@@ -86,6 +88,27 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
     kept = kept_count(collator.num_visual_tokens, divico.tau) if divico.compresses else collator.num_visual_tokens
     return BuiltModel(model=model, peft_model=peft_model, param_groups=param_groups, collator=collator,
                       visual_tokens_kept=kept)
+
+
+def warm_start_experts(encoder: torch.nn.Module, exports: list[str], centres: list[float]) -> None:
+    """Start each expert of a MixtureGapEncoder from the gap encoder of the specialist trained at
+    its centre: `exports[e]` is an exported DiViCo model (divico.json + divico.safetensors) whose
+    tau must be centres[e] (to 0.1%) and whose encoder the released single one."""
+    from safetensors.torch import load_file
+
+    from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE
+
+    for expert, export, centre in zip(encoder.experts, exports, centres, strict=True):
+        settings_path, weights_path = Path(export) / DIVICO_SETTINGS_FILE, Path(export) / DIVICO_WEIGHTS_FILE
+        if not settings_path.is_file() or not weights_path.is_file():
+            raise TrainingError(f"moe.init_experts_from: {export} has no {DIVICO_SETTINGS_FILE} and "
+                                f"{DIVICO_WEIGHTS_FILE} (an exported DiViCo model is needed)")
+        saved = json.loads(settings_path.read_text())["config"]
+        if saved.get("encoder", "mlp") != "mlp" or abs(saved["tau"] - centre) > 1e-3 * centre:
+            raise TrainingError(f"moe.init_experts_from: {export} was trained at tau {saved['tau']:.4f} with encoder "
+                                f"{saved.get('encoder', 'mlp')!r}; the expert for centre {centre:.4f} needs a "
+                                "single-encoder specialist at that tau")
+        expert.load_state_dict(load_file(str(weights_path), device=str(next(expert.parameters()).device)))
 
 
 def parameter_groups(model: torch.nn.Module, llava: torch.nn.Module, optim: OptimConfig) -> list[dict]:

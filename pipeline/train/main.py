@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_dict, validate
-from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE, tau_label
 from pipeline.device import default_dtype
 from pipeline.train import checkpoint
 from pipeline.train.build import build_model, deepspeed_config, lr_scheduler
@@ -39,6 +39,7 @@ from pipeline.train.distributed import (
     single_process_env,
 )
 from pipeline.train.metrics import Metrics, peak_memory_gib
+from pipeline.train.rates import step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Run:
     visual_tokens_kept: int
     config_yaml: str
     sample_log: Path | None
+    sums: SumsLayout
 
 
 def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
@@ -176,10 +178,14 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     if t.log_sample_keys:
         sample_log = output_dir / "samples" / f"rank-{rank:05d}.tsv"
         _truncate_sample_log(sample_log, start_step)
+    encoder = built.model.divico.gap_encoder
+    sums = SumsLayout(aux_names=tuple(getattr(encoder, "aux_weights", {})),
+                      centres=tuple(cfg.divico.moe.centres) if cfg.divico.encoder == "moe" and encoder else ())
     run = Run(cfg=cfg, engine=engine, model=built.model, peft_model=built.peft_model, loader=loader,
               metrics=metrics, rank=rank, world_size=world_size, total_steps=total_steps,
               start_step=start_step, stop_step=stop_step, resumed_from=resume_from,
-              visual_tokens_kept=built.visual_tokens_kept, config_yaml=config_yaml, sample_log=sample_log)
+              visual_tokens_kept=built.visual_tokens_kept, config_yaml=config_yaml, sample_log=sample_log,
+              sums=sums)
     if start_step >= total_steps:
         if rank == 0:
             log.info("%s: the epoch is already complete (step %d); nothing to do", output_dir, start_step)
@@ -239,9 +245,56 @@ def _truncate_sample_log(path: Path, keep_through_step: int) -> None:
 
 # Per-step sums all-reduced once at the step boundary: [loss, lm_loss, kl, micro-batches,
 # tokens, samples, non-finite micro-batches, preemption requested, the gap encoder's
-# ||mu|| / ||v_s|| and sigma, micro-batches that ran it (text-only ones do not)].
+# ||mu|| / ||v_s|| and sigma, micro-batches that ran it (text-only ones do not)], then
+# SumsLayout's: each auxiliary loss, and with a router its weights summed per tau bucket.
 _LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE, _PREEMPT, _MU_OVER_VS, _SIGMA, _GAP_MICRO = range(11)
 _NUM_SUMS = 11
+
+
+@dataclass
+class SumsLayout:
+    """The slots after the fixed ones: the encoder's auxiliary losses, then for a router
+    (experts with `centres`) the kept tokens' router weights summed per (tau bucket, expert)
+    and the tokens per bucket. A token's bucket is the expert whose centre is nearest its rate
+    in log tau, so "router weight of expert e in bucket b" reads: do rates near centre b go to e?"""
+
+    aux_names: tuple[str, ...]
+    centres: tuple[float, ...]
+
+    @property
+    def size(self) -> int:
+        experts = len(self.centres)
+        return _NUM_SUMS + len(self.aux_names) + experts * experts + experts
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=torch.float64)
+
+    def routing_sums(self, routing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(experts * experts + experts,) on the device: weight sums per bucket, then counts."""
+        rates, weights = routing
+        log_centres = torch.tensor(self.centres, device=rates.device).log()
+        bucket = (rates.log()[:, None] - log_centres).abs().argmin(dim=1)
+        experts = len(self.centres)
+        per_bucket = weights.new_zeros(experts, experts).index_add_(0, bucket, weights)
+        return torch.cat([per_bucket.flatten(), torch.bincount(bucket, minlength=experts).to(weights.dtype)])
+
+    def scalars(self, window: torch.Tensor) -> dict[str, float]:
+        """The aux-loss and router-weight means of a window of sums."""
+        out = {}
+        gap_micro = window[_GAP_MICRO].item()
+        for i, name in enumerate(self.aux_names):
+            if gap_micro > 0:
+                out[f"train/aux/{name}"] = window[_NUM_SUMS + i].item() / gap_micro
+        experts = len(self.centres)
+        start = _NUM_SUMS + len(self.aux_names)
+        per_bucket = window[start:start + experts * experts].view(experts, experts)
+        counts = window[start + experts * experts:start + experts * experts + experts]
+        for b, centre in enumerate(self.centres):
+            if counts[b] > 0:
+                for e, expert in enumerate(self.centres):
+                    out[f"moe/router_weight/bucket_{tau_label(centre)}/expert_{tau_label(expert)}"] = (
+                        per_bucket[b, e] / counts[b]).item()
+        return out
 
 
 def fit(run: Run) -> int:
@@ -250,17 +303,20 @@ def fit(run: Run) -> int:
     batches = _start_loader(run.loader)
     if run.resumed_from:  # after the loader iterator drew its seed, exactly as the uninterrupted run's had
         checkpoint.restore_rng(run.resumed_from, run.rank)
-    step, window_started, window = run.start_step, time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64)
-    fit_started, totals, last = time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64), {}
+    step, window_started, window = run.start_step, time.perf_counter(), run.sums.zeros()
+    fit_started, totals, last = time.perf_counter(), run.sums.zeros(), {}
     while step < run.stop_step:
-        sums = torch.zeros(_NUM_SUMS, dtype=torch.float64)
+        sums = run.sums.zeros()
         keys_this_step = []
+        # A mixture-of-experts model's rate and routing-prior weight for this step (rates.py).
+        inputs = step_inputs(run.cfg.divico, run.cfg.moe.rate_schedule, run.cfg.moe.prior_anneal, t.seed, step,
+                             run.total_steps)
         for micro in range(accumulation):
             keys, batch = next(batches)
             keys_this_step += keys
-            out = engine(**_to_device(batch, engine))
+            out = engine(**_to_device(batch, engine), **inputs)
             engine.backward(out.loss)
-            sums += _micro_batch_sums(out, num_tokens=batch["num_tokens"], samples=len(keys))
+            sums += _micro_batch_sums(out, run.sums, num_tokens=batch["num_tokens"], samples=len(keys))
             if micro < accumulation - 1:
                 engine.step()
         sums[_PREEMPT] = float(preemption_requested())
@@ -280,9 +336,9 @@ def fit(run: Run) -> int:
                 file.writelines(f"{step}\t{key}\n" for key in keys_this_step)
         if step % t.log_every_steps == 0 or step == run.stop_step:
             elapsed = time.perf_counter() - window_started
-            last = _scalars(run, window, elapsed, lrs)
+            last = {**_scalars(run, window, elapsed, lrs), **run.sums.scalars(window), **_input_scalars(inputs)}
             run.metrics.log(step, last)
-            window_started, window = time.perf_counter(), torch.zeros(_NUM_SUMS, dtype=torch.float64)
+            window_started, window = time.perf_counter(), run.sums.zeros()
         run.metrics.advance()
         preempted = sums[_PREEMPT] > 0
         if preempted or step % t.save_every_steps == 0 or step == run.stop_step:
@@ -303,22 +359,37 @@ def fit(run: Run) -> int:
     return 0
 
 
-def _micro_batch_sums(out, *, num_tokens: int, samples: int) -> torch.Tensor:
+def _micro_batch_sums(out, layout: SumsLayout, *, num_tokens: int, samples: int) -> torch.Tensor:
     """One micro-batch's contribution to the step's sums. The device values travel to the host
     together, in one copy: a GPU waits once per micro-batch, not once per figure."""
     loss = out.loss.detach().float()
     zero = loss.new_zeros(())
     gap = out.gap_stats or {}
-    on_device = torch.stack([loss, out.lm_loss.detach().float() if out.lm_loss is not None else loss,
-                             out.kl.detach().float() if out.kl is not None else zero, (~torch.isfinite(loss)).float(),
-                             gap.get("mu_over_vs", zero), gap.get("sigma", zero)])
-    loss, lm, kl, nonfinite, mu_over_vs, sigma = on_device.tolist()
-    sums = torch.zeros(_NUM_SUMS, dtype=torch.float64)
+    on_device = [loss, out.lm_loss.detach().float() if out.lm_loss is not None else loss,
+                 out.kl.detach().float() if out.kl is not None else zero, (~torch.isfinite(loss)).float(),
+                 gap.get("mu_over_vs", zero), gap.get("sigma", zero)]
+    on_device += [(out.aux_losses or {}).get(name, zero).detach().float() for name in layout.aux_names]
+    values = torch.stack(on_device)
+    if layout.centres:
+        routing = layout.routing_sums(out.routing) if out.routing is not None else zero.repeat(layout.size - _NUM_SUMS
+                                                                                              - len(layout.aux_names))
+        values = torch.cat([values, routing.float()])
+    loss, lm, kl, nonfinite, mu_over_vs, sigma, *rest = values.tolist()
+    sums = layout.zeros()
     sums[[_LOSS, _LM, _KL, _MICRO, _TOKENS, _SAMPLES, _NONFINITE]] = torch.tensor(
         [loss, lm, kl, 1, num_tokens, samples, nonfinite], dtype=torch.float64)
     if gap:  # text-only batches and modes without a gap encoder do not count towards its means
         sums[[_MU_OVER_VS, _SIGMA, _GAP_MICRO]] = torch.tensor([mu_over_vs, sigma, 1], dtype=torch.float64)
+        sums[_NUM_SUMS:] = torch.tensor(rest, dtype=torch.float64)
     return sums
+
+
+def _input_scalars(inputs: dict) -> dict[str, float]:
+    """The step's rate (sampling schedules) and routing-prior weight, as logged."""
+    scalars = {f"train/aux_weight/{name}": weight for name, weight in inputs.get("aux_weights", {}).items()}
+    if "keep_ratio" in inputs:
+        scalars["moe/tau"] = inputs["keep_ratio"]
+    return scalars
 
 
 def _start_loader(loader: torch.utils.data.DataLoader):
