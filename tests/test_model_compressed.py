@@ -5,28 +5,16 @@ them on a GPU."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from model_helpers import DEVICE, load_llava
-from PIL import Image
+from model_helpers import DEVICE, QUESTIONS, image, load_llava, prompt, prompts_batch, split_samples, training_batch
 from transformers import AutoProcessor, DynamicCache
 
 from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.settings import MODES, DiViCoConfig
 
-QUESTIONS = ["What is it?", "How many red circles are there in the image now?", "Is there a star?"]
-ANSWERS = ["A square", "three", "Yes"]
 COMPRESSING_MODES = [m for m in MODES if m != "none"]
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (140, 140, 3), dtype=np.uint8))
-
-
-def _prompt(question: str, with_image: bool) -> str:
-    return f"USER: {'<image>' if with_image else ''}\n{question} ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
@@ -37,47 +25,6 @@ def processor(tiny_llava_dir):
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def llava(request, tiny_llava_dir):
     return load_llava(tiny_llava_dir, request.param)
-
-
-def prompts_batch(processor, with_image: list[bool], padding_side: str = "left"):
-    processor.tokenizer.padding_side = padding_side
-    texts = [_prompt(QUESTIONS[i % 3], img) for i, img in enumerate(with_image)]
-    images = [_image(i) for i, img in enumerate(with_image) if img] or None
-    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    processor.tokenizer.padding_side = "left"
-    return batch.to(DEVICE)
-
-
-def training_batch(processor, with_image: list[bool]):
-    """Right-padded prompt + answer with labels on the answer (and </s>) only."""
-    processor.tokenizer.padding_side = "right"
-    prompts = [_prompt(QUESTIONS[i % 3], img) for i, img in enumerate(with_image)]
-    texts = [p + f" {ANSWERS[i % 3]}</s>" for i, p in enumerate(prompts)]
-    images = [_image(i) for i, img in enumerate(with_image) if img] or None
-    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    prompt_lengths = [len(processor(images=[_image(0)] if img else None, text=p)["input_ids"][0])
-                      for p, img in zip(prompts, with_image)]
-    processor.tokenizer.padding_side = "left"
-    labels = batch["input_ids"].clone()
-    for i, n in enumerate(prompt_lengths):
-        labels[i, :n] = -100
-    labels[batch["attention_mask"] == 0] = -100
-    batch["labels"] = labels
-    return batch.to(DEVICE)
-
-
-def split_samples(batch, image_token_id: int):
-    """The samples of a padded batch, each alone and unpadded, with its own pixel_values."""
-    samples, image_index = [], 0
-    for i in range(batch["input_ids"].shape[0]):
-        keep = batch["attention_mask"][i].bool()
-        ids = batch["input_ids"][i][keep][None]
-        sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if (ids == image_token_id).any():
-            sample["pixel_values"] = batch["pixel_values"][image_index:image_index + 1]
-            image_index += 1
-        samples.append(sample)
-    return samples
 
 
 def test_none_equals_transformers(llava, processor):
@@ -336,7 +283,7 @@ def test_random_mode_draws_per_image(llava, processor):
     image_token_id = llava.config.image_token_id
 
     def kept_slots(images: list, questions: list[str]) -> list[list[int]]:
-        texts = [_prompt(question, True) for question in questions]
+        texts = [prompt(question, True) for question in questions]
         batch = processor(images=images, text=texts, return_tensors="pt", padding=True).to(DEVICE)
         with torch.no_grad():
             out = wrapper(**batch)
@@ -346,8 +293,8 @@ def test_random_mode_draws_per_image(llava, processor):
             slots.append([p - first_image_token for p in kept])
         return slots
 
-    a = kept_slots([_image(0), _image(1), _image(2)], QUESTIONS)
-    b = kept_slots([_image(2), _image(0)], QUESTIONS[1:])
+    a = kept_slots([image(0), image(1), image(2)], QUESTIONS)
+    b = kept_slots([image(2), image(0)], QUESTIONS[1:])
     assert b == [a[2], a[0]]
     assert a[0] != a[1] and a[1] != a[2] and a[0] != a[2]
 
