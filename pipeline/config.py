@@ -92,8 +92,9 @@ class TrainConfig:
     max_steps: int | None = None
     dist_timeout_minutes: int = 30  # a dead rank ends the job after this long, not never
     tensorboard_dir: str | None = None  # root for all stages; default: <output_dir>/tensorboard
-    # Append "step<TAB>sample key" per consumed sample to <output_dir>/samples/rank-N.tsv:
-    # an audit trail that shows which samples each rank trained on, across resumes.
+    # Append "step<TAB>sample key" per consumed sample to <output_dir>/samples/rank-N.tsv (and
+    # "<TAB>keep ratio" when a MoE step drew one): an audit trail that shows which samples each
+    # rank trained on, at which rate, across resumes.
     log_sample_keys: bool = False
 
 

@@ -26,8 +26,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train_args(model_dir: Path, shards: Path, output_dir: Path, *overrides: str) -> list[str]:
-    return ["train", "--config", str(TINY_RECIPE), f"model.base={model_dir}", f"data.shards={shards}",
+def train_args(model_dir: Path, shards: Path, output_dir: Path, *overrides: str, recipes: tuple[Path, ...] = ()
+               ) -> list[str]:
+    """The tiny recipe, then `recipes` merged over it, then the overrides."""
+    configs = [arg for recipe in (TINY_RECIPE, *recipes) for arg in ("--config", str(recipe))]
+    return ["train", *configs, f"model.base={model_dir}", f"data.shards={shards}",
             f"train.output_dir={output_dir}", f"train.deepspeed_config={REPO / 'configs/deepspeed/zero2.json'}",
             "train.log_sample_keys=true", *overrides]
 
@@ -55,7 +58,16 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def sample_log(output_dir: Path) -> dict[str, list[tuple[int, str]]]:
     """rank file -> [(step, key), ...] as the trainer recorded them."""
-    return {path.name: [(int(step), key) for step, key in (line.split("\t") for line in path.read_text().splitlines())]
+    return {name: [(step, key) for step, key, *_ in rows] for name, rows in sample_log_rows(output_dir).items()}
+
+
+def sample_log_rows(output_dir: Path) -> dict[str, list[tuple]]:
+    """rank file -> [(step, key[, keep ratio]), ...]: the rate column of a MoE step included."""
+    def row(line: str) -> tuple:
+        step, key, *rate = line.split("\t")
+        return (int(step), key, *map(float, rate))
+
+    return {path.name: [row(line) for line in path.read_text().splitlines()]
             for path in sorted((output_dir / "samples").glob("rank-*.tsv"))}
 
 

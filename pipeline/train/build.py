@@ -23,7 +23,7 @@ class BuiltModel:
     peft_model: object  # the PeftModel holding the LoRA adapter (None in train_mode=full)
     param_groups: list[dict]
     collator: object
-    visual_tokens_kept: int
+    visual_tokens: int  # per image, before compression
 
 
 def attn_implementation(requested: str, on_gpu: bool) -> str:
@@ -47,7 +47,6 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
 
     from pipeline.data.collator import LlavaCollator
     from pipeline.model.compressed_llava import CompressedLlava
-    from pipeline.model.divico import kept_count
 
     m, o = cfg.model, cfg.optim
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation(m.attn_implementation, on_gpu)}
@@ -85,9 +84,8 @@ def build_model(cfg: RunConfig, *, dtype: torch.dtype, on_gpu: bool) -> BuiltMod
 
     processor = AutoProcessor.from_pretrained(m.base)
     collator = LlavaCollator(processor, collator_config(cfg), llava.config)
-    kept = kept_count(collator.num_visual_tokens, divico.tau) if divico.compresses else collator.num_visual_tokens
     return BuiltModel(model=model, peft_model=peft_model, param_groups=param_groups, collator=collator,
-                      visual_tokens_kept=kept)
+                      visual_tokens=collator.num_visual_tokens)
 
 
 def warm_start_experts(encoder: torch.nn.Module, exports: list[str], centres: list[float]) -> None:

@@ -108,7 +108,7 @@ class Run:
     start_step: int
     stop_step: int
     resumed_from: Path | None
-    visual_tokens_kept: int
+    visual_tokens: int  # per image, before compression
     config_yaml: str
     sample_log: Path | None
     sums: SumsLayout
@@ -184,7 +184,7 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
     run = Run(cfg=cfg, engine=engine, model=built.model, peft_model=built.peft_model, loader=loader,
               metrics=metrics, rank=rank, world_size=world_size, total_steps=total_steps,
               start_step=start_step, stop_step=stop_step, resumed_from=resume_from,
-              visual_tokens_kept=built.visual_tokens_kept, config_yaml=config_yaml, sample_log=sample_log,
+              visual_tokens=built.visual_tokens, config_yaml=config_yaml, sample_log=sample_log,
               sums=sums)
     if start_step >= total_steps:
         if rank == 0:
@@ -332,11 +332,12 @@ def fit(run: Run) -> int:
         window += sums
         totals += sums
         if run.sample_log is not None:
+            rate = f"\t{inputs['keep_ratio']!r}" if "keep_ratio" in inputs else ""  # a MoE step's rate
             with run.sample_log.open("a") as file:
-                file.writelines(f"{step}\t{key}\n" for key in keys_this_step)
+                file.writelines(f"{step}\t{key}{rate}\n" for key in keys_this_step)
         if step % t.log_every_steps == 0 or step == run.stop_step:
             elapsed = time.perf_counter() - window_started
-            last = {**_scalars(run, window, elapsed, lrs), **run.sums.scalars(window), **_input_scalars(inputs)}
+            last = {**_scalars(run, window, elapsed, lrs), **run.sums.scalars(window), **_input_scalars(run, inputs)}
             run.metrics.log(step, last)
             window_started, window = time.perf_counter(), run.sums.zeros()
         run.metrics.advance()
@@ -384,9 +385,16 @@ def _micro_batch_sums(out, layout: SumsLayout, *, num_tokens: int, samples: int)
     return sums
 
 
-def _input_scalars(inputs: dict) -> dict[str, float]:
-    """The step's rate (sampling schedules) and routing-prior weight, as logged."""
-    scalars = {f"train/aux_weight/{name}": weight for name, weight in inputs.get("aux_weights", {}).items()}
+def _input_scalars(run: Run, inputs: dict) -> dict[str, float]:
+    """The visual tokens a sample keeps at the step's rate (the largest under all_centres), and
+    a MoE step's drawn rate and routing-prior weight."""
+    from pipeline.model.divico import kept_count
+
+    divico = run.cfg.divico
+    rate = inputs.get("keep_ratio", max(inputs.get("branch_rates", [divico.tau])))
+    kept = kept_count(run.visual_tokens, rate) if divico.compresses else run.visual_tokens
+    scalars = {"perf/visual_tokens_kept": float(kept),
+               **{f"train/aux_weight/{name}": weight for name, weight in inputs.get("aux_weights", {}).items()}}
     if "keep_ratio" in inputs:
         scalars["moe/tau"] = inputs["keep_ratio"]
     return scalars
@@ -428,7 +436,6 @@ def _scalars(run: Run, window: torch.Tensor, elapsed: float, lrs: dict[str, floa
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "perf/tokens_per_s": window[_TOKENS].item() / elapsed,
         "perf/samples_per_s": window[_SAMPLES].item() / elapsed,
-        "perf/visual_tokens_kept": float(run.visual_tokens_kept),
         "memory/peak_gib": peak_memory_gib(),
     }
     if window[_GAP_MICRO] > 0:  # modes with a gap encoder, on windows that held an image

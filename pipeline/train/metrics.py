@@ -7,7 +7,11 @@ over the window's micro-batches, the rest are its last step's):
     step was taken with,
     divico/mu_over_vs, divico/sigma (the gap encoder's mean ||mu|| / ||v_s|| and sigma over
     kept tokens; modes with a gap encoder),
-    perf/tokens_per_s, perf/samples_per_s, perf/visual_tokens_kept, memory/peak_gib
+    perf/tokens_per_s, perf/samples_per_s, perf/visual_tokens_kept, memory/peak_gib,
+    and with a Mixture-of-Experts encoder (pipeline/train/main.py's SumsLayout):
+    moe/tau (the rate the step drew), train/aux/<name> and train/aux_weight/<name> (each
+    auxiliary loss and its annealed weight), moe/router_weight/bucket_<tau>/expert_<tau> (the
+    mean router weight of each expert over kept tokens whose rate is nearest that bucket's centre)
 plus the resolved config as text and, at the end, hparams with the final losses.
 """
 
