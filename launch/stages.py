@@ -19,12 +19,12 @@ A pipeline file (configs/pipelines/*.yaml) names a root directory, a cluster, an
 
 Strings are OmegaConf interpolations: ${root}, the sweep variables (${tau}), the free values
 under `vars:` (${vars.samples}), any other key of the file (${stages.base.train.output_dir})
-and resolvers such as ${oc.env:USER} and ${run_name:STAGE,${tau}} (pipeline/contract.py's run
-name, `divico-tau111`). A tau sweep point is labelled tau111, any other one key-value
+and resolvers such as ${oc.env:USER}, ${run_name:STAGE,${tau}} (pipeline/contract.py's run
+name, `divico-tau111`) and ${nearest_tau:${tau},${vars.taus}} (the nearest of a list in log tau). A tau sweep point is labelled tau111, any other one key-value
 (`recipe-lora`); a train task's TensorBoard run is <stage>-<label>. A stage is
 complete when all its outputs exist; a train stage's output is <output_dir>/train_summary.json,
-which `divico train` writes only after the epoch's last step. New stages (MoE, evaluation) are
-new entries in the file: the SLURM and local runners know only these two kinds.
+which `divico train` writes only after the epoch's last step. New stages (the MoE stage,
+evaluation) are new entries in the file: the SLURM and local runners know only these two kinds.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.contract import TRAIN_SUMMARY_FILE, run_name, tau_label
+from pipeline.contract import TRAIN_SUMMARY_FILE, nearest_tau, run_name, tau_label
 
 OmegaConf.register_resolver("run_name", run_name, replace=True)  # ${run_name:divico,${tau}}
+OmegaConf.register_resolver("nearest_tau", nearest_tau, replace=True)  # ${nearest_tau:${tau},${vars.taus}}
 
 
 class PipelineError(ValueError):

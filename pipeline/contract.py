@@ -7,6 +7,9 @@ training stack.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 # ---------------------------------------------------------------- exit codes (every `divico` command)
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the work failed (a corrupt file, a non-finite loss, a failed verification)
@@ -44,6 +47,12 @@ TAUS = (1 / 15, 1 / 9, 1 / 6)  # kept fraction: large / medium / small compressi
 def tau_label(tau: float) -> str:
     """`tau111` for tau = 1/9: the kept fraction in tenths of a percent, three digits."""
     return f"tau{round(tau * 1000):03d}"
+
+
+def nearest_tau(tau: float, taus: Sequence[float]) -> float:
+    """The rate of `taus` nearest `tau` in log tau: the specialist a Mixture-of-Experts model is
+    compared with at a rate no specialist was trained for."""
+    return min(taus, key=lambda other: abs(math.log(other) - math.log(tau)))
 
 
 def run_name(stage: str, tau: float | None = None) -> str:

@@ -28,8 +28,13 @@ from pipeline.contract import EXIT_BAD_INPUT, TRAIN_SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "pipelines" / "demo.yaml"
-EVAL_STAGES = ("eval_base", "eval_fastv", "eval_divico")  # the summary's rows, in this order
+# The summary's rows, in this order. demo.yaml names each evaluation <method>-<tau label>
+# ("base" alone): method fastv, divico (a specialist), moe (the Mixture-of-Experts model) or
+# nearest (the specialist of the nearest tau, run at a tau it was not trained at).
+EVAL_STAGES = ("eval_base", "eval_fastv", "eval_divico", "eval_moe", "eval_moe_unseen", "eval_nearest")
 MODES = {"none": "none", "fastv": "fastv (no training)"}  # eval's mode -> the table's words
+# What each method is compared with on the same questions, at its tau (then the base).
+AGAINST = {"divico": ["fastv"], "moe": ["divico", "nearest"], "nearest": [], "fastv": []}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -75,8 +80,8 @@ def paired_table(prediction_files: dict[str, Path]):
         table.add_column(column, justify="left" if column == "A vs B" else "right", no_wrap=True)
     for name in prediction_files:
         method, _, tau = name.partition("-")
-        against = (["fastv-" + tau] if method == "divico" else []) + (["base"] if tau else [])
-        for other in against:
+        against = [f"{other}-{tau}" for other in AGAINST.get(method, [])] + (["base"] if tau else [])
+        for other in (other for other in against if other in prediction_files):
             paired = paired_difference(predictions(name), predictions(other))
             table.add_row(f"{name} vs {other}", f"{paired.difference:+.1%}", f"{paired.standard_error:.1%}",
                           str(paired.only_first), str(paired.only_second))
@@ -97,8 +102,11 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
                    "train tokens/s", "eval tokens/s"):
         table.add_column(column, justify="left" if column in ("stage", "mode") else "right", no_wrap=True)
     for name, result in results.items():
-        # demo.yaml names each eval after the run it evaluates (FastV's has no run folder).
+        # The training run behind an evaluation: its own folder (base, divico-tau111), or its
+        # method's (moe); FastV and the nearest-specialist rows have none of their own.
         summary_path = pipeline.root / name / TRAIN_SUMMARY_FILE
+        if not summary_path.is_file():
+            summary_path = pipeline.root / name.partition("-")[0] / TRAIN_SUMMARY_FILE
         train = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         table.add_row(name, MODES.get(result["mode"], result["mode"]),
                       f"{result['tau']:.3f}" if result["tau"] else "-",

@@ -129,5 +129,5 @@ def test_each_variant_holds_what_its_name_says():
         assert cfg.divico.mode == mode, path.name
         assert (kept_count(576, tau) if mode != "none" else 576) == kept, path.name
         # The TensorBoard run and output folder are named by pipeline/contract.py's rule.
-        expected = "divico-moe" if cfg.divico.encoder == "moe" else run_name(mode, tau) if mode != "none" else "lora"
+        expected = "moe" if cfg.divico.encoder == "moe" else run_name(mode, tau) if mode != "none" else "lora"
         assert cfg.train.stage == expected, path.name

@@ -15,6 +15,7 @@ import pytest
 
 from launch import local, slurm
 from launch.stages import PipelineError, load_pipeline
+from pipeline.config import load_config, validate
 from pipeline.contract import EXIT_BAD_INPUT, TAUS, TRAIN_SUMMARY_FILE, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +119,19 @@ def test_a100_scripts(tmp_path: Path) -> None:
     baselines = pipeline.stage("baselines")
     assert [t.train_args[:4] for t in baselines.tasks][0] == (
         "--config", "configs/llava15_lora.yaml", "--config", "configs/variants/lora.yaml")
+    # The MoE stage: from the base beside the sweep; warm-started after the sweep's exports, its
+    # experts from the three specialists (the recipe it makes is valid, paths aside).
+    assert pipeline.stage("moe").after == ("shards",) and "#SBATCH --nodes=2\n" in scripts["moe"].read_text()
+    assert pipeline.stage("moe_warm").after == ("divico_model",)
+    (warm,) = pipeline.stage("moe_warm").tasks
+    recipes = [arg for flag, arg in zip(warm.train_args, warm.train_args[1:]) if flag == "--config"]
+    overrides = [arg for arg in warm.train_args if "=" in arg and not arg.startswith("--")]
+    cfg = load_config([REPO / recipe for recipe in recipes], overrides)
+    validate(cfg, world_size=8, check_paths=False)
+    assert cfg.divico.encoder == "moe" and cfg.moe.init_experts_from == [
+        f"{tmp_path}/{name}/model" for name in ("divico-tau067", "divico-tau111", "divico-tau167")]
+    assert [task.outputs[0] for task in pipeline.stage("divico_model").tasks] == [
+        tmp_path / name / "model" for name in ("divico-tau067", "divico-tau111", "divico-tau167")]
     for script in scripts.values():
         subprocess.run(["bash", "-n", str(script)], check=True)  # syntax
 

@@ -74,7 +74,7 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 # 160 samples = 20 steps of 8 for base and divico; two tau.
 CHAIN_OVERRIDES = ["vars.train.samples=160", "vars.finetune.samples=160", "vars.heldout.samples=40",
-                   "vars.taus=[0.1111111,0.1666667]"]
+                   "vars.taus=[0.1111111,0.1666667]", "vars.unseen_taus=[0.0888889]"]
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,8 @@ def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
     result = launch("slurm", "--config", "configs/pipelines/a100.yaml", "--dry-run", f"root={tmp_path}")
     assert result.returncode == 0, result.stderr
     scripts = sorted((tmp_path / "slurm").glob("*.sbatch"))
-    assert [p.name for p in scripts] == ["00-shards.sbatch", "01-divico.sbatch", "02-baselines.sbatch"]
+    assert [p.name for p in scripts] == ["00-shards.sbatch", "01-divico.sbatch", "02-moe.sbatch", "03-baselines.sbatch",
+                                         "04-divico_model.sbatch", "05-moe_warm.sbatch"]
     for script in scripts:
         check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
         assert check.returncode == 0 and "to start at" in check.stderr, (script, check.stderr)

@@ -15,7 +15,8 @@ from pipeline.run import DEMO
 
 pytestmark = pytest.mark.slow
 
-SIZES = ["vars.train.samples=48", "vars.finetune.samples=16", "vars.heldout.samples=16", "vars.taus=[0.111]"]
+SIZES = ["vars.train.samples=48", "vars.finetune.samples=16", "vars.heldout.samples=16", "vars.taus=[0.111]",
+         "vars.unseen_taus=[0.0888889]"]
 
 
 def files(root: Path) -> dict[Path, int]:
@@ -59,11 +60,20 @@ def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tm
     paired = next(row for row in cells if row[1:2] == ["divico-tau111 vs fastv-tau111"])
     assert paired[4:6] == [str(only[0]), str(only[1])]
     assert f"tensorboard --logdir {root / 'tensorboard'}" in first.stdout
+    # The Mixture-of-Experts model at the trained tau and at an unseen one, where it meets the
+    # specialist of the nearest tau run at that rate; its rows carry the moe run's training figures.
+    for name, tau, kept in (("moe-tau111", 0.111, 11), ("moe-tau089", 0.0888889, 9), ("nearest-tau089", 0.0888889, 9)):
+        result = json.loads((root / "eval" / f"{name}.json").read_text())
+        assert result["tau"] == pytest.approx(tau) and result["visual_tokens_kept"] == kept, name
+    assert json.loads((root / "moe" / "model" / "divico.json").read_text())["config"]["encoder"] == "moe"
+    assert rows["moe-tau089"].split("│")[8].strip() != "-" and rows["nearest-tau089"].split("│")[8].strip() == "-"
+    compared = {row[1] for row in cells if len(row) > 2}
+    assert {"moe-tau111 vs divico-tau111", "moe-tau089 vs nearest-tau089", "moe-tau089 vs base"} <= compared
 
     before = files(root)
     again = run(args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     tasks = [task for stage in load_pipeline(DEMO, [f"root={root}", *SIZES]).stages for task in stage.tasks]
-    assert again.stdout.count("outputs complete, skipped") == len(tasks) == 14
+    assert again.stdout.count("outputs complete, skipped") == len(tasks) == 19
     assert files(root) == before  # nothing reloaded, retrained, re-exported or re-evaluated
     assert rows["divico-tau111"] in again.stdout  # the same table
