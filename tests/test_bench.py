@@ -10,6 +10,9 @@ import pytest
 
 from pipeline.cli import main as divico
 from pipeline.contract import EXIT_BAD_INPUT, TAUS
+from pipeline.model.divico import kept_count
+from pipeline.model.flops import DecoderGeometry, encoder_flops
+from pipeline.model.settings import DiViCoConfig
 
 
 def run_json(capsys: pytest.CaptureFixture, args: list[str]) -> dict:
@@ -24,7 +27,7 @@ def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None
                                 "--repeats", "1", "--warmup", "0"])
     setup, runs = figures["setup"], figures["runs"]
     assert (setup["width"], setup["layers"], setup["layer_k"], setup["visual_tokens"]) == (128, 4, 2, 576)
-    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico")]
+    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico", "moe")]
     assert [(r["mode"], r["tau"]) for r in runs] == settings
     measured = ("flops", "prefill_ms", "peak_mem_mib", "layer_floor_ratio", "flops_ratio", "time_ratio")
     for run in runs:
@@ -36,10 +39,24 @@ def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None
     for run in compressed:
         assert run["overhead_share"] > 0 and run["flops"] < none["flops"]
         assert run["flops_ratio"] == pytest.approx(run["flops"] / none["flops"])
+        assert run["theory_flops_ratio"] < 1
+        if run["mode"] == "moe":  # the single encoder's FLOPs, plus two more experts and the router
+            divico = next(r for r in compressed if (r["mode"], r["tau"]) == ("divico", run["tau"]))
+            kept = kept_count(576, run["tau"])
+            geometry = DecoderGeometry(hidden=128, intermediate=344, layers=4, heads=1, kv_heads=1, vocab=1)
+            extra = (encoder_flops(geometry, kept, DiViCoConfig(encoder="moe"))
+                     - encoder_flops(geometry, kept, DiViCoConfig()))
+            assert run["flops"] - divico["flops"] == extra > 0
+            continue
         # counted FLOPs hold what the formula leaves out (scoring, the gap encoder, the last
         # position's logits), within the 1 point even at this small width
         assert abs(run["flops_ratio"] - run["theory_flops_ratio"]) < 0.01, run
-        assert run["theory_flops_ratio"] < 1
+    # The MoE stage's training compute against the three specialists, in tokens through the decoder.
+    tokens = figures["training_tokens"]
+    specialists, from_base = tokens["three specialists"], tokens["moe from base, log_uniform"]
+    assert specialists == sum(2 * 676 + 2 * (100 + kept_count(576, tau)) for tau in TAUS)
+    assert 0.3 < from_base / specialists < 0.4 < tokens["moe from base, all_centres"] / specialists
+    assert tokens["moe warm-started (specialists + log_uniform)"] == pytest.approx(specialists + from_base)
 
 
 def test_bench_train_reports_every_figure(capsys: pytest.CaptureFixture) -> None:

@@ -42,10 +42,12 @@ def _counted_parts(counter: FlopCounterMode, num_layers: int) -> dict[str, int]:
     return parts
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "divico+moe"])
 @pytest.mark.parametrize("logits", ["prefill", "training"])
 def test_analytic_flops_match_flop_counter(eager_llava, mode, logits):
-    config = DiViCoConfig(mode=mode, tau=1 / 9)
+    """divico+moe: the Mixture-of-Experts encoder (three experts and the router)."""
+    config = (DiViCoConfig(mode="divico", encoder="moe", tau=1 / 9) if mode == "divico+moe"
+              else DiViCoConfig(mode=mode, tau=1 / 9))
     wrapper = CompressedLlava(eager_llava, config)
     input_ids, features = _prompt(eager_llava)
     keep = 1 if logits == "prefill" else 0

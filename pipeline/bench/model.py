@@ -5,7 +5,8 @@ dim 128, FFN width 11008/4096 of the hidden size, vocabulary 32002) at a width t
 can hold (random weights), fed a realistic prompt: 40 system tokens + 576 visual tokens + 60
 text tokens. The vision tower is the same for every mode, so it is left out: the projector's
 output is given as random image features. For none / fastv / divico at each tau, one prefill
-(the one that starts generation: KV cache filled, logits for the last position) is measured:
+(the one that starts generation: KV cache filled, logits for the last position) is measured,
+and for the Mixture-of-Experts model (mode `moe`: three experts and a router) at each tau:
 
   flops           FLOPs counted by torch's FlopCounterMode on that forward (eager attention,
                   whose matmuls it counts on every device)
@@ -24,6 +25,12 @@ output is given as random image features. For none / fastv / divico at each tau,
 
 Targets (issue 3) at tau = 11.1%: 1 - flops_ratio within 1 point of 1 - theory_flops_ratio;
 time_ratio <= 0.30; overhead_share <= 3%.
+
+Then the training compute of the Mixture-of-Experts stage against the three specialists, in
+tokens through the decoder per sample (pipeline.model.flops.decoder_tokens; counted, not timed):
+the specialists (one epoch at each of the paper's taus), the MoE stage from the base with rates
+drawn log-uniformly on its default range (the expectation), with all_centres, and warm-started
+(the specialists first).
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 from pipeline.contract import EXIT_BAD_INPUT, TAUS
 from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
 from pipeline.model.divico import ProjectionCapture, kept_count, query_attention_scores
-from pipeline.model.flops import DecoderGeometry, compressed_length, theory_ratio
-from pipeline.model.settings import DiViCoConfig
+from pipeline.model.flops import DecoderGeometry, compressed_length, decoder_tokens, theory_ratio
+from pipeline.model.settings import DiViCoConfig, MixtureSettings
 from pipeline.model.tiny import LLAVA_IMAGE_TOKEN_ID, llava_7b_config
 
 
@@ -212,6 +219,30 @@ def _overhead_step(wrapper: CompressedLlava, inputs: dict, cfg: ModelBenchConfig
     return step
 
 
+def bench_config(mode: str, tau: float, layer: int) -> DiViCoConfig:
+    """A row's DiViCo settings; `moe` is DiViCo with the Mixture-of-Experts encoder."""
+    if mode == "moe":
+        return DiViCoConfig(mode="divico", encoder="moe", kl_per_token=True, tau=tau, layer=layer)
+    return DiViCoConfig(mode=mode, tau=tau, layer=layer)
+
+
+def training_compute(cfg: ModelBenchConfig, num_tokens: int, draws: int = 10_000) -> dict[str, float]:
+    """Tokens through the decoder per sample of each way to get models for every tau; the
+    log-uniform expectation is a midpoint sum over `draws` quantiles of the default range."""
+    low, high = MixtureSettings().tau_range
+    centres = MixtureSettings().centres
+
+    def tokens(taus: list[float]) -> int:
+        return decoder_tokens(cfg.layers, cfg.layer, num_tokens, cfg.visual_tokens, taus)
+
+    drawn = [low * (high / low) ** ((i + 0.5) / draws) for i in range(draws)]
+    specialists = sum(tokens([tau]) for tau in TAUS)
+    log_uniform = statistics.fmean(tokens([tau]) for tau in drawn)
+    return {"uncompressed epoch": tokens([1.0]), "three specialists": specialists,
+            "moe from base, log_uniform": log_uniform, "moe from base, all_centres": tokens(centres),
+            "moe warm-started (specialists + log_uniform)": specialists + log_uniform}
+
+
 def _layer_step(model: LlavaForConditionalGeneration, cfg: ModelBenchConfig, length: int):
     """A function running one decoder layer alone on `length` tokens (causal, no cache)."""
     parts = decoder_parts(model)
@@ -229,9 +260,8 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
     geometry = DecoderGeometry.from_config(model.config.text_config)
     geometry_ratio = {tau: theory_ratio(geometry, num_tokens, cfg.visual_tokens, tau, cfg.layer)
                       for tau in TAUS}
-    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico")]
-    wrappers = [CompressedLlava(model, DiViCoConfig(mode=mode, tau=tau, layer=cfg.layer)).eval()
-                for mode, tau in settings]
+    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico", "moe")]
+    wrappers = [CompressedLlava(model, bench_config(mode, tau, cfg.layer)).eval() for mode, tau in settings]
     with torch.inference_mode():
         # One interleaved timing loop: prefills; scoring + encoder for the compressing modes; and
         # one decoder layer at the full and at each compressed length, for the layer floor.
@@ -260,7 +290,7 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
     setup = {"width": cfg.width, "layers": cfg.layers, "layer_k": cfg.layer, "tokens": num_tokens,
              "visual_tokens": cfg.visual_tokens, "batch": cfg.batch, "device": cfg.device, "dtype": cfg.dtype,
              "repeats": cfg.repeats, "torch_threads": torch.get_num_threads()}
-    return {"runs": runs, "setup": setup}
+    return {"runs": runs, "setup": setup, "training_tokens": training_compute(cfg, num_tokens)}
 
 
 def print_report(figures: dict) -> None:
@@ -283,10 +313,19 @@ def print_report(figures: dict) -> None:
     console.print(table)
     console.print("targets at tau 11.1%: reduction within 1 point of theory, time ratio <= 0.30, "
                     "scoring+encoder <= 3%")
+    training = figures["training_tokens"]
+    table = Table(title="training compute for models at every tau: tokens through the decoder per sample")
+    for column in ("way", "token-layers", "vs the three specialists"):
+        table.add_column(column, justify="left" if column == "way" else "right")
+    for way, tokens in training.items():
+        table.add_row(way, f"{tokens:,.0f}", f"{tokens / training['three specialists']:.3f}")
+    console.print(table)
+    console.print("target: the MoE stage from the base at most 0.4x the three specialists")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none / fastv / divico at each tau")
+    parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none / fastv / divico / moe at "
+                                                 "each tau; the MoE stage's training compute")
     parser.add_argument("--width", type=int, default=512, help="hidden size (multiple of 128; 4096 = LLaVA-1.5-7B)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

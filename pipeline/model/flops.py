@@ -61,9 +61,23 @@ def scoring_flops(g: DecoderGeometry, n: int) -> int:
     return 2 * n * g.hidden
 
 
-def encoder_flops(g: DecoderGeometry, num_kept: int) -> int:
+def encoder_flops(g: DecoderGeometry, num_kept: int, config: DiViCoConfig | None = None) -> int:
+    """The gap encoder on `num_kept` tokens: g_theta's two matmuls; a Mixture-of-Experts
+    encoder runs every expert and its router (on the rate features and the token summary)."""
     d = g.hidden
-    return 2 * num_kept * (2 * d * d + d * 2 * d)
+    one_expert = 2 * num_kept * (2 * d * d + d * 2 * d)
+    if config is None or config.encoder != "moe":
+        return one_expert
+    experts, hidden = len(config.moe.centres), config.moe.router_hidden
+    inputs = experts + (2 * d if config.moe.router_reads_tokens else 0)
+    return experts * one_expert + 2 * num_kept * (inputs * hidden + hidden * experts + experts * experts)
+
+
+def decoder_tokens(num_layers: int, layer: int, num_tokens: int, num_visual: int, taus: list[float]) -> int:
+    """Tokens through the decoder for one sample: layers < K on the whole sequence once, layers
+    >= K on the compressed one once per rate in `taus` (one rate, or all_centres' several)."""
+    return layer * num_tokens + (num_layers - layer) * sum(compressed_length(num_tokens, num_visual, tau)
+                                                           for tau in taus)
 
 
 def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: DiViCoConfig,
@@ -79,7 +93,7 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         parts = {
             "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
             "scoring": scoring_flops(g, num_tokens) if config.mode != "random" else 0,
-            "encoder": encoder_flops(g, num_kept) if config.uses_gap_encoder else 0,
+            "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
         }
         num_logits = min(num_logits, short)
     parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
