@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vars.train.samples=64", "vars.finetune.samples=32", "vars.heldout.samples=16", "vars.taus=[0.1111111]",
-       "vars.k_sweep.layers=[1]", "vars.k_sweep.questions=8",
+       "vars.k_sweep.layers=[1]", "vars.k_sweep.questions=8", "vars.moe.taus=[0.0888889,0.1111111]",
        "vars.seeds=[0]", "vars.trained=[divico]", "vars.ablations=[divico_init_zero]", "vars.eval=max_new_tokens=2 "
        "model_max_length=512 batch_size=16 device=cpu"]
 
@@ -64,6 +64,10 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
     sweep = {(row["method"], row["questions"]) for row in json.loads((out / "k_sweep" / "results.json").read_text())}
     assert sweep == {("none", 8), ("fastv_k1", 8), ("random_k1", 8)}  # on the same first questions
     assert "Paired difference fastv_k1 - random_k1" in (out / "k_sweep" / "report.md").read_text()
+    # The MoE model at a trained and an unseen tau, each against the (nearest) specialist run there.
+    moe = {(row["method"], round(row["tau"], 4)) for row in json.loads((out / "moe" / "results.json").read_text())}
+    assert moe == {(method, tau) for method in ("moe", "specialist") for tau in (0.0889, 0.1111)}
+    assert "Paired difference moe - specialist" in (out / "moe" / "report.md").read_text()
 
 
 def test_quick_is_the_same_graph_with_fewer_cells() -> None:

@@ -43,7 +43,7 @@ BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
 # --quick: a smaller base model and held-out set, one seed, tau 1/9 only, one ablation.
 QUICK = ["vars.train.samples=6000", "vars.finetune.samples=800", "vars.heldout.samples=800",
          "vars.taus=[0.1111111]", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]",
-         "vars.k_sweep.layers=[1,2]"]
+         "vars.k_sweep.layers=[1,2]", "vars.moe.taus=[0.0888889,0.1111111]"]
 # The paired comparisons report.md shows (first, second) at every tau where both exist.
 COMPARISONS = [("divico", "fastv"), ("divico", "random"), ("divico", "select_only"), ("divico", "point_estimate"),
                ("divico", "random_trained"), ("fastv", "random"), ("select_only", "random_trained")]
@@ -121,7 +121,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
-    """The method table's report in `out` and the K sweep's in `out`/k_sweep, each where its cells exist."""
+    """The method table's report in `out`, the K sweep's in `out`/k_sweep and the MoE stage's in
+    `out`/moe, each where its cells exist."""
     from pipeline.bench.report import read_cells, write_report
 
     sweep = pipeline.vars["k_sweep"]
@@ -130,7 +131,11 @@ def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
     reports = [(Path(pipeline.vars["cells"]), out, COMPARISONS, ""),
                (Path(sweep["cells"]), out / "k_sweep", k_comparisons,
                 f"\n\nThe K sweep: the training-free methods with compression at layer K (rows METHOD_kK), "
-                f"on the first {sweep['questions']} held-out questions.")]
+                f"on the first {sweep['questions']} held-out questions."),
+               (Path(pipeline.vars["moe"]["cells"]), out / "moe", [("moe", "specialist")],
+                "\n\nThe Mixture-of-Experts stage: one model (per seed) for every tau, against the specialist "
+                "DiViCo model trained at that tau or, at a tau no specialist was trained at, the one of the "
+                "nearest tau (in log tau) run there.")]
     for cells_dir, where, comparisons, note in reports:
         if cells_dir.is_dir() and any(cells_dir.glob("*.json")):
             write_report(read_cells(cells_dir), where, comparisons=comparisons, header=header(pipeline, seconds) + note)
