@@ -5,8 +5,6 @@ the LoRA targets."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import command, env, final_weights, run, sample_log, scalars, train_args
+from train_helpers import env, final_weights, preempt_after_first_checkpoint, run, sample_log, scalars, train_args
 
 from pipeline.train.checkpoint import complete_checkpoints, latest_checkpoint, read_state
 
@@ -115,16 +113,9 @@ def test_lora_adapts_every_linear_layer_of_the_language_model_only(two_rank_run,
 
 def test_preempted_then_resumed_run_matches_the_uninterrupted_one(two_rank_run, tiny_llava_dir, shards, tmp_path):
     args = train_args(tiny_llava_dir, shards, tmp_path, "train.micro_batch_size=2", "train.save_every_steps=2")
-    launcher = subprocess.Popen(command(args, ranks=2), env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while latest_checkpoint(tmp_path) is None and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    # SIGTERM to every process of the job, as SLURM sends at a time limit or preemption.
-    os.killpg(launcher.pid, signal.SIGTERM)
-    output, _ = launcher.communicate(timeout=120)
-    assert "preempted: checkpoint for step" in output, output[-4000:]
-    assert launcher.returncode != 0  # the ranks' exit 3 comes out of the launcher as 1 (see test_train_signals.py)
+    stopped = preempt_after_first_checkpoint(args, tmp_path)
+    assert "preempted: checkpoint for step" in stopped.stdout, stopped.stdout[-4000:]
+    assert stopped.returncode != 0  # the ranks' exit 3 comes out of the launcher as 1 (see test_train_signals.py)
     stopped_at = read_state(latest_checkpoint(tmp_path)).step
     assert 2 <= stopped_at < TOTAL_STEPS
 

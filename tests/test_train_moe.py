@@ -6,16 +6,21 @@ all_centres schedule, and the warm start from specialists."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from model_helpers import load_llava, prompts_batch
-from train_helpers import REPO, command, env, final_weights, run, sample_log, sample_log_rows, scalars, train_args
+from train_helpers import (
+    REPO,
+    final_weights,
+    preempt_after_first_checkpoint,
+    run,
+    sample_log,
+    sample_log_rows,
+    scalars,
+    train_args,
+)
 from safetensors.torch import save_file
 from transformers import AutoProcessor
 
@@ -83,14 +88,8 @@ def test_both_ranks_train_each_step_at_the_same_drawn_rate(moe_run):
 @pytest.mark.slow
 def test_killed_and_resumed_moe_run_ends_with_the_uninterrupted_weights(moe_run, tiny_llava_dir, shards, tmp_path):
     args = moe_args(tiny_llava_dir, shards, tmp_path, "train.save_every_steps=2")
-    launcher = subprocess.Popen(command(args, ranks=2), env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while latest_checkpoint(tmp_path) is None and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(launcher.pid, signal.SIGTERM)
-    output, _ = launcher.communicate(timeout=120)
-    assert "preempted: checkpoint for step" in output, output[-4000:]
+    stopped = preempt_after_first_checkpoint(args, tmp_path)
+    assert "preempted: checkpoint for step" in stopped.stdout, stopped.stdout[-4000:]
     stopped_at = read_state(latest_checkpoint(tmp_path)).step
     assert 2 <= stopped_at < TOTAL_STEPS
 

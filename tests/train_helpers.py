@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +46,21 @@ def command(args: list[str], ranks: int = 1) -> list[str]:
 
 def run(args: list[str], ranks: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def preempt_after_first_checkpoint(args: list[str], output_dir: Path, ranks: int = 2) -> subprocess.CompletedProcess:
+    """Start `divico train`, and once its first checkpoint exists send SIGTERM to every process of
+    the job, as SLURM does at a time limit or preemption; the launcher's exit and output."""
+    from pipeline.train.checkpoint import latest_checkpoint
+
+    launcher = subprocess.Popen(command(args, ranks), env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while latest_checkpoint(output_dir) is None and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, output)
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
