@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.contract import MANIFEST_FILE
+from pipeline.contract import DIVICO_SETTINGS_FILE, MANIFEST_FILE
 from pipeline.data.settings import CollatorSettings
 from pipeline.model.settings import DiViCoConfig
 from pipeline.train.rates import RATE_SCHEDULES
@@ -257,6 +257,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config}: file not found")
     if not (Path(d.shards) / MANIFEST_FILE).is_file():
         raise ConfigError(f"data.shards={d.shards}: no {MANIFEST_FILE} (run `divico prep shard` first)")
+    for export in cfg.moe.init_experts_from:
+        if not (Path(export) / DIVICO_SETTINGS_FILE).is_file():
+            raise ConfigError(f"moe.init_experts_from: {export} has no {DIVICO_SETTINGS_FILE} (an exported DiViCo "
+                              "model, `divico export`, is needed)")
     layers = num_decoder_layers(model_config_json(m.base))
     if not 1 <= divico.layer <= layers - 1:
         raise ConfigError(f"divico.layer={divico.layer}: K must be in [1, {layers - 1}] for "

@@ -68,10 +68,16 @@ def test_missing_config_file_is_named(tmp_path):
     ("data.shards=/nope", r"data.shards=/nope: no manifest.json"),
     ("model.base=/nope/model", r"model.base=/nope/model: not a model folder"),
     ("optim.warmup_ratio=1.5", r"optim.warmup_ratio=1.5"),
+    ("moe.rate_schedule=cosine", r"moe.rate_schedule='cosine'"),
+    ("moe.prior_anneal=2", r"moe.prior_anneal=2"),
+    ("divico.encoder=moe divico.tau=0.3", r"tau=0.3000: outside .* moe.tau_range=\[0.05, 0.25\]"),
+    ("divico.encoder=moe divico.moe.centres=[0.2,0.1]", r"moe.centres=\[0.2, 0.1\]: expected .* ascending"),
+    ("moe.init_experts_from=[/a,/b,/c]", r"moe.init_experts_from: needs divico.encoder=moe and one export per centre"),
+    ("divico.encoder=moe moe.init_experts_from=[/a,/b,/c]", r"moe.init_experts_from: /a has no divico.json"),
 ])
 def test_validation_names_the_bad_field(tiny_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(tiny_cfg(override), world_size=1)
+        validate(tiny_cfg(*override.split()), world_size=1)
 
 
 def test_divico_section_is_typed(tmp_path):

@@ -262,15 +262,19 @@ class SumsLayout:
     centres: tuple[float, ...]
 
     @property
-    def size(self) -> int:
+    def routing_size(self) -> int:
         experts = len(self.centres)
-        return _NUM_SUMS + len(self.aux_names) + experts * experts + experts
+        return experts * experts + experts
+
+    @property
+    def size(self) -> int:
+        return _NUM_SUMS + len(self.aux_names) + self.routing_size
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.size, dtype=torch.float64)
 
     def routing_sums(self, routing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(experts * experts + experts,) on the device: weight sums per bucket, then counts."""
+        """(routing_size,) on the device: weight sums per (bucket, expert), then tokens per bucket."""
         rates, weights = routing
         log_centres = torch.tensor(self.centres, device=rates.device).log()
         bucket = (rates.log()[:, None] - log_centres).abs().argmin(dim=1)
@@ -372,8 +376,7 @@ def _micro_batch_sums(out, layout: SumsLayout, *, num_tokens: int, samples: int)
     on_device += [(out.aux_losses or {}).get(name, zero).detach().float() for name in layout.aux_names]
     values = torch.stack(on_device)
     if layout.centres:
-        routing = layout.routing_sums(out.routing) if out.routing is not None else zero.repeat(layout.size - _NUM_SUMS
-                                                                                              - len(layout.aux_names))
+        routing = layout.routing_sums(out.routing) if out.routing is not None else zero.repeat(layout.routing_size)
         values = torch.cat([values, routing.float()])
     loss, lm, kl, nonfinite, mu_over_vs, sigma, *rest = values.tolist()
     sums = layout.zeros()
