@@ -118,6 +118,18 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(paired_table({name: task.outputs[1] for name, task in tasks.items()}))
+    if any(name.startswith("moe-") for name in results):
+        from pipeline.bench.report import plot_moe
+
+        by_method = {}
+        for name, result in results.items():
+            by_method.setdefault(name.partition("-")[0], []).append(result)
+        figure = pipeline.root / "eval" / "moe.png"
+        newest = max(task.outputs[0].stat().st_mtime_ns for task in tasks.values())
+        if not figure.is_file() or figure.stat().st_mtime_ns < newest:  # a rerun that evaluated nothing keeps it
+            plot_moe({"moe": by_method["moe"], "specialist": by_method.get("divico", []),
+                      "nearest specialist": by_method.get("nearest", [])}, figure)
+        print(f"The MoE model against the specialists, and its router weights, by tau: {figure}")
     print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer; "
           f"s.e. = sqrt(p (1 - p) / n), n = {samples}: differences within about two of them are noise.\n"
           f"Models: {pipeline.root}/<stage>/model. TensorBoard: tensorboard --logdir {pipeline.tensorboard_dir}")

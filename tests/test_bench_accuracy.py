@@ -68,6 +68,7 @@ def test_a_killed_bench_resumes_without_redoing_finished_cells(tmp_path: Path) -
     moe = {(row["method"], round(row["tau"], 4)) for row in json.loads((out / "moe" / "results.json").read_text())}
     assert moe == {(method, tau) for method in ("moe", "specialist") for tau in (0.0889, 0.1111)}
     assert "Paired difference moe - specialist" in (out / "moe" / "report.md").read_text()
+    assert (out / "moe" / "moe.png").stat().st_size > 0  # accuracy and router weights against tau
 
 
 def test_quick_is_the_same_graph_with_fewer_cells() -> None:

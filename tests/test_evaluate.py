@@ -219,8 +219,9 @@ def test_divico_eval_command_writes_the_summary(tiny_llava_dir, eval_json, capsy
     assert printed["samples"] == 4 and printed["visual_tokens"] == 100 and "predictions" not in printed
     assert set(printed) == {"samples", "accuracy", "chance", "by_type", "tokens_per_s", "samples_per_s",
                             "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau", "layer",
-                            "divico_seed", "image_noise", "noise_seed", "tags"}
-    assert (printed["divico_seed"], printed["image_noise"], printed["noise_seed"], printed["tags"]) == (None, 0, 0, {})
+                            "divico_seed", "image_noise", "noise_seed", "tags", "router_weights"}
+    assert (printed["divico_seed"], printed["image_noise"], printed["noise_seed"], printed["tags"],
+            printed["router_weights"]) == (None, 0, 0, {}, None)
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     assert [a["answer"] for a in answers] == COLOR_ANSWERS[:4]
     assert all(a["correct"] == (normalize_answer(a["prediction"]) == normalize_answer(a["answer"])) for a in answers)

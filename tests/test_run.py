@@ -67,6 +67,8 @@ def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tm
         assert result["tau"] == pytest.approx(tau) and result["visual_tokens_kept"] == kept, name
     assert json.loads((root / "moe" / "model" / "divico.json").read_text())["config"]["encoder"] == "moe"
     assert rows["moe-tau089"].split("│")[8].strip() != "-" and rows["nearest-tau089"].split("│")[8].strip() == "-"
+    assert (root / "eval" / "moe.png").stat().st_size > 0 and str(root / "eval" / "moe.png") in first.stdout
+    assert json.loads((root / "eval" / "divico-tau111.json").read_text())["router_weights"] is None
     compared = {row[1] for row in cells if len(row) > 2}
     assert {"moe-tau111 vs divico-tau111", "moe-tau089 vs nearest-tau089", "moe-tau089 vs base"} <= compared
 

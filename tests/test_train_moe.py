@@ -121,6 +121,8 @@ def test_the_exported_model_runs_at_any_rate_in_its_range_and_refuses_others(moe
     assert inside.returncode == 0, inside.stderr[-3000:]
     summary = json.loads(inside.stdout)
     assert summary["tau"] == pytest.approx(0.0889) and summary["visual_tokens_kept"] == 9  # of 100
+    routed = summary["router_weights"]  # the mean over every kept token the prompts had
+    assert list(routed) == ["tau067", "tau111", "tau167"] and sum(routed.values()) == pytest.approx(1)
     outside = run([*evaluate, "tau=0.3", "--json"])
     assert outside.returncode == 2
     assert "tau=0.3000: outside the rates this mixture-of-experts model is trained for, " \

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import shlex
@@ -123,7 +124,7 @@ def _main(args: argparse.Namespace) -> int:
 def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
     """The method table's report in `out`, the K sweep's in `out`/k_sweep and the MoE stage's in
     `out`/moe, each where its cells exist."""
-    from pipeline.bench.report import read_cells, write_report
+    from pipeline.bench.report import plot_moe, read_cells, write_report
 
     sweep = pipeline.vars["k_sweep"]
     k_comparisons = [(f"{first}_k{k}", f"{second}_k{k}") for k in sweep["layers"]
@@ -141,6 +142,13 @@ def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
             write_report(read_cells(cells_dir), where, comparisons=comparisons, header=header(pipeline, seconds) + note)
             print((where / "report.md").read_text())
             print(f"report, results and plots in {where}")
+    moe_cells = Path(pipeline.vars["moe"]["cells"])
+    if moe_cells.is_dir() and any(moe_cells.glob("*.json")):
+        by_method: dict[str, list[dict]] = {}
+        for path in sorted(moe_cells.glob("*.json")):
+            summary = json.loads(path.read_text())
+            by_method.setdefault(summary["tags"]["method"], []).append(summary)
+        plot_moe(by_method, out / "moe" / "moe.png")
     plot_kept_tokens(pipeline, out / "kept_tokens.png")
     return 0
 

@@ -361,3 +361,45 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def plot_moe(evaluations: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """The Mixture-of-Experts figure: accuracy against tau (with s.e. bars) for each method in
+    `evaluations` (method -> eval summaries, e.g. moe, the specialists, the nearest specialist
+    at unseen taus), and the MoE model's router weight per expert against tau (from the
+    summaries that carry router_weights, by expert: tau067 is the expert of tau 1/15).
+    Summaries at the same tau (seeds) are averaged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(figure)
+    accuracy_axes, router_axes = figure.subplots(1, 2)
+    for method, summaries in evaluations.items():
+        by_tau = _by_tau(summaries)
+        accuracies = [statistics.fmean(e["accuracy"] for e in group) for group in by_tau.values()]
+        questions = [sum(e["samples"] for e in group) for group in by_tau.values()]
+        errors = [math.sqrt(a * (1 - a) / n) for a, n in zip(accuracies, questions)]
+        accuracy_axes.errorbar([100 * tau for tau in by_tau], [100 * a for a in accuracies],
+                               yerr=[100 * e for e in errors], fmt="o-" if len(by_tau) > 1 else "o", capsize=3,
+                               label=method)
+    routed = _by_tau([e for summaries in evaluations.values() for e in summaries if e.get("router_weights")])
+    for expert in next(iter(routed.values()))[0]["router_weights"] if routed else []:
+        router_axes.plot([100 * tau for tau in routed],
+                         [statistics.fmean(e["router_weights"][expert] for e in group) for group in routed.values()],
+                         "o-", label=f"expert {expert}")
+    for axes, ylabel in ((accuracy_axes, "held-out accuracy (%)"), (router_axes, "mean router weight")):
+        axes.set_xlabel("tau: share of visual tokens kept (%)")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _by_tau(summaries: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for summary in summaries:
+        groups.setdefault(round(summary["tau"], 6), []).append(summary)
+    return dict(sorted(groups.items()))

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.config import ConfigError, load_config
-from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE
+from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, tau_label
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
@@ -79,6 +79,9 @@ class EvalResult:
     image_noise: float  # standard deviation of the noise added to the encoded images (0: none)
     noise_seed: int
     tags: dict[str, str] = field(default_factory=dict)  # the caller's labels, copied verbatim
+    # A Mixture-of-Experts model's mean router weight per expert over the kept tokens of every
+    # prompt, by the expert's centre (tau067: the expert of tau 1/15); None for other models.
+    router_weights: dict[str, float] | None = None
     predictions: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -156,6 +159,37 @@ def noisy_images(model: torch.nn.Module, std: float, noise_seed: int = 0) -> Ite
             handle.remove()
 
 
+class RouterWeights:
+    """While inside, the mean router weights of `model`'s gap encoder over every kept token it
+    encodes, by expert (`mean`: None when the encoder has no router or nothing was encoded)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.encoder = model.divico.gap_encoder if isinstance(model, CompressedLlava) else None
+        self.experts = [tau_label(c) for c in model.config.moe.centres] if self.encoder is not None else []
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def _record(self, module: torch.nn.Module, args: tuple, estimate) -> None:
+        if estimate.router_weights is not None:
+            weights = estimate.router_weights.detach().float().sum(0).cpu()
+            self.total = weights if self.total is None else self.total + weights
+            self.tokens += estimate.router_weights.shape[0]
+
+    def __enter__(self) -> "RouterWeights":
+        self.handle = self.encoder.register_forward_hook(self._record) if self.encoder is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    @property
+    def mean(self) -> dict[str, float] | None:
+        if self.total is None:
+            return None
+        return dict(zip(self.experts, (self.total / self.tokens).tolist(), strict=True))
+
+
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
              max_new_tokens: int = 8, max_samples: int | None = None, scorer: Scorer = exact_match,
              progress: bool = True, image_noise: float = 0.0, noise_seed: int = 0,
@@ -164,7 +198,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
     e.g. mid-training: its train/eval mode is restored) to each sample's first question, scored
     against the first answer. image_noise > 0 answers from noisy encoded images (`noisy_images`);
     `tags` are copied into the result."""
-    with noisy_images(model, image_noise, noise_seed):
+    with noisy_images(model, image_noise, noise_seed), RouterWeights(model) as routing:
         answers = generate_answers(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    max_samples=max_samples, progress=progress)
     if not answers.rows:
@@ -180,7 +214,8 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
         tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,
-        image_noise=float(image_noise), noise_seed=noise_seed, tags=dict(tags or {}), predictions=answers.rows)
+        image_noise=float(image_noise), noise_seed=noise_seed, tags=dict(tags or {}),
+        router_weights=routing.mean, predictions=answers.rows)
 
 
 def check_model(path: Path) -> None:
