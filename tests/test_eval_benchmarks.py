@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mme, pope, read_predictions
+from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mme, pope, read_predictions, textvqa
 
 
 def write_lines(path: Path, rows: list[dict]) -> Path:
@@ -128,3 +128,33 @@ def test_predictions_files_and_task_names_are_checked(tmp_path):
     with pytest.raises(BenchmarkError, match="task 'vqav2': expected one of"):
         benchmark("vqav2")
     assert benchmark("pope") is pope
+
+
+@pytest.mark.parametrize("answer, normalized", [
+    ("The Dog.", "dog"), ("two", "2"), ("None", "0"), ("dont", "don't"), ("couldn'tve", "couldn't've"),
+    ("yall'll", "y'all'll"), ("somebody'd", "somebodyd"), ("lets", "lets"), ("3,000", "3000"), ("1.5", "1.5"),
+    ("U.S.A.", "usa"), ("coca-cola!", "coca cola"), ("a - b", "b"), ('he said "hi"', "he said hi"),
+    ("Line\none", "line 1"), ("it's", "it 's")])
+def test_textvqa_normalizes_like_evalai(answer, normalized):
+    assert textvqa.normalize(answer) == normalized
+
+
+def test_textvqa_scores_leave_one_out_vqa_accuracy(tmp_path):
+    answers = ["dog"] * 3 + ["puppy"] * 7
+    assert textvqa.answer_score("Dog.", answers) == pytest.approx(0.9)  # (3 x 2/3 + 7 x 1) / 10
+    assert textvqa.answer_score("a puppy", answers) == 1.0 and textvqa.answer_score("cat", answers) == 0.0
+    data = [{"question": "What animal is it?", "image_id": "003a8ae2ef43b901", "question_id": 34602, "answers": answers},
+            {"question": "What is written?", "image_id": "00685bc495504d61", "question_id": 34603,
+             "answers": ["stop"] * 10}]
+    path = tmp_path / "TextVQA_0.5.1_val.json"
+    path.write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
+    suffix = "\nAnswer the question using a single word or phrase."
+    predictions = [
+        {"question_id": "003a8ae2ef43b901", "prompt": "What animal is it?\nReference OCR token: " + suffix, "text": "Dog"},
+        {"question_id": "00685bc495504d61", "prompt": "What is written?\nReference OCR token: stop, sign" + suffix,
+         "text": "STOP"}]
+    assert textvqa.score(predictions, path) == {"accuracy": pytest.approx(95.0), "questions": 2}
+    assert textvqa.question_of("OCR tokens: a, b Question: Why? Short answer:") == "Why?"
+    assert textvqa.question_of("Reference OCR token: a\nWhy?" + suffix) == "Why?"
+    with pytest.raises(BenchmarkError, match=r"no question 'what is this\?' for image '003a8ae2ef43b901'"):
+        textvqa.score([{**predictions[0], "prompt": "What is this?" + suffix}], path)

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 BENCHMARKS = {"pope": "pipeline.eval.benchmarks.pope", "mme": "pipeline.eval.benchmarks.mme",
-              "gqa": "pipeline.eval.benchmarks.gqa"}
+              "gqa": "pipeline.eval.benchmarks.gqa", "textvqa": "pipeline.eval.benchmarks.textvqa"}
 
 
 class BenchmarkError(ValueError):
