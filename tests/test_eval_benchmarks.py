@@ -3,12 +3,14 @@ fixtures written in each benchmark's real file layout."""
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mme, pope, read_predictions, textvqa
+from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mmbench, mme, pope, read_predictions, textvqa
 
 
 def write_lines(path: Path, rows: list[dict]) -> Path:
@@ -158,3 +160,47 @@ def test_textvqa_scores_leave_one_out_vqa_accuracy(tmp_path):
     assert textvqa.question_of("Reference OCR token: a\nWhy?" + suffix) == "Why?"
     with pytest.raises(BenchmarkError, match=r"no question 'what is this\?' for image '003a8ae2ef43b901'"):
         textvqa.score([{**predictions[0], "prompt": "What is this?" + suffix}], path)
+
+
+MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
+                   "l2-category", "comment", "split"]
+
+
+def write_mmbench(path: Path, rows: list[tuple]) -> Path:
+    """Rows (index, options, answer, category, l2-category) as the dev TSV has them, base64 image and all."""
+    image = base64.b64encode(b"\x89PNG fixture bytes" * 50).decode()
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(MMBENCH_COLUMNS)
+        for index, choices, answer, category, l2 in rows:
+            cells = [*choices, "", "", "", ""][:4]
+            writer.writerow([index, "What is shown?", "nan", *cells, answer, category, image, "src", l2, "nan", "dev"])
+    return path
+
+
+@pytest.mark.parametrize("text, letter", [("B", "B"), ("B.", "B"), ("(C)", "C"), ("The answer is B", "B"),
+                                          ("A dog is shown here", "B"),  # "A" the article: the text rule decides
+                                          ("It is a dog", "B"), ("A. a cat", "A"), ("C: red", "C"),
+                                          ("blue or red", None), ("B or C", None)])
+def test_mmbench_extracts_the_option_by_the_official_rules(text, letter):
+    assert mmbench.extract(text, {"A": "a cat", "B": "a dog", "C": "red", "D": "blue"}) == letter
+
+
+def test_mmbench_circular_evaluation(tmp_path):
+    four = ["a cat", "a dog", "red", "blue"]
+    rows = [(0, four, "B", "attribute", "finegrained"), (1000000, four[1:] + four[:1], "A", "attribute", "finegrained"),
+            (2000000, four[2:] + four[:2], "D", "attribute", "finegrained"),
+            (3000000, four[3:] + four[:3], "C", "attribute", "finegrained"),
+            (1, ["yes", "no"], "A", "existence", "coarse"), (1000001, ["no", "yes"], "B", "existence", "coarse")]
+    path = write_mmbench(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    answers = {0: "B", 1000000: "A", 2000000: "The answer is (D).", 3000000: "a dog", 1: "A",
+               1000001: "I would say A because of the sky"}  # the last: no letter, no option text: wrong
+    figures = mmbench.score([{"question_id": i, "text": t} for i, t in answers.items()], path)
+    assert figures == {"accuracy": 50.0, "questions": 2, "rows": 6, "unresolved": 1,
+                       "category": {"attribute": 100.0, "existence": 0.0},
+                       "l2-category": {"coarse": 0.0, "finegrained": 100.0}}
+    # One wrong circular copy fails its whole question.
+    figures = mmbench.score([{"question_id": i, "text": "C" if i == 2000000 else t} for i, t in answers.items()], path)
+    assert figures["accuracy"] == 0.0
+    with pytest.raises(BenchmarkError, match=r"1 rows have no prediction \(first: index 1000001\)"):
+        mmbench.score([{"question_id": i, "text": t} for i, t in answers.items() if i != 1000001], path)

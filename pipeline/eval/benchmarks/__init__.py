@@ -20,7 +20,8 @@ from types import ModuleType
 from typing import Any
 
 BENCHMARKS = {"pope": "pipeline.eval.benchmarks.pope", "mme": "pipeline.eval.benchmarks.mme",
-              "gqa": "pipeline.eval.benchmarks.gqa", "textvqa": "pipeline.eval.benchmarks.textvqa"}
+              "gqa": "pipeline.eval.benchmarks.gqa", "textvqa": "pipeline.eval.benchmarks.textvqa",
+              "mmbench": "pipeline.eval.benchmarks.mmbench"}
 
 
 class BenchmarkError(ValueError):
