@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main as divico
 from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mmbench, mme, pope, read_predictions, textvqa
 
 
@@ -204,3 +205,24 @@ def test_mmbench_circular_evaluation(tmp_path):
     assert figures["accuracy"] == 0.0
     with pytest.raises(BenchmarkError, match=r"1 rows have no prediction \(first: index 1000001\)"):
         mmbench.score([{"question_id": i, "text": t} for i, t in answers.items() if i != 1000001], path)
+
+
+def run_divico(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        divico(args)
+    return exit_.value.code
+
+
+def test_divico_eval_score_prints_the_official_figures(pope_dir, tmp_path, capsys, caplog):
+    answers = write_lines(tmp_path / "answers.jsonl", [
+        {"question_id": q, "prompt": "Is there a cat in the image?", "text": "yes", "answer_id": "x", "model_id": "m",
+         "metadata": {}} for q in (1, 2, 3, 4, 10000001, 10000002, 10000003, 10000004, 20000001, 20000002)])
+    score = ["eval", "score", "--task", "pope", "--annotations", str(pope_dir), "--predictions", str(answers)]
+    assert run_divico([*score, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == pope.score(read_predictions(answers), pope_dir) and printed["yes_ratio"] == 1.0
+    assert run_divico(score) == 0 and "adversarial/f1" in capsys.readouterr().out
+    assert run_divico([*score[:-1], str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: not found" in caplog.text
+    assert run_divico([*score[:2], "model=x", *score[2:]]) == 2 and "nothing else (got ['model=x'])" in caplog.text
+    assert run_divico(["eval", "model=x", "--task", "pope"]) == 2 and "only with `divico eval score`" in caplog.text

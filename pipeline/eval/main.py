@@ -1,7 +1,13 @@
-"""`divico eval`: answer accuracy on a held-out set.
+"""`divico eval`: answer accuracy on a held-out set; `divico eval score`: a benchmark's official score.
 
     divico eval [--config FILE ...] model=DIR data=DIR [key=value ...] [--out FILE.json]
                 [--predictions FILE.jsonl] [--json]
+    divico eval score --task textvqa|pope|mme|mmbench|gqa --annotations PATH --predictions FILE [--json]
+
+`score` reads only a predictions file in LLaVA's answers format (JSON lines with question_id and
+text, so answers written by LLaVA's own scripts score the same way) and the benchmark's
+annotation file or folder in LLaVA's evaluation layout, and prints the official figures
+(pipeline/eval/benchmarks/). A missing or malformed file exits 2 naming it.
 
 For each sample the first human turn becomes a left-padded generation prompt (the training
 template, so the model sees what it was trained on); greedy decoding of a few tokens; the
@@ -50,6 +56,7 @@ from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
 from pipeline.durable import write_text_atomically
+from pipeline.eval.benchmarks import BENCHMARKS, BenchmarkError, benchmark, read_predictions
 from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
@@ -359,11 +366,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--predictions", type=Path, default=None,
                         help="also write every answer (key, question, answer, prediction, correct) as JSON lines")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--task", choices=sorted(BENCHMARKS), default=None,
+                        help="`divico eval score`: the benchmark whose official scorer to apply")
+    parser.add_argument("--annotations", type=Path, default=None,
+                        help="`divico eval score`: the benchmark's annotation file or folder (LLaVA's layout)")
     parser.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
     """`divico eval`: the exit status; a bad key or a failed load is one logged line, no traceback."""
+    if args.overrides[:1] == ["score"]:
+        return score_command(args)
+    if args.task or args.annotations:
+        log.error("--task and --annotations: only with `divico eval score` (evaluating a model on a benchmark's "
+                  "files is not there yet)")
+        return EXIT_BAD_INPUT
     try:
         result = main(load_config(args.config, args.overrides, schema=EvalConfig), progress=not args.json)
     except ConfigError as error:
@@ -382,3 +399,40 @@ def command(args: argparse.Namespace) -> int:
     else:
         print_result(result)
     return 0
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """`divico eval score`: the exit status; the figures printed as JSON or a table."""
+    extra = [*args.overrides[1:], *args.config, *([str(args.out)] if args.out else [])]
+    if extra or not (args.task and args.annotations and args.predictions):
+        log.error("divico eval score takes --task, --annotations and --predictions (and --json), nothing else%s",
+                  f" (got {extra})" if extra else "")
+        return EXIT_BAD_INPUT
+    try:
+        figures = benchmark(args.task).score(read_predictions(args.predictions), args.annotations)
+    except BenchmarkError as error:
+        log.error("%s", error)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.task}: {args.predictions} against {args.annotations}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in _flat(figures).items():
+        table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0
+
+
+def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{name}/"))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
