@@ -41,6 +41,12 @@ from pipeline.model.divico import GapEncoder, GapEstimate
 from pipeline.model.settings import DiViCoConfig
 
 
+def nearest_expert(keep_ratio: torch.Tensor, log_centres: torch.Tensor) -> torch.Tensor:
+    """(T,) index of the expert whose centre is nearest each rate in log tau: the routing
+    prior's target, and the tau bucket the trainer logs router weights under."""
+    return (keep_ratio.float().log()[:, None] - log_centres.to(keep_ratio.device)).abs().argmin(dim=1)
+
+
 class MixtureGapEncoder(nn.Module):
     """Experts + router in the gap-encoder slot; see the module docstring for the maths."""
 
@@ -98,6 +104,6 @@ class MixtureGapEncoder(nn.Module):
         weights = log_weights.exp()
         mu = (weights[..., None] * mus).sum(1)
         log_ratio = torch.logsumexp(log_weights[..., None] + log_ratios, dim=1)
-        nearest = (keep_ratio.float().log()[:, None] - self.log_centres).abs().argmin(dim=1)
+        nearest = nearest_expert(keep_ratio, self.log_centres)
         prior = -log_weights.gather(1, nearest[:, None]).float().mean()
         return GapEstimate(mu, log_ratio, {"routing_prior": prior}, weights)

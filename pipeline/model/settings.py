@@ -6,7 +6,6 @@ this dataclass, and validating a config must not import the training stack.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
@@ -46,10 +45,6 @@ class MixtureSettings:
             raise ValueError(f"DiViCoConfig.moe.router_hidden={self.router_hidden}: must be >= 1")
         if self.prior_weight < 0:
             raise ValueError(f"DiViCoConfig.moe.prior_weight={self.prior_weight}: must be >= 0")
-
-    def nearest_centre(self, tau: float) -> int:
-        """Index of the expert whose centre is nearest to tau in log tau (the routing prior's target)."""
-        return min(range(len(self.centres)), key=lambda e: abs(math.log(self.centres[e]) - math.log(tau)))
 
 
 @dataclass

@@ -275,9 +275,10 @@ class SumsLayout:
 
     def routing_sums(self, routing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """(routing_size,) on the device: weight sums per (bucket, expert), then tokens per bucket."""
+        from pipeline.model.moe import nearest_expert
+
         rates, weights = routing
-        log_centres = torch.tensor(self.centres, device=rates.device).log()
-        bucket = (rates.log()[:, None] - log_centres).abs().argmin(dim=1)
+        bucket = nearest_expert(rates, torch.tensor(self.centres, device=rates.device).log())
         experts = len(self.centres)
         per_bucket = weights.new_zeros(experts, experts).index_add_(0, bucket, weights)
         return torch.cat([per_bucket.flatten(), torch.bincount(bucket, minlength=experts).to(weights.dtype)])
