@@ -225,4 +225,5 @@ def test_divico_eval_score_prints_the_official_figures(pope_dir, tmp_path, capsy
     assert run_divico([*score[:-1], str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: not found" in caplog.text
     assert run_divico([*score[:2], "model=x", *score[2:]]) == 2 and "nothing else (got ['model=x'])" in caplog.text
-    assert run_divico(["eval", "model=x", "--task", "pope"]) == 2 and "only with `divico eval score`" in caplog.text
+    assert run_divico(["eval", "model=x", "--annotations", "a"]) == 2 and "only with `divico eval score`" in caplog.text
+    assert run_divico([*score[:2], "--task", "heldout", *score[4:]]) == 2 and "--task (a benchmark)" in caplog.text

@@ -24,6 +24,9 @@ from omegaconf import MISSING
 from pipeline.data.settings import CollatorSettings
 
 
+HELDOUT_MAX_NEW_TOKENS = 8  # the held-out answers are a word or two
+
+
 class EvalError(RuntimeError):
     """The evaluation failed on a file it read (corrupt weights, unreadable data); the message names it."""
 
@@ -36,7 +39,7 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     image_root: Path | None = None  # the images of a JSON `data`
     max_samples: int | None = None
     batch_size: int = 16
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None  # None: 8 on a held-out set; on a benchmark LLaVA's limit (128, MMBench 1024)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     # Override the saved DiViCo settings, or wrap a plain model (fastv, random and select_only
     # need no trained weights); mode=none evaluates without compression.

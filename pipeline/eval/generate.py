@@ -17,11 +17,20 @@ from pipeline.model.compressed_llava import CompressedLlava
 
 
 @dataclass
+class AnsweredBatch:
+    samples: list[Sample]
+    texts: list[str]  # the decoded answers, special tokens skipped, stripped
+    tokens: int  # prompt (with visual) + generated tokens
+    generated_tokens: int  # EOS counts, the padding after it not
+    seconds: float  # inside generate() only
+
+
+@dataclass
 class Answers:
     rows: list[dict[str, Any]] = field(default_factory=list)  # key, question_type, question, answer, prediction
-    tokens: int = 0  # prompt (with visual) + generated tokens
+    tokens: int = 0
     generated_tokens: int = 0
-    seconds: float = 0.0  # inside generate() only
+    seconds: float = 0.0
 
 
 def batches(samples: Iterable[Sample], batch_size: int, max_samples: int | None) -> Iterator[list[Sample]]:
@@ -38,40 +47,55 @@ def batches(samples: Iterable[Sample], batch_size: int, max_samples: int | None)
 
 
 @torch.inference_mode()
-def generate_answers(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *,
-                     batch_size: int, max_new_tokens: int, max_samples: int | None = None,
-                     progress: bool = True) -> Answers:
-    """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava) in eval mode:
-    no dropout and no sampled gap noise. Its train/eval mode is restored afterwards."""
+def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int,
+                   max_new_tokens: int, max_samples: int | None = None, progress: bool = True,
+                   total: int | None = None) -> Iterator[AnsweredBatch]:
+    """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava) in eval mode
+    (no dropout, no sampled gap noise), one batch at a time, under a progress bar (with an ETA
+    when `total`, the number of samples, is given). The model's train/eval mode is restored
+    when the iteration ends or is abandoned."""
     compressed = isinstance(model, CompressedLlava)
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    answers = Answers()
     was_training = model.training
     model.eval()
     try:
-        for batch_samples in tqdm(batches(samples, batch_size, max_samples), desc="eval", unit="batch",
-                                  disable=not progress):
-            batch = collator.prompts(batch_samples)
-            inputs = {"input_ids": batch["input_ids"].to(device),
-                      "attention_mask": batch["attention_mask"].to(device)}
-            if "pixel_values" in batch:
-                inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
-            if compressed:
-                inputs["query_positions"] = batch["query_positions"].to(device)
-            started = time.perf_counter()
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=collator.pad_token_id)
-            answers.seconds += time.perf_counter() - started
-            new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
-            generated = int((new_tokens != collator.pad_token_id).sum())  # EOS counts, the padding after it not
-            answers.generated_tokens += generated
-            answers.tokens += batch["num_tokens"] + generated
-            for row, sample in enumerate(batch_samples):
-                answers.rows.append({
-                    "key": sample.key, "question_type": question_type(sample), "question": first_question(sample),
-                    "answer": batch["answers"][row],
-                    "prediction": collator.tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()})
+        with tqdm(total=total, desc="answers", unit="q", disable=not progress) as bar:
+            for batch_samples in batches(samples, batch_size, max_samples):
+                batch = collator.prompts(batch_samples)
+                inputs = {"input_ids": batch["input_ids"].to(device),
+                          "attention_mask": batch["attention_mask"].to(device)}
+                if "pixel_values" in batch:
+                    inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
+                if compressed:
+                    inputs["query_positions"] = batch["query_positions"].to(device)
+                started = time.perf_counter()
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=collator.pad_token_id)
+                seconds = time.perf_counter() - started
+                new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
+                generated = int((new_tokens != collator.pad_token_id).sum())
+                bar.update(len(batch_samples))
+                yield AnsweredBatch(
+                    samples=batch_samples, tokens=batch["num_tokens"] + generated, generated_tokens=generated,
+                    seconds=seconds, texts=[collator.tokenizer.decode(row, skip_special_tokens=True).strip()
+                                            for row in new_tokens])
     finally:
         model.train(was_training)
+
+
+def generate_answers(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *,
+                     batch_size: int, max_new_tokens: int, max_samples: int | None = None,
+                     progress: bool = True) -> Answers:
+    """Every sample's first question answered (`answer_batches`) beside its first gpt answer."""
+    answers = Answers()
+    for batch in answer_batches(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                max_samples=max_samples, progress=progress):
+        answers.tokens += batch.tokens
+        answers.generated_tokens += batch.generated_tokens
+        answers.seconds += batch.seconds
+        for sample, text in zip(batch.samples, batch.texts, strict=True):
+            answers.rows.append({"key": sample.key, "question_type": question_type(sample),
+                                 "question": first_question(sample), "answer": sample.conversations[1]["value"],
+                                 "prediction": text})
     return answers

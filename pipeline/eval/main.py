@@ -1,15 +1,22 @@
-"""`divico eval`: answer accuracy on a held-out set; `divico eval score`: a benchmark's official score.
+"""`divico eval`: answer accuracy on a held-out set; `divico eval --task T`: a benchmark answered
+and scored; `divico eval score`: a benchmark's official score of a predictions file.
 
     divico eval [--config FILE ...] model=DIR data=DIR [key=value ...] [--out FILE.json]
                 [--predictions FILE.jsonl] [--json]
+    divico eval --task textvqa|pope|mme|mmbench|gqa model=DIR data=FOLDER [key=value ...]
+                --predictions FILE.jsonl [--chunk I/N] [--out FILE.json] [--json]
     divico eval score --task textvqa|pope|mme|mmbench|gqa --annotations PATH --predictions FILE [--json]
+
+`--task T` (pipeline/eval/tasks.py) asks the questions of a benchmark folder in LLaVA's
+evaluation layout as LLaVA's scripts do, appends the answers to FILE batch by batch (a rerun
+resumes; --chunk splits the questions across processes) and scores them.
 
 `score` reads only a predictions file in LLaVA's answers format (JSON lines with question_id and
 text, so answers written by LLaVA's own scripts score the same way) and the benchmark's
 annotation file or folder in LLaVA's evaluation layout, and prints the official figures
 (pipeline/eval/benchmarks/). A missing or malformed file exits 2 naming it.
 
-For each sample the first human turn becomes a left-padded generation prompt (the training
+Held-out: For each sample the first human turn becomes a left-padded generation prompt (the training
 template, so the model sees what it was trained on); greedy decoding of a few tokens; the
 answer is scored (normalised exact match by default) against the first gpt answer. Reported
 overall and per question type, each beside a chance level (what always giving the type's
@@ -57,10 +64,12 @@ from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
 from pipeline.durable import write_text_atomically
 from pipeline.eval.benchmarks import BENCHMARKS, BenchmarkError, benchmark, read_predictions
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import HELDOUT_MAX_NEW_TOKENS, EvalConfig, EvalError
 from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
+from pipeline.eval.predictions import parse_chunk
 from pipeline.eval.score import SCORERS, Scorer, exact_match, score
+from pipeline.eval.tasks import HELDOUT, run_task
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import image_seed, kept_count
 from pipeline.model.settings import DiViCoConfig
@@ -198,7 +207,7 @@ class RouterWeights:
 
 
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
-             max_new_tokens: int = 8, max_samples: int | None = None, scorer: Scorer = exact_match,
+             max_new_tokens: int = HELDOUT_MAX_NEW_TOKENS, max_samples: int | None = None, scorer: Scorer = exact_match,
              progress: bool = True, image_noise: float = 0.0, noise_seed: int = 0,
              tags: dict[str, str] | None = None) -> EvalResult:
     """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava, in memory,
@@ -232,6 +241,31 @@ def check_model(path: Path) -> None:
         raise ConfigError(f"model={path}: {what}")
 
 
+def model_settings(path: str | Path, *, mode: str | None = None, tau: float | None = None,
+                   layer: int | None = None, seed: int | None = None) -> DiViCoConfig | None:
+    """The DiViCo settings `load_model` runs the checkpoint at `path` with (None: the plain LLaVA
+    model), read without loading any weights. ConfigError for a request the folder cannot
+    serve, EvalError for settings that do not parse."""
+    path = Path(path)
+    check_model(path)
+    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("layer", layer), ("seed", seed))
+                 if value is not None}
+    if (path / DIVICO_SETTINGS_FILE).is_file():
+        try:  # a request the saved model cannot serve (e.g. a tau outside a MoE model's range) is bad input
+            return CompressedLlava.read_saved(path, **overrides)[0]
+        except json.JSONDecodeError as error:
+            raise EvalError(f"{path / DIVICO_SETTINGS_FILE}: not valid JSON ({error})") from error
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    if (mode is None and tau is None and layer is None) or mode == "none":
+        return None
+    wrap = DiViCoConfig(**overrides)
+    if wrap.uses_gap_encoder:
+        raise ConfigError(f"model={path} has no DiViCo weights ({DIVICO_SETTINGS_FILE}); mode {wrap.mode!r} needs "
+                          "a trained gap encoder (fastv, random and select_only do not)")
+    return wrap
+
+
 def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None, layer: int | None = None,
                seed: int | None = None, device: str = "auto") -> torch.nn.Module:
     """The checkpoint at `path`: through CompressedLlava when DiViCo settings lie beside it or
@@ -240,22 +274,10 @@ def load_model(path: str | Path, *, mode: str | None = None, tau: float | None =
     request the folder cannot serve (checked before the weights load), EvalError for a file
     that does not load."""
     path = Path(path)
-    check_model(path)
+    settings = model_settings(path, mode=mode, tau=tau, layer=layer, seed=seed)
+    saved = (path / DIVICO_SETTINGS_FILE).is_file()
     overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("layer", layer), ("seed", seed))
                  if value is not None}
-    saved = (path / DIVICO_SETTINGS_FILE).is_file()
-    asks = mode is not None or tau is not None or layer is not None
-    wrap = None if saved or not asks or mode == "none" else DiViCoConfig(**overrides)
-    if saved:
-        try:  # a request the saved model cannot serve (e.g. a tau outside a MoE model's range) is bad input
-            CompressedLlava.read_saved(path, **overrides)
-        except json.JSONDecodeError as error:
-            raise EvalError(f"{path / DIVICO_SETTINGS_FILE}: not valid JSON ({error})") from error
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-    if wrap is not None and wrap.uses_gap_encoder:
-        raise ConfigError(f"model={path} has no DiViCo weights ({DIVICO_SETTINGS_FILE}); mode {wrap.mode!r} needs "
-                          "a trained gap encoder (fastv, random and select_only do not)")
     device = resolve_device(device)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=default_dtype(device)).to(device)
@@ -272,7 +294,7 @@ def load_model(path: str | Path, *, mode: str | None = None, tau: float | None =
             raise EvalError(f"{path / DIVICO_SETTINGS_FILE}: not valid JSON ({error})") from error
         except (FileNotFoundError, ValueError) as error:  # a missing or mismatched file; the message names it
             raise EvalError(str(error)) from error
-    return llava if wrap is None else CompressedLlava(llava, wrap).to(device)
+    return llava if settings is None else CompressedLlava(llava, settings).to(device)
 
 
 def _unreadable_weights(folder: Path, error: SafetensorError) -> str:
@@ -286,8 +308,9 @@ def _unreadable_weights(folder: Path, error: SafetensorError) -> str:
     return f"model={folder}: cannot read the weights ({error})"
 
 
-def validate(cfg: EvalConfig) -> None:
-    """Raise ConfigError naming the first bad key; reads no weights."""
+def validate(cfg: EvalConfig, *, benchmark: bool = False) -> None:
+    """Raise ConfigError naming the first bad key; reads no weights. With `benchmark`, `data` is
+    a benchmark's folder, which the benchmark's reader checks."""
     for name in ("batch_size", "max_new_tokens", "max_samples"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -311,29 +334,35 @@ def validate(cfg: EvalConfig) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device}: no GPU is visible")
     check_model(cfg.model)
-    check_data(cfg.data)
+    if not benchmark:
+        check_data(cfg.data)
     if cfg.image_root is not None and not cfg.image_root.is_dir():
         raise ConfigError(f"image_root={cfg.image_root}: not a folder")
+
+
+def load_collator(cfg: EvalConfig) -> LlavaCollator:
+    """The model folder's processor and config with the collator settings of `cfg`, left-padded."""
+    try:
+        return LlavaCollator(AutoProcessor.from_pretrained(cfg.model), CollatorConfig.from_settings(cfg, padding_side="left"),
+                             AutoConfig.from_pretrained(cfg.model))
+    except OSError as error:
+        raise EvalError(f"model={cfg.model}: cannot load its processor ({error})") from error
+    except ValueError as error:  # e.g. template=chat_template for a checkpoint without one
+        raise ConfigError(f"model={cfg.model}: {error}") from error
 
 
 def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Validate `cfg`, load its model, evaluate it."""
     validate(cfg)
     model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
-    try:
-        collator = LlavaCollator(AutoProcessor.from_pretrained(cfg.model),
-                                 CollatorConfig.from_settings(cfg, padding_side="left"),
-                                 AutoConfig.from_pretrained(cfg.model))
-    except OSError as error:
-        raise EvalError(f"model={cfg.model}: cannot load its processor ({error})") from error
-    except ValueError as error:  # e.g. template=chat_template for a checkpoint without one
-        raise ConfigError(f"model={cfg.model}: {error}") from error
+    collator = load_collator(cfg)
     log.info("evaluating %s (mode %s, template %s, %d visual tokens per image) on %s", cfg.model,
              model.config.mode if isinstance(model, CompressedLlava) else "none", collator.template,
              collator.num_visual_tokens, cfg.data)
     return evaluate(model, collator, read_samples(cfg.data, cfg.image_root), batch_size=cfg.batch_size,
-                    max_new_tokens=cfg.max_new_tokens, max_samples=cfg.max_samples, scorer=SCORERS[cfg.scorer],
-                    progress=progress, image_noise=cfg.image_noise, noise_seed=cfg.noise_seed, tags=cfg.tags)
+                    max_new_tokens=cfg.max_new_tokens or HELDOUT_MAX_NEW_TOKENS, max_samples=cfg.max_samples,
+                    scorer=SCORERS[cfg.scorer], progress=progress, image_noise=cfg.image_noise,
+                    noise_seed=cfg.noise_seed, tags=cfg.tags)
 
 
 def print_result(result: EvalResult) -> None:
@@ -366,8 +395,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--predictions", type=Path, default=None,
                         help="also write every answer (key, question, answer, prediction, correct) as JSON lines")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--task", choices=sorted(BENCHMARKS), default=None,
-                        help="`divico eval score`: the benchmark whose official scorer to apply")
+    parser.add_argument("--task", choices=[HELDOUT, *sorted(BENCHMARKS)], default=None,
+                        help=f"the benchmark to answer (data=its folder in LLaVA's layout; default {HELDOUT}: "
+                             "data= held-out shards or JSON) or, with `divico eval score`, to score")
+    parser.add_argument("--chunk", default=None, metavar="I/N",
+                        help="a benchmark task: answer only chunk I of N (one per GPU) into a part file, unscored")
     parser.add_argument("--annotations", type=Path, default=None,
                         help="`divico eval score`: the benchmark's annotation file or folder (LLaVA's layout)")
     parser.set_defaults(func=command)
@@ -377,9 +409,13 @@ def command(args: argparse.Namespace) -> int:
     """`divico eval`: the exit status; a bad key or a failed load is one logged line, no traceback."""
     if args.overrides[:1] == ["score"]:
         return score_command(args)
-    if args.task or args.annotations:
-        log.error("--task and --annotations: only with `divico eval score` (evaluating a model on a benchmark's "
-                  "files is not there yet)")
+    if args.annotations:
+        log.error("--annotations: only with `divico eval score` (`divico eval --task T` reads them from data=)")
+        return EXIT_BAD_INPUT
+    if args.task not in (None, HELDOUT):
+        return task_command(args)
+    if args.chunk:
+        log.error("--chunk: only with a benchmark --task (%s)", ", ".join(sorted(BENCHMARKS)))
         return EXIT_BAD_INPUT
     try:
         result = main(load_config(args.config, args.overrides, schema=EvalConfig), progress=not args.json)
@@ -401,12 +437,39 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_command(args: argparse.Namespace) -> int:
+    """`divico eval --task T`: answer and score a benchmark (pipeline/eval/tasks.py)."""
+    if args.predictions is None:
+        log.error("--task %s: give --predictions FILE (the answers go there; a rerun resumes it)", args.task)
+        return EXIT_BAD_INPUT
+    try:
+        chunk = parse_chunk(args.chunk) if args.chunk else None
+        summary = run_task(load_config(args.config, args.overrides, schema=EvalConfig), args.task, args.predictions,
+                           chunk=chunk, progress=not args.json)
+    except ConfigError as error:
+        log.error("%s", error)
+        return EXIT_BAD_INPUT
+    except (EvalError, BenchmarkError) as error:
+        log.error("%s", error)
+        return EXIT_FAILURE
+    if args.out:
+        write_text_atomically(args.out, json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_figures(f"{args.task}: {summary['predictions']} (mode {summary['mode']}, tau {summary['tau']}, "
+                      f"{summary['kept']} of {summary['visual_tokens']} visual tokens)",
+                      summary.get("figures") or {k: summary[k] for k in ("questions", "answered_now", "missing")
+                                                 if k in summary})
+    return 0
+
+
 def score_command(args: argparse.Namespace) -> int:
     """`divico eval score`: the exit status; the figures printed as JSON or a table."""
-    extra = [*args.overrides[1:], *args.config, *([str(args.out)] if args.out else [])]
-    if extra or not (args.task and args.annotations and args.predictions):
-        log.error("divico eval score takes --task, --annotations and --predictions (and --json), nothing else%s",
-                  f" (got {extra})" if extra else "")
+    extra = [*args.overrides[1:], *args.config, *([str(args.out)] if args.out else []), *([args.chunk] if args.chunk else [])]
+    if extra or args.task in (None, HELDOUT) or not (args.annotations and args.predictions):
+        log.error("divico eval score takes --task (a benchmark), --annotations and --predictions (and --json), "
+                  "nothing else%s", f" (got {extra})" if extra else "")
         return EXIT_BAD_INPUT
     try:
         figures = benchmark(args.task).score(read_predictions(args.predictions), args.annotations)
@@ -415,17 +478,21 @@ def score_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.json:
         print(json.dumps(figures))
-        return 0
+    else:
+        print_figures(f"{args.task}: {args.predictions} against {args.annotations}", figures)
+    return 0
+
+
+def print_figures(title: str, figures: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.task}: {args.predictions} against {args.annotations}")
+    table = Table(title=title)
     table.add_column("figure")
     table.add_column("value", justify="right")
     for name, value in _flat(figures).items():
         table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
-    return 0
 
 
 def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

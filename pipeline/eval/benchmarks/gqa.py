@@ -13,7 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+
+QUESTIONS = "llava_gqa_testdev_balanced.jsonl"
+IMAGES = "data/images"
+ANNOTATIONS = "data/testdev_balanced_questions.json"
+MAX_NEW_TOKENS = 128
+
+
+def questions(folder: Path) -> list[Question]:
+    return read_question_lines(folder / QUESTIONS, folder / IMAGES)
 
 
 def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any]:

@@ -29,8 +29,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError
+from pipeline.eval.benchmarks import BenchmarkError, Question
 
+ANNOTATIONS = "mmbench_dev_20230712.tsv"  # questions, options, answers and base64 images in one file
+MAX_NEW_TOKENS = 1024  # LLaVA's model_vqa_mmbench.py
+ANSWER_WITH_LETTER = "\nAnswer with the option's letter from the given choices directly."
 CIRCULAR = 1_000_000
 LETTERS = "ABCD"
 FORMS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","),
@@ -47,6 +50,25 @@ def options(row: dict[str, str]) -> dict[str, str]:
             break
         found[letter] = text
     return found
+
+
+def questions(folder: Path) -> list[Question]:
+    """Every row (circular copies included) asked as LLaVA's model_vqa_mmbench.py asks it with
+    --single-pred-prompt: [hint + "\n"] + question + "\nA. option" ... + the letter instruction;
+    the recorded prompt is without the instruction, as LLaVA records it."""
+    path = folder / ANNOTATIONS
+    asked = []
+    for index, row in read_rows(path).items():
+        if not (row.get("image") or "").strip():
+            raise BenchmarkError(f"{path}: the row of index {index} has no image")
+        hint = row.get("hint") or ""
+        prompt = (hint + "\n" if hint.strip().lower() not in ("", "nan", "none") else "") + row["question"]
+        prompt += "".join(f"\n{letter}. {text}" for letter, text in options(row).items())
+        asked.append(Question(question_id=index, text=prompt + ANSWER_WITH_LETTER, prompt=prompt,
+                              image=row["image"].strip(), category=row["category"]))
+    if not asked:
+        raise BenchmarkError(f"{path}: no rows")
+    return asked
 
 
 def letter_given(prediction: str, choices: dict[str, str]) -> str | None:

@@ -23,13 +23,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+
+QUESTIONS = "llava_mme.jsonl"  # in MME/, beside the release folder
+ANNOTATIONS = "MME_Benchmark_release_version"  # also where the images are
+MAX_NEW_TOKENS = 128
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 YES_NO = " Please answer yes or no."
+
+
+def questions(folder: Path) -> list[Question]:
+    return read_question_lines(folder / QUESTIONS, folder / ANNOTATIONS)
 
 
 def parse(answer: str) -> str:

@@ -20,11 +20,18 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError, read_json_lines
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_json_lines, read_question_lines
 
 SPLITS = ("adversarial", "popular", "random")
 QUESTIONS_FILE = "llava_pope_test.jsonl"
+IMAGES = "val2014"  # COCO val2014
+ANNOTATIONS = "."  # the folder itself: coco/ and the question file
+MAX_NEW_TOKENS = 128
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def questions(folder: Path) -> list[Question]:
+    return read_question_lines(folder / QUESTIONS_FILE, folder / IMAGES)
 
 
 def yes_or_no(text: str) -> str:

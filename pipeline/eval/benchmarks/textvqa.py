@@ -25,7 +25,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+
+QUESTIONS = "llava_textvqa_val_v051_ocr.jsonl"  # the question, its OCR tokens, the short-answer instruction
+IMAGES = "train_images"  # TextVQA's val images ship in train_val_images.zip
+ANNOTATIONS = "TextVQA_0.5.1_val.json"
+MAX_NEW_TOKENS = 128
 
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -60,6 +65,10 @@ def _contractions() -> dict[str, str]:
 
 
 CONTRACTIONS = _contractions()
+
+
+def questions(folder: Path) -> list[Question]:
+    return read_question_lines(folder / QUESTIONS, folder / IMAGES)
 
 
 def normalize(answer: str) -> str:

@@ -1,0 +1,116 @@
+"""`divico eval --task T`: a model answers a benchmark's questions as LLaVA's evaluation scripts
+ask them, into a resumable predictions file (pipeline/eval/predictions.py), and the benchmark's
+official scorer (pipeline/eval/benchmarks/) scores that file.
+
+    divico eval --task textvqa|pope|mme|mmbench|gqa model=DIR data=FOLDER --predictions FILE
+                [--chunk I/N] [--out SUMMARY.json] [--json] [key=value ...]
+
+FOLDER is the benchmark's folder in LLaVA's evaluation layout (./playground/data/eval/<name>;
+for MME, its MME/ folder). Its question file and images (or MMBench's TSV) and its annotations
+are read and checked before any model loads. Each question is asked as "<image>\\n" + its text
+in the model's template (vicuna_v1 for LLaVA-1.5), answered greedily (temperature 0) with
+LLaVA's limit on new tokens (max_new_tokens= overrides it), in left-padded batches through the
+compressed KV cache. Each row of FILE: question_id, prompt, text (LLaVA's answers format) and
+model_id, mode, tau, kept (the visual tokens kept per image), image_noise (eval's image_noise=),
+metadata. A rerun with other such values is refused: give another FILE.
+
+--chunk I/N answers the I-th of N contiguous chunks of the questions into FILE's part I of N and
+does not score (one process per GPU, e.g. a SLURM array); a later run without --chunk merges
+the parts, answers whatever they lack, and scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.contract import IMAGE_TOKEN
+from pipeline.data.loader import Sample
+from pipeline.eval.benchmarks import BenchmarkError, Question, benchmark
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.generate import answer_batches
+from pipeline.eval.predictions import (answered, appending, chunk_of, part_path, read_rows, unanswered,
+                                        write_in_order)
+from pipeline.model.divico import kept_count
+
+log = logging.getLogger(__name__)
+
+HELDOUT = "heldout"  # the task of `divico eval` without a benchmark: answer accuracy on held-out samples
+
+
+def as_sample(question: Question) -> Sample:
+    """The question as a one-turn conversation, its image decoded now (one batch at a time)."""
+    return Sample(key=str(question.question_id), image=question.load_image(),
+                  conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{question.text}"},
+                                 {"from": "gpt", "value": ""}],
+                  meta={"question": question})
+
+
+def read_benchmark(task: str, folder: Path) -> tuple[list[Question], Path]:
+    """The benchmark's questions and annotations path; ConfigError naming what is missing or malformed."""
+    module = benchmark(task)
+    if not folder.is_dir():
+        raise ConfigError(f"data={folder}: not a folder (the {task} folder of LLaVA's evaluation layout)")
+    annotations = folder / module.ANNOTATIONS
+    if not annotations.exists():
+        raise ConfigError(f"{annotations}: not found ({task} scores against it)")
+    try:
+        return module.questions(folder), annotations
+    except BenchmarkError as error:
+        raise ConfigError(str(error)) from error
+
+
+def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int, int] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Answer the questions of `task` not yet in `predictions`, then score them (unless `chunk`).
+    Returns the summary: the run's settings, counts, throughput and the official figures."""
+    from pipeline.eval.main import load_collator, load_model, model_settings, noisy_images, validate
+
+    validate(cfg, benchmark=True)
+    module = benchmark(task)
+    questions, annotations = read_benchmark(task, cfg.data)
+    settings = model_settings(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed)
+    collator = load_collator(cfg)
+    visual = collator.num_visual_tokens
+    compresses = settings is not None and settings.compresses
+    run = {"model_id": cfg.model.name, "mode": settings.mode if settings else "none",
+           "tau": settings.tau if compresses else None, "kept": kept_count(visual, settings.tau) if compresses else visual,
+           "image_noise": cfg.image_noise}
+    mine = chunk_of(questions, *chunk) if chunk else questions
+    path = part_path(predictions, *chunk) if chunk else predictions
+    done = answered(path, questions, run, parts=chunk is None)
+    todo = unanswered(mine, done)
+    log.info("%s: %d questions%s, %d answered before; mode %s, tau %s, %d of %d visual tokens kept", task, len(mine),
+             f" (chunk {chunk[0]} of {chunk[1]})" if chunk else "", len(mine) - len(todo), run["mode"], run["tau"],
+             run["kept"], visual)
+    todo = todo[:cfg.max_samples]  # None: all
+    seconds, generated = 0.0, 0
+    if todo:
+        model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
+        with appending(path) as append, noisy_images(model, cfg.image_noise, cfg.noise_seed):
+            for batch in answer_batches(model, collator, map(as_sample, todo), batch_size=cfg.batch_size,
+                                        max_new_tokens=cfg.max_new_tokens or module.MAX_NEW_TOKENS,
+                                        progress=progress, total=len(todo)):
+                rows = [{"question_id": sample.meta["question"].question_id, "prompt": sample.meta["question"].prompt,
+                         "text": text, **run, "metadata": {}} for sample, text in zip(batch.samples, batch.texts)]
+                append(rows)
+                for row in rows:
+                    done[row["question_id"], row["prompt"]].append(row)
+                seconds += batch.seconds
+                generated += batch.generated_tokens
+    summary = {"task": task, "model": str(cfg.model), **{k: v for k, v in run.items() if k != "model_id"},
+               "visual_tokens": visual, "questions": len(mine), "answered_now": len(todo),
+               "seconds": seconds, "generated_tokens": generated, "predictions": str(path), "tags": dict(cfg.tags)}
+    missing = len(unanswered(mine, done))
+    if missing:
+        summary["missing"] = missing
+        return summary
+    write_in_order(path, mine, done)
+    if chunk is None:
+        try:
+            summary["figures"] = module.score(read_rows(path, cut_torn_tail=False), annotations)
+        except BenchmarkError as error:
+            raise ConfigError(f"scoring {path}: {error}") from error
+    return summary
