@@ -17,7 +17,10 @@ import pytest
 import benchmark_layouts
 from pipeline.cli import main as divico
 from pipeline.eval.benchmarks import BenchmarkError, benchmark, read_predictions
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.main import load_collator
 from pipeline.eval.predictions import chunk_of, read_rows
+from pipeline.eval.tasks import BENCHMARK_TEMPLATE, as_sample
 
 EVAL = ["max_new_tokens=3", "device=cpu", "model_max_length=512"]
 
@@ -57,7 +60,15 @@ def test_each_benchmark_is_answered_into_llava_answers_and_scored(task, folders,
     assert again["answered_now"] == 0 and again["figures"] == summary["figures"] and predictions.read_bytes() == before
 
 
-def test_questions_are_asked_as_llava_asks_them(folders):
+def test_questions_are_asked_as_llava_asks_them(folders, tiny_llava_dir):
+    collator = load_collator(EvalConfig(model=tiny_llava_dir, data=folders["pope"], template=BENCHMARK_TEMPLATE))
+    question = benchmark("pope").questions(folders["pope"])[0]
+    batch = collator.prompts([as_sample(question)])
+    prompt = collator.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert prompt == ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                      "helpful, detailed, and polite answers to the user's questions. USER: "
+                      + "<image>" * collator.num_visual_tokens + "\nIs there a dog in the image?\nAnswer the question "
+                      "using a single word or phrase. ASSISTANT:")
     mmbench = {q.question_id: q for q in benchmark("mmbench").questions(folders["mmbench"])}
     assert mmbench[1].prompt == "Look at the sky.\nIs it raining?\nA. yes\nB. no"
     assert mmbench[1].text == mmbench[1].prompt + "\nAnswer with the option's letter from the given choices directly."

@@ -8,9 +8,9 @@ official scorer (pipeline/eval/benchmarks/) scores that file.
 FOLDER is the benchmark's folder in LLaVA's evaluation layout (./playground/data/eval/<name>;
 for MME, its MME/ folder). Its question file and images (or MMBench's TSV) and its annotations
 are read and checked before any model loads. Each question is asked as "<image>\\n" + its text
-in the model's template (vicuna_v1 for LLaVA-1.5), answered greedily (temperature 0) with
-LLaVA's limit on new tokens (max_new_tokens= overrides it), in left-padded batches through the
-compressed KV cache. Each row of FILE: question_id, prompt, text (LLaVA's answers format) and
+in LLaVA's vicuna_v1 template, system prompt included (template= overrides it), answered
+greedily (temperature 0) with LLaVA's limit on new tokens (max_new_tokens= overrides it), in
+left-padded batches through the compressed KV cache. Each row of FILE: question_id, prompt, text (LLaVA's answers format) and
 model_id, mode, tau, kept (the visual tokens kept per image), image_noise (eval's image_noise=),
 metadata. A rerun with other such values is refused: give another FILE.
 
@@ -22,6 +22,7 @@ the parts, answers whatever they lack, and scores.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from pipeline.model.divico import kept_count
 
 log = logging.getLogger(__name__)
 
+BENCHMARK_TEMPLATE = "vicuna_v1"
 HELDOUT = "heldout"  # the task of `divico eval` without a benchmark: answer accuracy on held-out samples
 
 
@@ -68,6 +70,8 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     Returns the summary: the run's settings, counts, throughput and the official figures."""
     from pipeline.eval.main import load_collator, load_model, model_settings, noisy_images, validate
 
+    if cfg.template == "auto":  # LLaVA's scripts ask every benchmark in vicuna_v1, its system prompt included
+        cfg = replace(cfg, template=BENCHMARK_TEMPLATE)
     validate(cfg, benchmark=True)
     module = benchmark(task)
     questions, annotations = read_benchmark(task, cfg.data)
