@@ -8,6 +8,7 @@
     divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
     divico launch {local,slurm,status}       launch/
     divico bench {prep,loader,model,train,accuracy}   measured figures, printed
+    divico report efficiency                 pipeline/report/: the efficiency report of any model
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("pipeline.bench.train", "add_parser"),
         ("pipeline.bench.accuracy", "add_parser"),
     ]),
+    "report": ("reports on trained models: efficiency per mode and tau", [
+        ("pipeline.report.efficiency", "add_parser"),
+    ]),
 }
 # Commands whose parser is a group: the components add leaves to it.
-GROUPS = ("prep", "bench", "model", "checkpoint")
+GROUPS = ("prep", "bench", "model", "checkpoint", "report")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -41,7 +41,10 @@ import statistics
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -101,7 +104,7 @@ def build_inputs(cfg: ModelBenchConfig, model: LlavaForConditionalGeneration) ->
     return {"input_ids": input_ids, "image_features": features.to(cfg.device, getattr(torch, cfg.dtype))}
 
 
-class _PeakTensorBytes(TorchDispatchMode):
+class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages allocated inside the block and still alive: a
     CPU stand-in for torch.cuda.max_memory_allocated (views and in-place results are
     not new allocations and are skipped)."""
@@ -147,52 +150,56 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _round_robin_medians(fns: list, cfg: ModelBenchConfig) -> list[float]:
+def round_robin_medians(fns: list, *, warmup: int, repeats: int, device: str) -> list[float]:
     """Median wall time (ms) of each function, the repeats interleaved across functions so
     that load from other processes on a shared machine falls on all of them alike."""
-    for _ in range(cfg.warmup):
+    for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(cfg.repeats):
+    for _ in range(repeats):
         for fn, record in zip(fns, times):
-            _sync(cfg.device)
+            _sync(device)
             started = time.perf_counter()
             fn()
-            _sync(cfg.device)
+            _sync(device)
             record.append((time.perf_counter() - started) * 1e3)
     return [statistics.median(record) for record in times]
 
 
-def _prefill(wrapper: CompressedLlava, inputs: dict):
+def prefill(wrapper: CompressedLlava, inputs: dict):
+    """The prefill that starts generation: the KV cache filled, logits for the last position."""
     cache = DynamicCache(config=wrapper.decoder.config)
     return wrapper(inputs["input_ids"], image_features=inputs["image_features"], past_key_values=cache,
                    logits_to_keep=1)
 
 
-def _count_flops(model: LlavaForConditionalGeneration, wrapper: CompressedLlava, inputs: dict) -> int:
+def count_flops(model: LlavaForConditionalGeneration, fn: Callable[[], Any]) -> int:
+    """FLOPs torch's FlopCounterMode counts in `fn()`, run with eager attention (whose matmuls it
+    counts on every device)."""
     model.set_attn_implementation("eager")
     try:
         counter = FlopCounterMode(display=False)
         with counter:
-            _prefill(wrapper, inputs)
+            fn()
         return counter.get_total_flops()
     finally:
         model.set_attn_implementation("sdpa")
 
 
-def _peak_mib(wrapper: CompressedLlava, inputs: dict, device: str) -> float:
+def peak_mib(fn: Callable[[], Any], device: str) -> float:
+    """Peak memory (MiB) of the tensors `fn()` allocates, weights and inputs excluded."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _prefill(wrapper, inputs)
+        fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    tracker = _PeakTensorBytes()
+    tracker = PeakTensorBytes()
     with tracker:
-        _prefill(wrapper, inputs)
+        fn()
     return tracker.peak / 2**20
 
 
@@ -267,10 +274,11 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
         # one decoder layer at the full and at each compressed length, for the layer floor.
         short = {tau: compressed_length(num_tokens, cfg.visual_tokens, tau) for tau in TAUS}
         lengths = [num_tokens, *short.values()]
-        prefills = [lambda w=w: _prefill(w, inputs) for w in wrappers]
+        prefills = [lambda w=w: prefill(w, inputs) for w in wrappers]
         overheads = [_overhead_step(w, inputs, cfg) for w in wrappers[1:]]
         layer_steps = [_layer_step(model, cfg, n) for n in lengths]
-        medians = _round_robin_medians(prefills + overheads + layer_steps, cfg)
+        medians = round_robin_medians(prefills + overheads + layer_steps, warmup=cfg.warmup, repeats=cfg.repeats,
+                                      device=cfg.device)
         prefill_ms, medians = medians[:len(prefills)], medians[len(prefills):]
         overhead_ms = [0.0] + medians[:len(overheads)]  # `none` adds nothing
         layer_ms = dict(zip(lengths, medians[len(overheads):]))
@@ -279,8 +287,9 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
             kept_length = short[tau] if mode != "none" else num_tokens
             layer_floor = (cfg.layer * layer_ms[num_tokens] + (cfg.layers - cfg.layer) * layer_ms[kept_length]) / (
                 cfg.layers * layer_ms[num_tokens])
-            runs.append({"mode": mode, "tau": tau, "flops": _count_flops(model, wrapper, inputs), "prefill_ms": ms,
-                         "peak_mem_mib": _peak_mib(wrapper, inputs, cfg.device),
+            step = partial(prefill, wrapper, inputs)
+            runs.append({"mode": mode, "tau": tau, "flops": count_flops(model, step), "prefill_ms": ms,
+                         "peak_mem_mib": peak_mib(step, cfg.device),
                          "overhead_share": extra_ms / ms, "layer_floor_ratio": layer_floor,
                          "theory_flops_ratio": geometry_ratio[tau] if mode != "none" else 1.0})
     base = runs[0]

@@ -262,7 +262,7 @@ def _tau_text(tau: float | None) -> str:
     return "no compression" if tau is None else f"tau {100 * tau:.1f}%"
 
 
-def _table(head: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body), ""]
 
 
@@ -286,7 +286,7 @@ def _accuracy_table(rows: list[dict[str, Any]], condition: str, kind: str | None
             line.append(text)
         body.append(line)
     title = f"### Accuracy, {condition}" + ("" if kind is None else f", question kind {kind}")
-    return [title, "", *_table(["method", *(f"{_tau_text(t)} ({kept[t]} kept)" for t in taus)], body)]
+    return [title, "", *markdown_table(["method", *(f"{_tau_text(t)} ({kept[t]} kept)" for t in taus)], body)]
 
 
 def _comparison_table(cells: list[Cell], first: str, second: str) -> list[str]:
@@ -304,7 +304,7 @@ def _comparison_table(cells: list[Cell], first: str, second: str) -> list[str]:
              f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]", "yes" if d.low > 0 or d.high < 0 else "no",
              "yes" if abs(d.difference) > 2 * d.standard_error else "no", f"{d.seeds} x {d.questions}"]
             for tau, d in found]
-    return [*title, *_table(["tau", "difference", "bootstrap s.e.", "95% interval", "interval excludes 0",
+    return [*title, *markdown_table(["tau", "difference", "bootstrap s.e.", "95% interval", "interval excludes 0",
                              "beyond 2 s.e.", "pairs x questions"], body)]
 
 
@@ -315,7 +315,7 @@ def _noise_table(drops: list[dict[str, Any]]) -> list[str]:
     body = [[d["method"], _tau_text(d["tau"]), f"{100 * d['clean']:.1f}", f"{100 * d['noise']:.1f}",
              f"{100 * d['drop']:+.1f} ± {100 * d['se']:.1f}", f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
              "—" if d["relative_drop"] is None else f"{100 * d['relative_drop']:.1f}%"] for d in drops]
-    return [*title, *_table(["method", "tau", "clean", "noise", "drop ± s.e.", "95% interval", "relative drop"], body)]
+    return [*title, *markdown_table(["method", "tau", "clean", "noise", "drop ± s.e.", "95% interval", "relative drop"], body)]
 
 
 def _counts(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,59 @@
+"""`divico report efficiency` on the tiny LLaVA and on LLaVA-1.5-7B's geometry at a small width:
+every figure present and the counted ones consistent with the analytic ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main as divico
+from pipeline.model.flops import compressed_length
+
+
+def run_divico(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        divico(args)
+    return exit_.value.code
+
+
+def test_efficiency_report_of_a_model_folder(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_divico(["report", "efficiency", "--model", str(tiny_llava_dir), "--modes", "none", "fastv", "divico",
+                       "--taus", "0.111", "--batch", "1", "2", "--repeats", "1", "--warmup", "0",
+                       "--answer-tokens", "3", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "efficiency.json").read_text()) == report
+    assert (out / "efficiency.csv").read_text().count("\n") == 1 + len(report["rows"])
+    assert "| batch | mode | tau | kept |" in (out / "efficiency.md").read_text()
+    rows = {(r["batch"], r["mode"]): r for r in report["rows"]}
+    assert sorted(rows) == [(1, "divico"), (1, "fastv"), (1, "none"), (2, "divico"), (2, "fastv"), (2, "none")]
+    layers, tokens = report["setup"]["layers"], report["setup"]["tokens"]
+    for (batch, mode), row in rows.items():
+        assert abs(row["flops_gap"]) < 0.01  # the analytic count is what torch counts
+        assert row["prefill_ms"] > 0 and row["answer_ms"] > 0 and row["peak_mem_mib"] > 0
+        assert row["flops"] == pytest.approx(batch * rows[1, mode]["flops"])
+        if mode != "none":  # the cache holds the full prompt below K, the compressed one from K on
+            short = compressed_length(tokens, row["visual_tokens"], 0.111)
+            k = row["layer"]
+            assert row["kept"] == round(0.111 * row["visual_tokens"])
+            assert row["kv_cache_mib_ratio"] == pytest.approx((k * tokens + (layers - k) * short) / (layers * tokens))
+            assert row["flops_ratio"] < 1
+    assert rows[2, "none"]["kv_cache_mib"] == pytest.approx(2 * rows[1, "none"]["kv_cache_mib"])
+
+
+def test_efficiency_report_on_llava_7b_geometry(capsys):
+    assert run_divico(["report", "efficiency", "--model", "llava-7b", "--width", "128", "--modes", "none", "moe",
+                       "--taus", "0.0667", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                       "--answer-tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setup"]["layers"] == 32 and report["setup"]["tokens"] == 40 + 576 + 60
+    moe = next(r for r in report["rows"] if r["mode"] == "moe")
+    assert moe["kept"] == 38 and abs(moe["flops_gap"]) < 0.01 and moe["flops_ratio"] < 0.2
+
+
+def test_bad_arguments_exit_2(tmp_path, caplog):
+    assert run_divico(["report", "efficiency", "--model", str(tmp_path), "--repeats", "1"]) == 2
+    assert "not a model folder (no config.json)" in caplog.text
+    assert run_divico(["report", "efficiency", "--modes", "none", "fast"]) == 2 and "--modes none fast" in caplog.text
+    assert run_divico(["report", "efficiency", "--taus", "1.5"]) == 2 and "each must be in (0, 1]" in caplog.text
