@@ -8,7 +8,7 @@
     divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
     divico launch {local,slurm,status}       launch/
     divico bench {prep,loader,model,train,accuracy}   measured figures, printed
-    divico report efficiency                 pipeline/report/: the efficiency report of any model
+    divico report {efficiency,accuracy}      pipeline/report/: a model's efficiency; accuracy against tau
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("pipeline.bench.train", "add_parser"),
         ("pipeline.bench.accuracy", "add_parser"),
     ]),
-    "report": ("reports on trained models: efficiency per mode and tau", [
+    "report": ("reports on trained models: efficiency per mode and tau, accuracy against tau", [
         ("pipeline.report.efficiency", "add_parser"),
+        ("pipeline.report.accuracy", "add_parser"),
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.

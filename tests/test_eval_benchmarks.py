@@ -114,7 +114,8 @@ def test_gqa_scores_balanced_questions_by_exact_match(tmp_path):
     predictions = [{"question_id": "q1", "text": "Dog."}, {"question_id": "q2", "text": "Yes"},
                    {"question_id": "q3", "text": "blue"}]
     figures = gqa.score(predictions, path)
-    assert figures == {"accuracy": pytest.approx(200 / 3), "binary": 100.0, "open": 50.0}
+    assert figures == {"accuracy": pytest.approx(200 / 3), "binary": 100.0, "open": 50.0, "questions": 3,
+                       "se": pytest.approx(100 * (1 / 3) ** 0.5 / 3 ** 0.5)}  # sample s.d. of (1, 1, 0): 1/sqrt(3)
     with pytest.raises(BenchmarkError, match="balanced question 'q3' has no prediction"):
         gqa.score(predictions[:2], path)
 
@@ -156,7 +157,8 @@ def test_textvqa_scores_leave_one_out_vqa_accuracy(tmp_path):
         {"question_id": "003a8ae2ef43b901", "prompt": "What animal is it?\nReference OCR token: " + suffix, "text": "Dog"},
         {"question_id": "00685bc495504d61", "prompt": "What is written?\nReference OCR token: stop, sign" + suffix,
          "text": "STOP"}]
-    assert textvqa.score(predictions, path) == {"accuracy": pytest.approx(95.0), "questions": 2}
+    assert textvqa.score(predictions, path) == {"accuracy": pytest.approx(95.0), "questions": 2,
+                                                "se": pytest.approx(5.0)}  # s.d. of (0.9, 1) / sqrt(2)
     assert textvqa.question_of("OCR tokens: a, b Question: Why? Short answer:") == "Why?"
     assert textvqa.question_of("Reference OCR token: a\nWhy?" + suffix) == "Why?"
     with pytest.raises(BenchmarkError, match=r"no question 'what is this\?' for image '003a8ae2ef43b901'"):
@@ -197,7 +199,7 @@ def test_mmbench_circular_evaluation(tmp_path):
     answers = {0: "B", 1000000: "A", 2000000: "The answer is (D).", 3000000: "a dog", 1: "A",
                1000001: "I would say A because of the sky"}  # the last: no letter, no option text: wrong
     figures = mmbench.score([{"question_id": i, "text": t} for i, t in answers.items()], path)
-    assert figures == {"accuracy": 50.0, "questions": 2, "rows": 6, "unresolved": 1,
+    assert figures == {"accuracy": 50.0, "se": pytest.approx(50.0), "questions": 2, "rows": 6, "unresolved": 1,
                        "category": {"attribute": 100.0, "existence": 0.0},
                        "l2-category": {"coarse": 0.0, "finegrained": 100.0}}
     # One wrong circular copy fails its whole question.

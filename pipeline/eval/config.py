@@ -24,6 +24,7 @@ from omegaconf import MISSING
 from pipeline.data.settings import CollatorSettings
 
 
+HELDOUT = "heldout"  # the task of `divico eval` without a benchmark: answer accuracy on held-out samples
 HELDOUT_MAX_NEW_TOKENS = 8  # the held-out answers are a word or two
 
 

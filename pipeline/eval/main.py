@@ -64,12 +64,12 @@ from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
 from pipeline.durable import write_text_atomically
 from pipeline.eval.benchmarks import BENCHMARKS, BenchmarkError, benchmark, read_predictions
-from pipeline.eval.config import HELDOUT_MAX_NEW_TOKENS, EvalConfig, EvalError
+from pipeline.eval.config import HELDOUT, HELDOUT_MAX_NEW_TOKENS, EvalConfig, EvalError
 from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
 from pipeline.eval.predictions import parse_chunk
 from pipeline.eval.score import SCORERS, Scorer, exact_match, score
-from pipeline.eval.tasks import HELDOUT, run_task
+from pipeline.eval.tasks import run_task
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import image_seed, kept_count
 from pipeline.model.settings import DiViCoConfig

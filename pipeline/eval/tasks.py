@@ -39,7 +39,6 @@ from pipeline.model.divico import kept_count
 log = logging.getLogger(__name__)
 
 BENCHMARK_TEMPLATE = "vicuna_v1"
-HELDOUT = "heldout"  # the task of `divico eval` without a benchmark: answer accuracy on held-out samples
 
 
 def as_sample(question: Question) -> Sample:

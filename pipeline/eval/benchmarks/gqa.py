@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines, standard_error
 
 QUESTIONS = "llava_gqa_testdev_balanced.jsonl"
 IMAGES = "data/images"
@@ -44,5 +44,5 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
     every = right["binary"] + right["open"]
     if not every:
         raise BenchmarkError(f"{annotations}: no balanced questions")
-    return {"accuracy": 100 * sum(every) / len(every),
+    return {"accuracy": 100 * sum(every) / len(every), "se": standard_error(every), "questions": len(every),
             **{kind: 100 * sum(values) / len(values) for kind, values in right.items() if values}}

@@ -97,4 +97,5 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
         categories[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
     return {"perception": sum(categories[c]["score"] for c in PERCEPTION if c in categories),
             "cognition": sum(categories[c]["score"] for c in COGNITION if c in categories),
-            "categories": categories, "missing": [c for c in PERCEPTION + COGNITION if c not in categories]}
+            "categories": categories, "missing": [c for c in PERCEPTION + COGNITION if c not in categories],
+            "questions": 2 * sum(len(images) for images in by_category.values())}

@@ -69,4 +69,5 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
                                  f"category {split!r}")
         results[split] = split_metrics(answers, labels)
     results.update({metric: statistics.fmean(results[split][metric] for split in SPLITS) for metric in METRICS})
+    results["questions"] = len(predictions)
     return results
