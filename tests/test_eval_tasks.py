@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import benchmark_layouts
 from pipeline.cli import main as divico
@@ -21,6 +22,7 @@ from pipeline.eval.config import EvalConfig
 from pipeline.eval.main import load_collator
 from pipeline.eval.predictions import chunk_of, read_rows
 from pipeline.eval.tasks import BENCHMARK_TEMPLATE, as_sample
+from pipeline.report.accuracy import HEADLINES
 
 EVAL = ["max_new_tokens=3", "device=cpu", "model_max_length=512"]
 
@@ -41,7 +43,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def test_each_benchmark_is_answered_into_llava_answers_and_scored(task, folders, tiny_llava_dir, tmp_path, capsys):
     predictions, out = tmp_path / "answers.jsonl", tmp_path / "summary.json"
     args = ["eval", "--task", task, f"model={tiny_llava_dir}", f"data={folders[task]}", "mode=fastv", "tau=0.111",
-            "batch_size=3", *EVAL, "--predictions", str(predictions), "--out", str(out), "--json"]
+            "batch_size=3", *EVAL, f"tensorboard={tmp_path / 'tb'}", "--predictions", str(predictions),
+            "--out", str(out), "--json"]
     assert run_divico(args) == 0
     summary = json.loads(capsys.readouterr().out)
     questions = benchmark(task).questions(folders[task])
@@ -53,6 +56,11 @@ def test_each_benchmark_is_answered_into_llava_answers_and_scored(task, folders,
     annotations = folders[task] / benchmark(task).ANNOTATIONS
     assert summary["figures"] == benchmark(task).score(read_predictions(predictions), annotations)
     assert json.loads(out.read_text()) == summary
+    # The figures in TensorBoard: eval/<task>/<figure>, the headline among them.
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    headline, scale, _ = HEADLINES[task]
+    assert events.Scalars(f"eval/{task}/{headline}")[0].value == pytest.approx(summary["figures"][headline], rel=1e-6)
     # Rerun: nothing left to answer, no model loaded, the same file and figures.
     before = predictions.read_bytes()
     assert run_divico(args) == 0

@@ -46,6 +46,11 @@ def test_the_table_joins_benchmarks_by_method_and_tau(tmp_path, capsys):
     assert "| moe | 11.1% | 64 |  | 60.0 ± 4.9 |" in table
     assert (out / "accuracy.csv").read_text().count("\n") == 6 and (out / "accuracy.png").stat().st_size > 1000
     assert table.strip() in capsys.readouterr().out
+    # A folder stands for every summary below it.
+    (tmp_path / "more").mkdir()
+    write(tmp_path / "more" / "fastv-tau111.json", heldout(0.55, "fastv", 0.1111111))
+    assert run_divico(["report", "accuracy", str(tmp_path / "more"), *map(str, files), "--out", str(out)]) == 0
+    assert "| fastv | 11.1% | 64 |  | 55.0 ± 5.0 |" in (out / "accuracy.md").read_text()
 
 
 def test_ambiguous_or_partial_summaries_exit_2(tmp_path, caplog):

@@ -55,3 +55,6 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     # Copied verbatim into the summary (nothing else reads them). Values given as key=value are
     # parsed as YAML first: quote one that must keep its spelling, e.g. tags.run="'007'".
     tags: dict[str, str] = field(default_factory=dict)
+    # A TensorBoard run folder: the figures as eval/<task>/<figure> with an hparams entry (task,
+    # method, mode, tau, kept), so the evaluations of a sweep compare in one hparams view.
+    tensorboard: Path | None = None

@@ -418,13 +418,17 @@ def command(args: argparse.Namespace) -> int:
         log.error("--chunk: only with a benchmark --task (%s)", ", ".join(sorted(BENCHMARKS)))
         return EXIT_BAD_INPUT
     try:
-        result = main(load_config(args.config, args.overrides, schema=EvalConfig), progress=not args.json)
+        cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+        result = main(cfg, progress=not args.json)
     except ConfigError as error:
         log.error("%s", error)
         return EXIT_BAD_INPUT
     except EvalError as error:
         log.error("%s", error)
         return EXIT_FAILURE
+    if cfg.tensorboard:
+        log_scores(cfg.tensorboard, HELDOUT, {"accuracy": result.accuracy, "chance": result.chance},
+                   {"mode": result.mode, "tau": result.tau, "kept": result.visual_tokens_kept, **result.tags})
     if args.predictions:
         args.predictions.parent.mkdir(parents=True, exist_ok=True)
         args.predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
@@ -444,14 +448,17 @@ def task_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         chunk = parse_chunk(args.chunk) if args.chunk else None
-        summary = run_task(load_config(args.config, args.overrides, schema=EvalConfig), args.task, args.predictions,
-                           chunk=chunk, progress=not args.json)
+        cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+        summary = run_task(cfg, args.task, args.predictions, chunk=chunk, progress=not args.json)
     except ConfigError as error:
         log.error("%s", error)
         return EXIT_BAD_INPUT
     except (EvalError, BenchmarkError) as error:
         log.error("%s", error)
         return EXIT_FAILURE
+    if cfg.tensorboard and "figures" in summary:
+        log_scores(cfg.tensorboard, args.task, summary["figures"],
+                   {k: summary[k] for k in ("mode", "tau", "kept")} | summary["tags"])
     if args.out:
         write_text_atomically(args.out, json.dumps(summary, indent=2) + "\n")
     if args.json:
@@ -481,6 +488,18 @@ def score_command(args: argparse.Namespace) -> int:
     else:
         print_figures(f"{args.task}: {args.predictions} against {args.annotations}", figures)
     return 0
+
+
+def log_scores(run_dir: Path, task: str, figures: dict[str, Any], hparams: dict[str, Any]) -> None:
+    """Every number in `figures` as eval/<task>/<name> (nested names joined by /) at step 0, with
+    an hparams entry of `hparams` + the task, in the TensorBoard run at `run_dir`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    scalars = {f"eval/{task}/{name}": float(value) for name, value in _flat(figures).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    with SummaryWriter(str(run_dir)) as writer:  # add_hparams writes the scalars too
+        writer.add_hparams({"task": task, **{k: v for k, v in hparams.items() if v is not None}}, scalars,
+                           run_name=".")
 
 
 def print_figures(title: str, figures: dict[str, Any]) -> None:

@@ -1,9 +1,9 @@
 """`divico report accuracy`: evaluation summaries joined into the accuracy-vs-tau table (the
 paper's Table I, for the methods evaluated) and a plot, one panel per benchmark.
 
-    divico report accuracy SUMMARY.json [...] --out DIR
+    divico report accuracy SUMMARY.json|FOLDER [...] --out DIR
 
-Each SUMMARY is what `divico eval --out` writes: a benchmark's (`--task T`: its official
+Each SUMMARY (or every *.json in a FOLDER, recursively) is what `divico eval --out` writes: a benchmark's (`--task T`: its official
 figures) or a held-out set's. Per file: the benchmark, the method, tau and the headline figure
 with its standard error and question count:
 
@@ -71,8 +71,10 @@ def read_result(path: Path) -> dict[str, Any]:
 
 
 def read_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of the summaries `paths` names: files, or folders of them (every *.json below)."""
     rows, seen = [], {}
-    for path in paths:
+    files = [file for path in paths for file in (sorted(path.rglob("*.json")) if path.is_dir() else [path])]
+    for path in files:
         row = read_result(path)
         key = (row["task"], row["method"], None if row["tau"] is None else round(row["tau"], 6))
         if key in seen:
@@ -153,7 +155,7 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("accuracy", help="evaluation summaries -> the accuracy-vs-tau table and plot",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("summaries", nargs="+", type=Path, metavar="SUMMARY.json")
+    parser.add_argument("summaries", nargs="+", type=Path, metavar="SUMMARY.json|FOLDER")
     parser.add_argument("--out", type=Path, required=True, help="write accuracy.md, .csv and .png here")
     parser.set_defaults(func=command)
 
