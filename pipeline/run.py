@@ -5,6 +5,7 @@
          in full on "train", no compression (standing in for the released LLaVA-1.5 weights)
       -> stage "divico-tau<1000*tau>" for each tau: LoRA + DiViCo from that base, one epoch of "finetune"
       -> held-out answer accuracy of each model (and of training-free FastV on the base) vs chance
+      -> report/: accuracy against tau (table, plot) and the efficiency report (divico report)
 
 The stage graph is configs/pipelines/demo.yaml, run here in one process (`divico launch local`
 and `divico launch slurm` run the same file). Everything goes under --root (default: the file's
@@ -130,6 +131,9 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
             plot_moe({"moe": by_method["moe"], "specialist": by_method.get("divico", []),
                       "nearest specialist": by_method.get("nearest", [])}, figure)
         print(f"The MoE model against the specialists, and its router weights, by tau: {figure}")
+    report = pipeline.root / "report"
+    print(f"Accuracy against tau: {report / 'accuracy.md'} and {report / 'accuracy.png'}; efficiency per mode: "
+          f"{report / 'efficiency.md'}")
     print(f"finished in {seconds / 60:.1f} min. Chance = always giving each question type's most common answer; "
           f"s.e. = sqrt(p (1 - p) / n), n = {samples}: differences within about two of them are noise.\n"
           f"Models: {pipeline.root}/<stage>/model. TensorBoard: tensorboard --logdir {pipeline.tensorboard_dir}")

@@ -128,6 +128,16 @@ def test_a100_scripts(tmp_path: Path) -> None:
     overrides = [arg for arg in warm.train_args if "=" in arg and not arg.startswith("--")]
     cfg = load_config([REPO / recipe for recipe in recipes], overrides)
     validate(cfg, world_size=8, check_paths=False)
+    # Evaluation: one single-GPU array task per benchmark and tau, after each model; then the report.
+    evals = scripts["eval_divico"].read_text()
+    assert "#SBATCH --array=0-14\n" in evals and "#SBATCH --gpus-per-node=a100:1\n" in evals
+    eval_divico = pipeline.stage("eval_divico")
+    assert eval_divico.after == ("divico_model",) and eval_divico.tasks[0].label == "benchmark-textvqa-tau067"
+    assert eval_divico.tasks[0].command.startswith(
+        f"divico eval --task textvqa model={tmp_path}/divico-tau067/model data=/datasets/llava-eval/textvqa ")
+    assert f"data=/datasets/llava-eval/MME " in pipeline.stage("eval_base").tasks[2].command
+    assert pipeline.stage("report").tasks[0].command == f"divico report accuracy {tmp_path}/eval --out {tmp_path}/report"
+    assert set(pipeline.stage("report").after) == {"eval_base", "eval_fastv", "eval_divico", "eval_moe"}
     assert cfg.divico.encoder == "moe" and cfg.moe.init_experts_from == [
         f"{tmp_path}/{name}/model" for name in ("divico-tau067", "divico-tau111", "divico-tau167")]
     assert [task.outputs[0] for task in pipeline.stage("divico_model").tasks] == [

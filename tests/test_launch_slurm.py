@@ -237,8 +237,10 @@ def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
     result = launch("slurm", "--config", "configs/pipelines/a100.yaml", "--dry-run", f"root={tmp_path}")
     assert result.returncode == 0, result.stderr
     scripts = sorted((tmp_path / "slurm").glob("*.sbatch"))
-    assert [p.name for p in scripts] == ["00-shards.sbatch", "01-divico.sbatch", "02-moe.sbatch", "03-baselines.sbatch",
-                                         "04-divico_model.sbatch", "05-moe_warm.sbatch"]
+    assert [p.name for p in scripts] == [
+        "00-shards.sbatch", "01-eval_base.sbatch", "02-eval_fastv.sbatch", "03-divico.sbatch", "04-moe.sbatch",
+        "05-baselines.sbatch", "06-divico_model.sbatch", "07-moe_model.sbatch", "08-moe_warm.sbatch",
+        "09-eval_divico.sbatch", "10-eval_moe.sbatch", "11-report.sbatch"]
     for script in scripts:
         check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
         assert check.returncode == 0 and "to start at" in check.stderr, (script, check.stderr)
@@ -246,6 +248,6 @@ def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
     for override in ("stages.divico.resources.nodes=3",
                      "stages.divico.resources.gpus_per_node=5 stages.divico.resources.tasks_per_node=5"):
         launch("slurm", "--config", "configs/pipelines/a100.yaml", "--dry-run", f"root={tmp_path}", *override.split())
-        check = subprocess.run(["sbatch", "--test-only", str(tmp_path / "slurm/01-divico.sbatch")],
+        check = subprocess.run(["sbatch", "--test-only", str(tmp_path / "slurm/03-divico.sbatch")],
                                capture_output=True, text=True)
         assert check.returncode != 0 and "not available" in check.stderr, (override, check.stderr)
