@@ -135,7 +135,7 @@ def test_a100_scripts(tmp_path: Path) -> None:
     assert eval_divico.after == ("divico_model",) and eval_divico.tasks[0].label == "benchmark-textvqa-tau067"
     assert eval_divico.tasks[0].command.startswith(
         f"divico eval --task textvqa model={tmp_path}/divico-tau067/model data=/datasets/llava-eval/textvqa ")
-    assert f"data=/datasets/llava-eval/MME " in pipeline.stage("eval_base").tasks[2].command
+    assert "data=/datasets/llava-eval/MME " in pipeline.stage("eval_base").tasks[2].command
     assert pipeline.stage("report").tasks[0].command == f"divico report accuracy {tmp_path}/eval --out {tmp_path}/report"
     assert set(pipeline.stage("report").after) == {"eval_base", "eval_fastv", "eval_divico", "eval_moe"}
     assert cfg.divico.encoder == "moe" and cfg.moe.init_experts_from == [
