@@ -8,7 +8,7 @@
     divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
     divico launch {local,slurm,status}       launch/
     divico bench {prep,loader,model,train,accuracy}   measured figures, printed
-    divico report {efficiency,accuracy}      pipeline/report/: a model's efficiency; accuracy against tau
+    divico report {efficiency,accuracy,overlay}   pipeline/report/: efficiency, accuracy vs tau, kept tokens
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         ("pipeline.bench.train", "add_parser"),
         ("pipeline.bench.accuracy", "add_parser"),
     ]),
-    "report": ("reports on trained models: efficiency per mode and tau, accuracy against tau", [
+    "report": ("reports on trained models: efficiency, accuracy against tau, kept-token overlays", [
         ("pipeline.report.efficiency", "add_parser"),
         ("pipeline.report.accuracy", "add_parser"),
+        ("pipeline.report.overlay", "add_parser"),
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.

@@ -96,6 +96,12 @@ class TrainConfig:
     # "<TAB>keep ratio" when a MoE step drew one): an audit trail that shows which samples each
     # rank trained on, at which rate, across resumes.
     log_sample_keys: bool = False
+    # Every this many optimizer steps (0: never) and at the end, rank 0 draws the visual tokens the
+    # model keeps for the first overlay_images samples with an image in overlay_data (shards,
+    # e.g. held-out) into TensorBoard, divico/overlay/<i> (pipeline/report/overlay.py).
+    overlay_every_steps: int = 0
+    overlay_data: str | None = None
+    overlay_images: int = 4
 
 
 @dataclass
@@ -229,6 +235,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be >= 1 or null")
+    if t.overlay_every_steps < 0 or t.overlay_images < 1:
+        raise ConfigError("train.overlay_every_steps must be >= 0 and train.overlay_images >= 1")
+    if t.overlay_every_steps and not (t.overlay_data and cfg.divico.compresses):
+        raise ConfigError("train.overlay_every_steps: needs train.overlay_data (shards) and a mode that compresses "
+                          f"(divico.mode={cfg.divico.mode})")
 
     try:
         collator_config(cfg)
@@ -257,6 +268,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config}: file not found")
     if not (Path(d.shards) / MANIFEST_FILE).is_file():
         raise ConfigError(f"data.shards={d.shards}: no {MANIFEST_FILE} (run `divico prep shard` first)")
+    if t.overlay_every_steps and not (Path(t.overlay_data) / MANIFEST_FILE).is_file():
+        raise ConfigError(f"train.overlay_data={t.overlay_data}: no {MANIFEST_FILE} (a shard directory)")
     for export in cfg.moe.init_experts_from:
         if not (Path(export) / DIVICO_SETTINGS_FILE).is_file():
             raise ConfigError(f"moe.init_experts_from: {export} has no {DIVICO_SETTINGS_FILE} (an exported DiViCo "

@@ -34,7 +34,10 @@ def shards(make_shard_dir) -> Path:
 def two_rank_run(tiny_llava_dir, shards, tmp_path_factory) -> Path:
     """One uninterrupted epoch, 2 ranks through the deepspeed launcher (2 micro-batches of 2 per rank)."""
     out = tmp_path_factory.mktemp("two_rank")
-    result = run(train_args(tiny_llava_dir, shards, out, "train.micro_batch_size=2", "train.save_every_steps=4"), ranks=2)
+    # Overlays of 2 samples' kept tokens at steps 6 and 12 (the end), drawn on rank 0 alone.
+    result = run(train_args(tiny_llava_dir, shards, out, "train.micro_batch_size=2", "train.save_every_steps=4",
+                            "train.overlay_every_steps=6", f"train.overlay_data={shards}", "train.overlay_images=2"),
+                 ranks=2)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return out
 
@@ -70,6 +73,12 @@ def test_tensorboard_holds_every_scalar_the_config_and_hparams(two_rank_run):
     assert "config/text_summary" in events.Tags()["tensors"]
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     assert logged["final/loss"] == [pytest.approx(logged["train/loss"][-1])]
+    # The kept-token overlays: two samples, at steps 6 and 12, as 336 x 336 pictures.
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["divico/overlay/0", "divico/overlay/1"]
+    shots = events.Images("divico/overlay/0")
+    assert [shot.step for shot in shots] == [6, 12] and (shots[0].width, shots[0].height) == (336, 336)
 
 
 def test_checkpoints_hold_adapter_trainables_engine_rng_and_config(two_rank_run):

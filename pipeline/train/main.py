@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import itertools
 import json
 import logging
 import os
@@ -112,6 +113,8 @@ class Run:
     config_yaml: str
     sample_log: Path | None
     sums: SumsLayout
+    collator: object  # the training collator (its prompts() make the overlay's prompts)
+    overlay_samples: list  # train.overlay_data's first image samples, on rank 0 (else empty)
 
 
 def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
@@ -185,7 +188,7 @@ def main(cfg: RunConfig, *, resume_from: Path | None = None) -> int:
               metrics=metrics, rank=rank, world_size=world_size, total_steps=total_steps,
               start_step=start_step, stop_step=stop_step, resumed_from=resume_from,
               visual_tokens=built.visual_tokens, config_yaml=config_yaml, sample_log=sample_log,
-              sums=sums)
+              sums=sums, collator=built.collator, overlay_samples=_overlay_samples(cfg) if rank == 0 else [])
     if start_step >= total_steps:
         if rank == 0:
             log.info("%s: the epoch is already complete (step %d); nothing to do", output_dir, start_step)
@@ -345,6 +348,8 @@ def fit(run: Run) -> int:
             last = {**_scalars(run, window, elapsed, lrs), **run.sums.scalars(window), **_input_scalars(run, inputs)}
             run.metrics.log(step, last)
             window_started, window = time.perf_counter(), run.sums.zeros()
+        if run.overlay_samples and (step % t.overlay_every_steps == 0 or step == run.stop_step):
+            _log_overlays(run, step)
         run.metrics.advance()
         preempted = sums[_PREEMPT] > 0
         if preempted or step % t.save_every_steps == 0 or step == run.stop_step:
@@ -363,6 +368,26 @@ def fit(run: Run) -> int:
     if run.rank == 0 and not finished:
         log.info("stopped after train.max_steps at step %d/%d; continue with --resume auto", step, run.total_steps)
     return 0
+
+
+def _overlay_samples(cfg: RunConfig) -> list:
+    """The first train.overlay_images samples with an image in train.overlay_data ([] when off)."""
+    from pipeline.data.loader import ShardDataset
+
+    t = cfg.train
+    if not t.overlay_every_steps:
+        return []
+    shards = ShardDataset(t.overlay_data, rank=0, world_size=1, batch_size=1, seed=0)
+    return list(itertools.islice((sample for sample in shards if sample.image is not None), t.overlay_images))
+
+
+def _log_overlays(run: Run, step: int) -> None:
+    """The visual tokens the model keeps for the overlay samples, drawn into TensorBoard."""
+    from pipeline.report.overlay import draw, kept_visual_tokens
+
+    kept = kept_visual_tokens(run.model, run.collator, run.overlay_samples)
+    run.metrics.images(step, {f"divico/overlay/{index}": draw(sample.image, sample_kept, run.collator)
+                              for index, (sample, sample_kept) in enumerate(zip(run.overlay_samples, kept))})
 
 
 def _micro_batch_sums(out, layout: SumsLayout, *, num_tokens: int, samples: int) -> torch.Tensor:

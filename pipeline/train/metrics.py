@@ -12,7 +12,8 @@ over the window's micro-batches, the rest are its last step's):
     moe/tau (the rate the step drew), train/aux/<name> and train/aux_weight/<name> (each
     auxiliary loss and its annealed weight), moe/router_weight/bucket_<tau>/expert_<tau> (the
     mean router weight of each expert over kept tokens whose rate is nearest that bucket's centre)
-plus the resolved config as text and, at the end, hparams with the final losses.
+plus the resolved config as text and, at the end, hparams with the final losses; and with
+train.overlay_every_steps, images divico/overlay/<i>: the visual tokens kept for fixed samples.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import resource
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -67,6 +70,11 @@ class Metrics:
             self.writer.add_scalar(name, value, step)
         self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
                              tok_s=f"{scalars['perf/tokens_per_s']:.0f}", refresh=False)
+
+    def images(self, step: int, images: dict[str, Image.Image]) -> None:
+        if self.enabled:
+            for tag, image in images.items():
+                self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
