@@ -5,10 +5,8 @@ it writes the same file as one uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import benchmark_layouts
 from pipeline.cli import main as divico
 from pipeline.eval.benchmarks import BenchmarkError, benchmark, read_predictions
-from pipeline.eval.config import EvalConfig
+from pipeline.data.settings import CollatorSettings
 from pipeline.eval.main import load_collator
 from pipeline.eval.predictions import chunk_of, read_rows
 from pipeline.eval.tasks import BENCHMARK_TEMPLATE, as_sample
@@ -69,7 +67,7 @@ def test_each_benchmark_is_answered_into_llava_answers_and_scored(task, folders,
 
 
 def test_questions_are_asked_as_llava_asks_them(folders, tiny_llava_dir):
-    collator = load_collator(EvalConfig(model=tiny_llava_dir, data=folders["pope"], template=BENCHMARK_TEMPLATE))
+    collator = load_collator(tiny_llava_dir, CollatorSettings(template=BENCHMARK_TEMPLATE))
     question = benchmark("pope").questions(folders["pope"])[0]
     batch = collator.prompts([as_sample(question)])
     prompt = collator.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])

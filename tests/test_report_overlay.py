@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as divico
-from pipeline.eval.config import EvalConfig
+from pipeline.data.settings import CollatorSettings
 from pipeline.eval.main import load_collator, load_model
 from pipeline.model.divico import kept_count
-from pipeline.report.overlay import DISPLAY_SIDE, draw, kept_visual_tokens, question_sample
+from pipeline.eval.data import one_question
+from pipeline.report.overlay import DISPLAY_SIDE, draw, kept_visual_tokens
 
 
 def run_divico(args: list[str]) -> int:
@@ -23,8 +24,8 @@ def run_divico(args: list[str]) -> int:
 def test_kept_tokens_are_the_models_and_the_drawing_darkens_the_rest(tiny_llava_dir, tmp_path, capsys):
     image = Image.effect_noise((90, 60), 80).convert("RGB")
     model = load_model(tiny_llava_dir, mode="fastv", tau=0.2, device="cpu")
-    collator = load_collator(EvalConfig(model=tiny_llava_dir, data=tiny_llava_dir))
-    samples = [question_sample(image, "What is shown?"), question_sample(image.rotate(90), "Where is it?")]
+    collator = load_collator(tiny_llava_dir, CollatorSettings())
+    samples = [one_question(image, "What is shown?"), one_question(image.rotate(90), "Where is it?")]
     kept = kept_visual_tokens(model, collator, samples)
     visual = collator.num_visual_tokens
     assert kept.shape == (2, visual) and kept.sum(1).tolist() == [kept_count(visual, 0.2)] * 2

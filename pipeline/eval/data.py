@@ -35,6 +35,15 @@ def question_type(sample: Sample) -> str:
     return next((prefix for prefix in QUESTION_TYPES if words.startswith(prefix + " ")), "other")
 
 
+def one_question(image: Image.Image | None, text: str, *, key: str = "question", meta: dict | None = None) -> Sample:
+    """A one-turn conversation asking `text`: "<image>\n" + text (LLaVA's order) when there is an
+    image and the text has no image marker of its own; the answer turn left empty."""
+    if image is not None and IMAGE_TOKEN not in text:
+        text = f"{IMAGE_TOKEN}\n{text}"
+    return Sample(key=key, image=image, meta=meta or {},
+                  conversations=[{"from": "human", "value": text}, {"from": "gpt", "value": ""}])
+
+
 def check_data(data: Path) -> None:
     """Raise ConfigError unless `data` is a shard directory or a file."""
     if data.is_dir() and not (data / MANIFEST_FILE).is_file():

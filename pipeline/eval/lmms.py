@@ -24,9 +24,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
-from pipeline.contract import IMAGE_TOKEN
-from pipeline.data.loader import Sample
-from pipeline.eval.config import EvalConfig
+from pipeline.data.settings import CollatorSettings
+from pipeline.eval.data import one_question
 from pipeline.eval.generate import answer_batches
 from pipeline.eval.tasks import BENCHMARK_TEMPLATE
 
@@ -44,7 +43,7 @@ class DiViCoLmms(lmms):
 
         super().__init__()
         self.model = load_model(pretrained, mode=mode, tau=tau, layer=layer, seed=seed, device=device)
-        self.collator = load_collator(EvalConfig(model=Path(pretrained), data=Path(pretrained), template=template))
+        self.collator = load_collator(Path(pretrained), CollatorSettings(template=template))
         self.batch_size = int(batch_size)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -58,11 +57,7 @@ class DiViCoLmms(lmms):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             if len(visuals) > 1 or any(not isinstance(visual, Image.Image) for visual in visuals):
                 raise ValueError(f"{task}, doc {doc_id}: {len(visuals)} visuals; the divico model takes one image")
-            image = visuals[0].convert("RGB") if visuals else None
-            if image is not None and IMAGE_TOKEN not in context:
-                context = f"{IMAGE_TOKEN}\n{context}"
-            samples.append(Sample(key=f"{task}/{doc_id}", image=image, meta={},
-                                  conversations=[{"from": "human", "value": context}, {"from": "gpt", "value": ""}]))
+            samples.append(one_question(visuals[0].convert("RGB") if visuals else None, context, key=f"{task}/{doc_id}"))
             until = gen_kwargs.get("until") or []
             groups[gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
                    (until,) if isinstance(until, str) else tuple(until)].append(number)

@@ -60,6 +60,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from pipeline.config import ConfigError, load_config
 from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, tau_label
 from pipeline.data.collator import CollatorConfig, LlavaCollator
+from pipeline.data.settings import CollatorSettings
 from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
 from pipeline.durable import write_text_atomically
@@ -340,22 +341,22 @@ def validate(cfg: EvalConfig, *, benchmark: bool = False) -> None:
         raise ConfigError(f"image_root={cfg.image_root}: not a folder")
 
 
-def load_collator(cfg: EvalConfig) -> LlavaCollator:
-    """The model folder's processor and config with the collator settings of `cfg`, left-padded."""
+def load_collator(model: Path, settings: CollatorSettings) -> LlavaCollator:
+    """The model folder's processor and config with the collator `settings`, left-padded."""
     try:
-        return LlavaCollator(AutoProcessor.from_pretrained(cfg.model), CollatorConfig.from_settings(cfg, padding_side="left"),
-                             AutoConfig.from_pretrained(cfg.model))
+        return LlavaCollator(AutoProcessor.from_pretrained(model), CollatorConfig.from_settings(settings, "left"),
+                             AutoConfig.from_pretrained(model))
     except OSError as error:
-        raise EvalError(f"model={cfg.model}: cannot load its processor ({error})") from error
+        raise EvalError(f"model={model}: cannot load its processor ({error})") from error
     except ValueError as error:  # e.g. template=chat_template for a checkpoint without one
-        raise ConfigError(f"model={cfg.model}: {error}") from error
+        raise ConfigError(f"model={model}: {error}") from error
 
 
 def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Validate `cfg`, load its model, evaluate it."""
     validate(cfg)
     model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
-    collator = load_collator(cfg)
+    collator = load_collator(cfg.model, cfg)
     log.info("evaluating %s (mode %s, template %s, %d visual tokens per image) on %s", cfg.model,
              model.config.mode if isinstance(model, CompressedLlava) else "none", collator.template,
              collator.num_visual_tokens, cfg.data)

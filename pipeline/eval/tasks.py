@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.contract import IMAGE_TOKEN
 from pipeline.data.loader import Sample
 from pipeline.eval.benchmarks import BenchmarkError, Question, benchmark
 from pipeline.eval.config import EvalConfig
+from pipeline.eval.data import one_question
 from pipeline.eval.generate import answer_batches
 from pipeline.eval.predictions import (answered, appending, chunk_of, part_path, read_rows, unanswered,
                                         write_in_order)
@@ -43,10 +43,8 @@ BENCHMARK_TEMPLATE = "vicuna_v1"
 
 def as_sample(question: Question) -> Sample:
     """The question as a one-turn conversation, its image decoded now (one batch at a time)."""
-    return Sample(key=str(question.question_id), image=question.load_image(),
-                  conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{question.text}"},
-                                 {"from": "gpt", "value": ""}],
-                  meta={"question": question})
+    return one_question(question.load_image(), question.text, key=str(question.question_id),
+                        meta={"question": question})
 
 
 def read_benchmark(task: str, folder: Path) -> tuple[list[Question], Path]:
@@ -75,7 +73,7 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     module = benchmark(task)
     questions, annotations = read_benchmark(task, cfg.data)
     settings = model_settings(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed)
-    collator = load_collator(cfg)
+    collator = load_collator(cfg.model, cfg)
     visual = collator.num_visual_tokens
     compresses = settings is not None and settings.compresses
     run = {"model_id": cfg.model.name, "mode": settings.mode if settings else "none",

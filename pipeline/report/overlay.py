@@ -21,19 +21,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.config import ConfigError
-from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, IMAGE_TOKEN
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE
 from pipeline.data.collator import LlavaCollator, pad_to_square
 from pipeline.data.loader import Sample
+from pipeline.data.settings import CollatorSettings
+from pipeline.eval.data import one_question
 from pipeline.model.compressed_llava import CompressedLlava
 
 log = logging.getLogger(__name__)
 
 DISPLAY_SIDE = 336  # pixels; LLaVA-1.5's input size
-
-
-def question_sample(image: Image.Image, question: str) -> Sample:
-    return Sample(key="overlay", image=image, meta={},
-                  conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": ""}])
 
 
 @torch.inference_mode()
@@ -99,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.eval.config import EvalConfig, EvalError
+    from pipeline.eval.config import EvalError
     from pipeline.eval.main import load_collator, load_model, model_settings
 
     try:
@@ -112,14 +109,14 @@ def command(args: argparse.Namespace) -> int:
         except OSError as error:
             raise ConfigError(f"--image {args.image}: not a readable image ({error})") from error
         model = load_model(args.model, mode=args.mode, tau=args.tau, device=args.device)
-        collator = load_collator(EvalConfig(model=args.model, data=args.model))
+        collator = load_collator(args.model, CollatorSettings())
     except ConfigError as error:
         log.error("%s", error)
         return EXIT_BAD_INPUT
     except EvalError as error:
         log.error("%s", error)
         return EXIT_FAILURE
-    kept = kept_visual_tokens(model, collator, [question_sample(image, args.question)])[0]
+    kept = kept_visual_tokens(model, collator, [one_question(image, args.question)])[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(image, kept, collator).save(args.out)
     print(f"{args.out}: {int(kept.sum())} of {kept.numel()} visual tokens kept (mode {settings.mode}, "
