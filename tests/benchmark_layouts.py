@@ -126,7 +126,8 @@ def mmbench(root: Path) -> Path:
         writer.writerow(MMBENCH_COLUMNS)
         for index, question, hint, choices, answer, category, image in rows:
             cells = [*choices, "nan", "nan"][:4]
-            writer.writerow([index, question, hint, *cells, answer, category, png(image), "src", "coarse", "nan", "dev"])
+            writer.writerow([index, question, hint, *cells, answer, category, png(image), "src", "coarse", "nan",
+                             "dev"])
     return root
 
 

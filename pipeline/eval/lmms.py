@@ -57,7 +57,8 @@ class DiViCoLmms(lmms):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             if len(visuals) > 1 or any(not isinstance(visual, Image.Image) for visual in visuals):
                 raise ValueError(f"{task}, doc {doc_id}: {len(visuals)} visuals; the divico model takes one image")
-            samples.append(one_question(visuals[0].convert("RGB") if visuals else None, context, key=f"{task}/{doc_id}"))
+            image = visuals[0].convert("RGB") if visuals else None
+            samples.append(one_question(image, context, key=f"{task}/{doc_id}"))
             until = gen_kwargs.get("until") or []
             groups[gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
                    (until,) if isinstance(until, str) else tuple(until)].append(number)

@@ -474,7 +474,8 @@ def task_command(args: argparse.Namespace) -> int:
 
 def score_command(args: argparse.Namespace) -> int:
     """`divico eval score`: the exit status; the figures printed as JSON or a table."""
-    extra = [*args.overrides[1:], *args.config, *([str(args.out)] if args.out else []), *([args.chunk] if args.chunk else [])]
+    extra = [*args.overrides[1:], *args.config, *([str(args.out)] if args.out else []),
+             *([args.chunk] if args.chunk else [])]
     if extra or args.task in (None, HELDOUT) or not (args.annotations and args.predictions):
         log.error("divico eval score takes --task (a benchmark), --annotations and --predictions (and --json), "
                   "nothing else%s", f" (got {extra})" if extra else "")

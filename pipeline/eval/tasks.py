@@ -10,9 +10,10 @@ for MME, its MME/ folder). Its question file and images (or MMBench's TSV) and i
 are read and checked before any model loads. Each question is asked as "<image>\\n" + its text
 in LLaVA's vicuna_v1 template, system prompt included (template= overrides it), answered
 greedily (temperature 0) with LLaVA's limit on new tokens (max_new_tokens= overrides it), in
-left-padded batches through the compressed KV cache. Each row of FILE: question_id, prompt, text (LLaVA's answers format) and
-model_id, mode, tau, kept (the visual tokens kept per image), image_noise (eval's image_noise=),
-metadata. A rerun with other such values is refused: give another FILE.
+left-padded batches through the compressed KV cache. Each row of FILE: question_id, prompt,
+text (LLaVA's answers format) and model_id (the model folder's absolute path), mode, tau, kept
+(the visual tokens kept per image), image_noise (eval's image_noise=), metadata. A rerun with
+other such values is refused: give another FILE.
 
 --chunk I/N answers the I-th of N contiguous chunks of the questions into FILE's part I of N and
 does not score (one process per GPU, e.g. a SLURM array); a later run without --chunk merges
@@ -76,9 +77,9 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     collator = load_collator(cfg.model, cfg)
     visual = collator.num_visual_tokens
     compresses = settings is not None and settings.compresses
-    run = {"model_id": cfg.model.name, "mode": settings.mode if settings else "none",
-           "tau": settings.tau if compresses else None, "kept": kept_count(visual, settings.tau) if compresses else visual,
-           "image_noise": cfg.image_noise}
+    run = {"model_id": str(cfg.model.resolve()), "mode": settings.mode if settings else "none",
+           "tau": settings.tau if compresses else None,
+           "kept": kept_count(visual, settings.tau) if compresses else visual, "image_noise": cfg.image_noise}
     mine = chunk_of(questions, *chunk) if chunk else questions
     path = part_path(predictions, *chunk) if chunk else predictions
     done = answered(path, questions, run, parts=chunk is None)

@@ -3,9 +3,9 @@ paper's Table I, for the methods evaluated) and a plot, one panel per benchmark.
 
     divico report accuracy SUMMARY.json|FOLDER [...] --out DIR
 
-Each SUMMARY (or every *.json in a FOLDER, recursively) is what `divico eval --out` writes: a benchmark's (`--task T`: its official
-figures) or a held-out set's. Per file: the benchmark, the method, tau and the headline figure
-with its standard error and question count:
+Each SUMMARY (or every *.json in a FOLDER, recursively) is what `divico eval --out` writes: a
+benchmark's (`--task T`: its official figures) or a held-out set's. Per file: the benchmark, the
+method, tau and the headline figure with its standard error and question count:
 
   textvqa  accuracy (VQA accuracy, %)        mmbench  accuracy (circular, %)
   pope     f1 (mean over the splits, x 100)  gqa      accuracy (%)

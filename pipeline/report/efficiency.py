@@ -195,7 +195,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{r['flops'] / 1e12:.4g}", ratio(r["flops_ratio"]), f"{1 + r['flops_gap']:.4f}",
              f"{r['prefill_ms']:,.1f}", ratio(r["prefill_ms_ratio"]), f"{r['answer_ms']:,.1f}",
              ratio(r["answer_ms_ratio"]),
-             "n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:,.1f}", f"{r['peak_mem_mib']:,.1f}",
+             "n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:,.1f}",
+             f"{r['peak_mem_mib']:,.1f}",
              f"{r['kv_cache_mib']:,.2f}"] for r in report["rows"]]
     return "\n".join([*lines, *markdown_table(head, body)])
 

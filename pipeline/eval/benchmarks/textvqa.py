@@ -98,7 +98,8 @@ def question_of(prompt: str) -> str:
     if prompt.startswith("OCR tokens: "):
         match = re.search(r"Question: (.*) Short answer:", prompt, re.DOTALL)
         if match is None:
-            raise BenchmarkError(f"prompt {prompt!r}: starts with 'OCR tokens: ' but has no 'Question: ... Short answer:'")
+            raise BenchmarkError(f"prompt {prompt!r}: starts with 'OCR tokens: ' but has no "
+                                 "'Question: ... Short answer:'")
         return match.group(1)
     lines = prompt.split("\n")
     if "Reference OCR token: " in prompt and len(lines) == 3:
