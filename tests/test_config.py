@@ -74,6 +74,10 @@ def test_missing_config_file_is_named(tmp_path):
     ("divico.encoder=moe divico.moe.centres=[0.2,0.1]", r"moe.centres=\[0.2, 0.1\]: expected .* ascending"),
     ("moe.init_experts_from=[/a,/b,/c]", r"moe.init_experts_from: needs divico.encoder=moe and one export per centre"),
     ("divico.encoder=moe moe.init_experts_from=[/a,/b,/c]", r"moe.init_experts_from: /a has no divico.json"),
+    ("train.overlay_every_steps=5", r"train.overlay_every_steps: needs train.overlay_data \(shards\)"),
+    ("train.overlay_every_steps=5 train.overlay_data=/nope", r"train.overlay_data=/nope: no manifest.json"),
+    ("train.overlay_every_steps=5 train.overlay_data=/x divico.mode=none", r"a mode that compresses"),
+    ("train.overlay_images=0", r"train.overlay_images >= 1"),
 ])
 def test_validation_names_the_bad_field(tiny_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
