@@ -185,14 +185,14 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['rows'][0]['visual_tokens']} visual + {s['text_tokens']} text), answers of "
              f"{s['answer_tokens']} tokens; {s['device_name']} {s['dtype']}, {s['torch_threads']} threads; median of "
              f"{s['repeats']}. Ratios against `none` at the same batch.", ""]
-    head = ["batch", "mode", "tau", "kept", "TFLOPs", "ratio", "counted/analytic", "prefill ms", "ratio",
+    head = ["batch", "mode", "tau", "kept", "GFLOPs", "ratio", "counted/analytic", "prefill ms", "ratio",
             "answer ms", "ratio", "decode tok/s", "peak MiB", "KV MiB"]
 
     def ratio(value: float | None) -> str:
         return "" if value is None else f"{value:.3f}"
 
     body = [[str(r["batch"]), r["mode"], "" if r["tau"] is None else f"{100 * r['tau']:.1f}%", str(r["kept"]),
-             f"{r['flops'] / 1e12:.4g}", ratio(r["flops_ratio"]), f"{1 + r['flops_gap']:.4f}",
+             f"{r['flops'] / 1e9:,.4g}", ratio(r["flops_ratio"]), f"{1 + r['flops_gap']:.4f}",
              f"{r['prefill_ms']:,.1f}", ratio(r["prefill_ms_ratio"]), f"{r['answer_ms']:,.1f}",
              ratio(r["answer_ms_ratio"]),
              "n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:,.1f}",
