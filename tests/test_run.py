@@ -71,11 +71,19 @@ def test_divico_run_trains_every_stage_evaluates_and_leaves_it_alone_on_rerun(tm
     assert json.loads((root / "eval" / "divico-tau111.json").read_text())["router_weights"] is None
     compared = {row[1] for row in cells if len(row) > 2}
     assert {"moe-tau111 vs divico-tau111", "moe-tau089 vs nearest-tau089", "moe-tau089 vs base"} <= compared
+    # The reports: accuracy against tau from every evaluation, efficiency per mode; scores in TensorBoard.
+    report = (root / "report" / "accuracy.md").read_text()
+    divico = json.loads((root / "eval" / "divico-tau111.json").read_text())
+    assert f"| divico | 11.1% | 11 | {100 * divico['accuracy']:.1f} ± " in report and "| nearest | 8.9% | 9 |" in report
+    assert (root / "report" / "accuracy.png").stat().st_size > 0
+    assert "| 8 | divico | 11.1% | 11 |" in (root / "report" / "efficiency.md").read_text()
+    assert (root / "tensorboard" / "eval" / "divico-tau111").is_dir()
+    assert str(root / "report" / "accuracy.md") in first.stdout
 
     before = files(root)
     again = run(args)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     tasks = [task for stage in load_pipeline(DEMO, [f"root={root}", *SIZES]).stages for task in stage.tasks]
-    assert again.stdout.count("outputs complete, skipped") == len(tasks) == 19
+    assert again.stdout.count("outputs complete, skipped") == len(tasks) == 21
     assert files(root) == before  # nothing reloaded, retrained, re-exported or re-evaluated
     assert rows["divico-tau111"] in again.stdout  # the same table

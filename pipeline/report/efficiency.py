@@ -100,12 +100,13 @@ def load(cfg: EfficiencyConfig) -> tuple[LlavaForConditionalGeneration, Path | N
 
 def wrap(llava: LlavaForConditionalGeneration, folder: Path | None, mode: str, tau: float,
          layer: int | None) -> CompressedLlava:
-    """`llava` run in `mode` at `tau`: with the folder's trained DiViCo weights when it has them
-    (and the mode is its own kind: a MoE folder serves divico as moe), else fresh ones."""
+    """`llava` run in `mode` at `tau`: with the folder's trained gap encoder when it has one of the
+    mode's kind (a MoE folder serves moe), else a fresh one."""
     overrides = {"tau": tau, **({"layer": layer} if layer is not None else {})}
     if folder is not None and (folder / DIVICO_SETTINGS_FILE).is_file():
         saved, _ = CompressedLlava.read_saved(folder)
-        if mode in ("none", "fastv", "random", "select_only") or (mode == "moe") == (saved.encoder == "moe"):
+        trained = saved.uses_gap_encoder and (mode == "moe") == (saved.encoder == "moe")
+        if mode in ("none", "fastv", "random", "select_only") or trained:
             return CompressedLlava.from_saved(llava, folder, mode="divico" if mode == "moe" else mode, **overrides)
         layer = saved.layer if layer is None else layer
     config = bench_config(mode, tau, DiViCoConfig().layer if layer is None else layer)
