@@ -6,6 +6,7 @@
     divico eval                              pipeline/eval/: answer accuracy on a held-out set
     divico run                               pipeline/run.py: the embedded default (tiny model, CPU)
     divico model tiny                        pipeline/model/tiny.py: the tiny debug LLaVA, written to a folder
+    divico import released                   pipeline/model/released.py: the authors' weights -> an export
     divico launch {local,slurm,status}       launch/
     divico bench {prep,loader,model,train,accuracy}   measured figures, printed
     divico report {efficiency,accuracy,overlay}   pipeline/report/: efficiency, accuracy vs tau, kept tokens
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "eval": ("answer accuracy of a model on a held-out set", [("pipeline.eval.main", "add_parser")]),
     "run": ("the embedded default: every stage on a tiny model, on CPU", [("pipeline.run", "add_parser")]),
     "model": ("write a model folder: the tiny debug LLaVA", [("pipeline.model.tiny", "add_parser")]),
+    "import": ("import weights from elsewhere: the authors' released DiViCo", [("pipeline.model.released", "add_parsers")]),
     "launch": ("run a pipeline's stage graph on SLURM or on this machine", [("launch.cli", "add_parser")]),
     "bench": ("print measured throughput and efficiency figures", [
         ("pipeline.bench.prep", "add_parser"),
@@ -43,7 +45,7 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ]),
 }
 # Commands whose parser is a group: the components add leaves to it.
-GROUPS = ("prep", "bench", "model", "checkpoint", "report")
+GROUPS = ("prep", "bench", "model", "checkpoint", "report", "import")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
