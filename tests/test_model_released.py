@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from pipeline.cli import main as divico
 from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.divico import pooled_visual_tokens, select_visual_tokens
 from pipeline.model.released import PREFIXES, ReleasedFormatError, import_released
 from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 
@@ -143,6 +144,36 @@ def test_the_imported_model_computes_the_released_forward(base_576, tmp_path):
     with torch.no_grad():
         without_gap = select_only(input_ids, pixel_values=pixel_values, logits_to_keep=1).logits[0, -1]
     assert (without_gap - reference).abs().max() > 1e-3
+
+
+def test_the_released_counts_leave_the_best_dropped_token_out_of_the_pool(tiny_llava_dir, tmp_path):
+    """100 visual tokens at tau 1/9: the released code keeps int(11.1) = 11 and averages the
+    lowest int(88.9) = 88, so one token is in neither set; counts=released reproduces that and
+    the project's rule (every dropped token averaged) does not."""
+    peft_lm, trainables = write_released(tiny_llava_dir, tmp_path / "released")
+    out = import_released(tmp_path / "released", str(tiny_llava_dir), tmp_path / "export", dtype=torch.float32)
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    input_ids, pixel_values = prompt(base, 100)
+    reference = released_logits(peft_lm, trainables, base, pixel_values, input_ids, 1 / 9)
+    logits = {}
+    for counts in ("released", "project"):
+        model = CompressedLlava.from_saved(LlavaForConditionalGeneration.from_pretrained(out), out, counts=counts)
+        with torch.no_grad():
+            logits[counts] = model.eval()(input_ids, pixel_values=pixel_values, logits_to_keep=1).logits[0, -1]
+    assert torch.allclose(logits["released"], reference, atol=1e-5, rtol=0)
+    assert (logits["project"] - reference).abs().max() > 1e-6
+
+
+def test_pooled_tokens_by_rule():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 4.0, 2.0, 3.0, 9.0]])
+    image = torch.tensor([[False, True, True, True, True, True, False]])  # five visual tokens
+    keep = select_visual_tokens(scores, image, 0.3, "released")  # int(1.5) = 1 kept: score 5
+    assert keep.tolist() == [[False, True, False, False, False, False, False]]
+    assert pooled_visual_tokens(scores, image, keep, 0.3, "released").tolist() == [  # int(3.5) = 3 lowest: 1, 2, 3
+        [False, False, True, False, True, True, False]]
+    assert pooled_visual_tokens(scores, image, keep, 0.3, "project").tolist() == [
+        [False, False, True, True, True, True, False]]
+    assert select_visual_tokens(scores, image, 0.3).sum() == 2  # round(1.5) = 2
 
 
 def run_divico(args: list[str]) -> int:

@@ -227,7 +227,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         samples=len(answers.rows), accuracy=scores.accuracy, chance=scores.chance, by_type=scores.by_type,
         tokens_per_s=answers.tokens / answers.seconds, samples_per_s=len(answers.rows) / answers.seconds,
         generated_tokens=answers.generated_tokens, visual_tokens=visual,
-        visual_tokens_kept=int(kept_count(visual, model.config.tau)) if compresses else visual,
+        visual_tokens_kept=int(kept_count(visual, model.config.tau, model.config.counts)) if compresses else visual,
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
         tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,

@@ -79,7 +79,8 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     compresses = settings is not None and settings.compresses
     run = {"model_id": str(cfg.model.resolve()), "mode": settings.mode if settings else "none",
            "tau": settings.tau if compresses else None,
-           "kept": kept_count(visual, settings.tau) if compresses else visual, "image_noise": cfg.image_noise}
+           "kept": kept_count(visual, settings.tau, settings.counts) if compresses else visual,
+           "image_noise": cfg.image_noise}
     mine = chunk_of(questions, *chunk) if chunk else questions
     path = part_path(predictions, *chunk) if chunk else predictions
     done = answered(path, questions, run, parts=chunk is None)

@@ -294,7 +294,9 @@ class CompressedLlava(nn.Module):
                 seeds = seeds * repeats if seeds is not None else None
                 targets = targets.repeat(repeats, 1) if targets is not None else None
             keep_visual = self.divico.select(scores, image_mask, seeds, keep_ratio)
-            hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio)
+            pooled = self.divico.pooled(scores, image_mask, keep_visual, keep_ratio)
+            hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio,
+                                                                     pooled)
 
             # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
             # compressed sequence as long as the input.

@@ -79,15 +79,27 @@ from transformers.models.llama.modeling_llama import rotate_half
 from pipeline.model.settings import GAP_ENCODERS, DiViCoConfig
 
 
-def kept_count(num_visual: int | torch.Tensor, tau: float | torch.Tensor) -> int | torch.Tensor:
-    """N_i' = round(tau * N_i), rounding halves up, at least 1 (0 for a sample without image).
-    With tensors, tau may be one rate per sample."""
+def kept_count(num_visual: int | torch.Tensor, tau: float | torch.Tensor, counts: str = "project"
+               ) -> int | torch.Tensor:
+    """N_i' = round(tau * N_i), rounding halves up (counts="released": int(tau * N_i), truncated),
+    at least 1 (0 for a sample without image). With tensors, tau may be one rate per sample."""
+    half = 0.5 if counts == "project" else 0.0
     if isinstance(num_visual, torch.Tensor):
         if isinstance(tau, torch.Tensor):
             tau = tau.to(num_visual.device, torch.float64)
-        kept = torch.floor(num_visual.double() * tau + 0.5).long().clamp(min=1)
+        kept = torch.floor(num_visual.double() * tau + half).long().clamp(min=1)
         return torch.where(num_visual > 0, kept, torch.zeros_like(kept))
-    return max(1, math.floor(num_visual * tau + 0.5)) if num_visual > 0 else 0
+    return max(1, math.floor(num_visual * tau + half)) if num_visual > 0 else 0
+
+
+def score_ranks(scores: torch.Tensor, image_mask: torch.Tensor, descending: bool) -> torch.Tensor:
+    """(B, N): each visual token's rank among its sample's visual tokens by score (0 = the
+    highest when `descending`, the lowest otherwise; ties to the earlier token); text and
+    padding rank after every visual token."""
+    fill = float("-inf") if descending else float("inf")
+    order = scores.float().masked_fill(~image_mask, fill).argsort(dim=1, descending=descending, stable=True)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 class GapEstimate(NamedTuple):
@@ -245,13 +257,24 @@ def random_scores(image_mask: torch.Tensor, sample_seeds: Sequence[int]) -> torc
     return scores
 
 
-def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """(B, N) bool: the top round(tau * N_i) visual tokens of each sample by score (ties go
-    to the earlier token, so selection is deterministic); tau a float or one per sample (B,)."""
-    masked = scores.float().masked_fill(~image_mask, float("-inf"))
-    order = masked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return image_mask & (rank < kept_count(image_mask.sum(1), tau)[:, None])
+def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float | torch.Tensor,
+                         counts: str = "project") -> torch.Tensor:
+    """(B, N) bool: the top kept_count(N_i, tau, counts) visual tokens of each sample by score
+    (ties go to the earlier token, so selection is deterministic); tau a float or one per sample (B,)."""
+    kept = kept_count(image_mask.sum(1), tau, counts)
+    return image_mask & (score_ranks(scores, image_mask, descending=True) < kept[:, None])
+
+
+def pooled_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor,
+                         tau: float | torch.Tensor, counts: str = "project") -> torch.Tensor:
+    """(B, N) bool: the visual tokens averaged into v_p. "project": every one not kept;
+    "released": the lowest int((1 - tau) N_i) by score."""
+    if counts == "project":
+        return image_mask & ~keep_visual
+    visual = image_mask.sum(1)
+    rate = tau.to(visual.device, torch.float64) if isinstance(tau, torch.Tensor) else tau
+    pooled = torch.floor(visual.double() * (1 - rate)).long()
+    return image_mask & (score_ranks(scores, image_mask, descending=False) < pooled[:, None])
 
 
 def mean_of_dropped(hidden: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
@@ -304,16 +327,27 @@ class DiViCo(nn.Module):
             if sample_seeds is None:
                 raise ValueError("DiViCo.select: random mode needs sample_seeds (one image_seed per sample)")
             scores = random_scores(image_mask, sample_seeds)
-        return select_visual_tokens(scores, image_mask, self.config.tau if keep_ratio is None else keep_ratio)
+        return select_visual_tokens(scores, image_mask, self.config.tau if keep_ratio is None else keep_ratio,
+                                    self.config.counts)
+
+    def pooled(self, scores: torch.Tensor | None, image_mask: torch.Tensor, keep_visual: torch.Tensor,
+               keep_ratio: float | torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) bool of the visual tokens averaged into v_p (pooled_visual_tokens); every
+        dropped one without scores (random mode draws its own)."""
+        counts = self.config.counts if scores is not None else "project"
+        return pooled_visual_tokens(scores, image_mask, keep_visual,
+                                    self.config.tau if keep_ratio is None else keep_ratio, counts)
 
     def forward(self, hidden: torch.Tensor, image_mask: torch.Tensor, keep_visual: torch.Tensor,
-                keep_ratio: float | torch.Tensor | None = None) -> Compression:
+                keep_ratio: float | torch.Tensor | None = None, pooled_visual: torch.Tensor | None = None
+                ) -> Compression:
         """hidden (B, N, d) after layer K-1; image_mask and keep_visual (B, N) bool; keep_ratio
-        as in select()."""
+        as in select(); pooled_visual (B, N) bool, the tokens averaged into v_p (default: every
+        dropped one)."""
         kl = hidden.new_zeros((), dtype=torch.float32)
         if self.gap_encoder is None:
             return Compression(hidden, kl, None, {}, None)
-        pooled = mean_of_dropped(hidden, image_mask & ~keep_visual)
+        pooled = mean_of_dropped(hidden, image_mask & ~keep_visual if pooled_visual is None else pooled_visual)
         sample_idx, token_idx = keep_visual.nonzero(as_tuple=True)
         selected = hidden[sample_idx, token_idx]
         rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio,

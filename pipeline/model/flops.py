@@ -51,9 +51,9 @@ def layer_flops(g: DecoderGeometry, n: int, n_keys: int | None = None) -> int:
     return projections + attention + ffn
 
 
-def compressed_length(num_tokens: int, num_visual: int, tau: float) -> int:
+def compressed_length(num_tokens: int, num_visual: int, tau: float, counts: str = "project") -> int:
     """The sequence layers >= K see: the text tokens and the kept visual ones."""
-    return num_tokens - num_visual + kept_count(num_visual, tau)
+    return num_tokens - num_visual + kept_count(num_visual, tau, counts)
 
 
 def scoring_flops(g: DecoderGeometry, n: int) -> int:
@@ -88,8 +88,8 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
     if not config.compresses or num_visual == 0:
         parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
     else:
-        num_kept = kept_count(num_visual, config.tau)
-        short = compressed_length(num_tokens, num_visual, config.tau)
+        num_kept = kept_count(num_visual, config.tau, config.counts)
+        short = compressed_length(num_tokens, num_visual, config.tau, config.counts)
         parts = {
             "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
             "scoring": scoring_flops(g, num_tokens) if config.mode != "random" else 0,

@@ -16,7 +16,9 @@ Face folder, processor, divico.json, divico.safetensors), so `divico eval`, the 
 lmms-eval and the MoE warm start read it like any other.
 
 The settings are the released code's: mode divico, tau 1/9, K = 2, selection by the last
-position's attention (query: last), the released KL, sigma0 0.075 and its beta 0.05. The pickle
+position's attention (query: last), the released KL, sigma0 0.075, its beta 0.05 and its
+token counts (counts: released: int(tau N) kept, the lowest int((1 - tau) N) pooled; at tau
+1/9 of 576 these equal the project's rule, at 1/15 one token drops out of the pool). The pickle
 is read with torch.load(weights_only=True). Exit status 1, one line naming the file and key,
 for a folder that does not hold this: a missing adapter or pickle, keys that map nowhere, keys
 missing, a value that is not a tensor, shapes that do not fit the base.
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 TRAINABLES = "non_lora_trainables.bin"
 PREFIXES = ("module.base_model.model.", "base_model.model.")  # as saved through the engine, and by the final save
 # The released code's settings (their modeling_disen_llama.py hard-codes them).
-RELEASED = DiViCoConfig(mode="divico", tau=1 / 9, layer=2, query="last", kl="released", sigma0=0.075, beta=0.05)
+RELEASED = DiViCoConfig(mode="divico", tau=1 / 9, layer=2, query="last", kl="released", sigma0=0.075, beta=0.05,
+                        counts="released")
 # liuhaotian names -> llava-hf (transformers 5) names of the trainables, and the gap encoder's.
 PROJECTOR = {"model.mm_projector.0": "linear_1", "model.mm_projector.2": "linear_2"}
 GAP_ENCODER = {"model.disen_encoder.0": "fc1", "model.disen_encoder.1": "fc2"}
@@ -157,8 +160,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("released", help="the authors' released DiViCo weights -> an export",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lora", required=True, type=Path, help="the released folder (adapter + non_lora_trainables.bin)")
-    parser.add_argument("--base", required=True, help="llava-hf's LLaVA-1.5 (hub id or folder) the weights were trained on")
+    parser.add_argument("--lora", required=True, type=Path,
+                        help="the released folder (adapter + non_lora_trainables.bin)")
+    parser.add_argument("--base", required=True,
+                        help="llava-hf's LLaVA-1.5 (hub id or folder) the weights were trained on")
     parser.add_argument("--out", required=True, type=Path, help="the export folder to write (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.set_defaults(func=command)

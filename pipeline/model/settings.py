@@ -12,6 +12,7 @@ MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
 INITS = ("released", "zero")
+COUNT_RULES = ("project", "released")
 # The gap encoders `divico.encoder` can name, as "module:Class"; each is built as
 # Class(hidden_size, config) and called as the DiViCo module's gap_encoder slot (divico.py's
 # docstring). A new encoder, such as the Mixture-of-Experts stage's, is one file plus one line here.
@@ -71,11 +72,16 @@ class DiViCoConfig:
     # at 1/15, so a model trained at several rates wants this (the MoE recipe sets it).
     kl_per_token: bool = False
     seed: int = 0  # random mode: seeds each image's draw of kept token slots
+    # How many visual tokens are kept and averaged: "project": round(tau N) kept, every dropped
+    # one averaged into v_p; "released": int(tau N) kept (truncated) and the lowest int((1 - tau) N)
+    # by score averaged, as the released code's two top-k calls do (one token, the best dropped,
+    # is then left out where the truncations do not add up to N: at tau 1/15 of 576, not at 1/9).
+    counts: str = "project"
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ValueError naming the first bad setting."""
         for name, choices in (("mode", MODES), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS),
-                              ("encoder", tuple(GAP_ENCODERS))):
+                              ("encoder", tuple(GAP_ENCODERS)), ("counts", COUNT_RULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DiViCoConfig.{name}={getattr(self, name)!r}: expected one of {choices}")
         if not 0.0 < self.tau <= 1.0:

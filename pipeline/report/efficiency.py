@@ -161,7 +161,8 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
             counted = count_flops(llava, steps[index])
             rows.append({
                 "batch": batch, "mode": mode, "tau": None if mode == "none" else tau, "layer": wrapper.config.layer,
-                "visual_tokens": visual, "kept": visual if mode == "none" else kept_count(visual, tau),
+                "visual_tokens": visual,
+                "kept": visual if mode == "none" else kept_count(visual, tau, wrapper.config.counts),
                 "flops": analytic, "flops_counted": counted, "flops_gap": counted / analytic - 1,
                 "prefill_ms": prefill_ms, "answer_ms": answer_ms,
                 # None where timing noise swallows the decode steps (answer_ms <= prefill_ms)
