@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_divico
 
-from pipeline.cli import main as divico
 from pipeline.eval.benchmarks import BenchmarkError, benchmark, gqa, mmbench, mme, pope, read_predictions, textvqa
 
 
@@ -207,12 +207,6 @@ def test_mmbench_circular_evaluation(tmp_path):
     assert figures["accuracy"] == 0.0
     with pytest.raises(BenchmarkError, match=r"1 rows have no prediction \(first: index 1000001\)"):
         mmbench.score([{"question_id": i, "text": t} for i, t in answers.items() if i != 1000001], path)
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
 
 
 def test_divico_eval_score_prints_the_official_figures(pope_dir, tmp_path, capsys, caplog):

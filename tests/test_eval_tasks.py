@@ -14,7 +14,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import benchmark_layouts
-from pipeline.cli import main as divico
+from cli_helpers import run_divico
+
 from pipeline.eval.benchmarks import BenchmarkError, benchmark, read_predictions
 from pipeline.data.settings import CollatorSettings
 from pipeline.eval.main import load_collator
@@ -23,12 +24,6 @@ from pipeline.eval.tasks import BENCHMARK_TEMPLATE, as_sample
 from pipeline.report.accuracy import HEADLINES
 
 EVAL = ["max_new_tokens=3", "device=cpu", "model_max_length=512"]
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
 
 
 @pytest.fixture(scope="module")

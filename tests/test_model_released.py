@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from cli_helpers import run_divico
 
-from pipeline.cli import main as divico
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import pooled_visual_tokens, select_visual_tokens
 from pipeline.model.released import PREFIXES, ReleasedFormatError, import_released
@@ -174,12 +174,6 @@ def test_pooled_tokens_by_rule():
     assert pooled_visual_tokens(scores, image, keep, 0.3, "project").tolist() == [
         [False, False, True, True, True, True, False]]
     assert select_visual_tokens(scores, image, 0.3).sum() == 2  # round(1.5) = 2
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
 
 
 def test_folders_not_in_the_released_layout_exit_1(tiny_llava_dir, tmp_path, caplog):

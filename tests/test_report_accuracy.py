@@ -5,15 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from pipeline.cli import main as divico
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
+from cli_helpers import run_divico
 
 
 def write(path: Path, summary: dict) -> Path:

@@ -6,15 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import run_divico
 
-from pipeline.cli import main as divico
 from pipeline.model.flops import compressed_length
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
 
 
 def test_efficiency_report_of_a_model_folder(tiny_llava_dir, tmp_path, capsys):

@@ -6,19 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from cli_helpers import run_divico
 
-from pipeline.cli import main as divico
 from pipeline.data.settings import CollatorSettings
+from pipeline.eval.data import one_question
 from pipeline.eval.main import load_collator, load_model
 from pipeline.model.divico import kept_count
-from pipeline.eval.data import one_question
 from pipeline.report.overlay import DISPLAY_SIDE, draw, kept_visual_tokens
-
-
-def run_divico(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_:
-        divico(args)
-    return exit_.value.code
 
 
 def test_kept_tokens_are_the_models_and_the_drawing_darkens_the_rest(tiny_llava_dir, tmp_path, capsys):
