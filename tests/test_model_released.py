@@ -196,3 +196,11 @@ def test_folders_not_in_the_released_layout_exit_1(tiny_llava_dir, tmp_path, cap
     assert run_divico([*args, "--out", str(tmp_path / "d")]) == 1 and "adapter_config.json: not found" in caplog.text
     with pytest.raises(ReleasedFormatError, match="exists; choose a new folder"):
         import_released(folder, str(tiny_llava_dir), tmp_path / "ok")
+
+
+def test_weights_of_another_model_size_exit_1(tiny_llava_dir, tmp_path, caplog):
+    wider = save_tiny_llava(tmp_path / "wider", TinyLlavaConfig(hidden=192, intermediate=512))
+    write_released(wider, tmp_path / "released")
+    args = ["import", "released", "--lora", str(tmp_path / "released"), "--base", str(tiny_llava_dir)]
+    assert run_divico([*args, "--out", str(tmp_path / "out")]) == 1
+    assert "does not fit" in caplog.text and not (tmp_path / "out").exists()

@@ -135,7 +135,11 @@ def import_released(lora: str | Path, base: str, out: str | Path, *, dtype: torc
     config = LoraConfig(r=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"],
                         use_rslora=adapter_config.get("use_rslora", False), target_modules=targets)
     model = get_peft_model(llava, config)
-    loaded = set_peft_model_state_dict(model, adapter)
+    try:
+        loaded = set_peft_model_state_dict(model, adapter)
+    except RuntimeError as error:  # LoRA shapes of another model size
+        raise ReleasedFormatError(f"{lora}: the adapter does not fit {base}: {str(error).splitlines()[-1].strip()}"
+                                  ) from error
     if loaded.unexpected_keys:
         raise ReleasedFormatError(f"{lora}: adapter weights the base has no module for: {loaded.unexpected_keys[:5]}")
     llava = model.merge_and_unload()
