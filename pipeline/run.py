@@ -18,20 +18,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from launch.local import run_in_process
 from launch.stages import Pipeline, PipelineError, load_pipeline
-from pipeline.contract import EXIT_BAD_INPUT, TRAIN_SUMMARY_FILE
+from pipeline.contract import EXIT_BAD_INPUT, TRAIN_SUMMARY_FILE, run_name
+from pipeline.report.accuracy import read_summary, summary_row
+from pipeline.stats import paired_difference
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "pipelines" / "demo.yaml"
-# The summary's rows, in this order. demo.yaml names each evaluation <method>-<tau label>
-# ("base" alone): method fastv, divico (a specialist), moe (the Mixture-of-Experts model) or
-# nearest (the specialist of the nearest tau, run at a tau it was not trained at).
+# The summary's rows, in this order. Each row's method and tau are its summary's, as `divico
+# report accuracy` reads them (demo.yaml sets no tags.method: the method is the file's run name
+# without its tau label): base, fastv, divico (a specialist), moe (the Mixture-of-Experts model)
+# or nearest (the specialist of the nearest tau, run at a tau it was not trained at).
 EVAL_STAGES = ("eval_base", "eval_fastv", "eval_divico", "eval_moe", "eval_moe_unseen", "eval_nearest")
 MODES = {"none": "none", "fastv": "fastv (no training)"}  # eval's mode -> the table's words
 # What each method is compared with on the same questions, at its tau (then the base).
@@ -61,28 +68,52 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def standard_error(accuracy: float, questions: int) -> float:
-    """Binomial standard error of an accuracy measured on `questions` independent questions."""
-    return math.sqrt(accuracy * (1 - accuracy) / questions)
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the demo: its row as `divico report accuracy` reads it (method and tau
+    from the summary's own fields), the summary itself, and its per-question answers."""
+
+    row: dict[str, Any]
+    summary: dict[str, Any]
+    predictions: Path
+
+    @property
+    def name(self) -> str:
+        """The run name the row stands for (`divico-tau111`, `base`): the table's stage."""
+        return run_name(self.row["method"], self.row["tau"])
 
 
-def paired_table(prediction_files: dict[str, Path]):
-    """Each compressed model against FastV at its tau and against the base, on the same questions
-    (`prediction_files`: each evaluation's per-question answers, by its name)."""
+def read_evaluations(pipeline: Pipeline) -> dict[str, Evaluation]:
+    """Every evaluation of EVAL_STAGES by its run name, in stage order."""
+    evaluations = {}
+    # demo.yaml: each eval's outputs are its summary and its answers.
+    for summary_path, predictions in (task.outputs for stage in EVAL_STAGES for task in pipeline.stage(stage).tasks):
+        summary = read_summary(summary_path)
+        evaluation = Evaluation(summary_row(summary, summary_path), summary, predictions)
+        evaluations[evaluation.name] = evaluation
+    return evaluations
+
+
+def paired_table(evaluations: dict[str, Evaluation]) -> Table:
+    """Each compressed model against what AGAINST names at its tau and against the uncompressed
+    models, on the same questions."""
     from rich.table import Table
 
-    from pipeline.eval.score import paired_difference
-
     def predictions(name: str) -> list[dict]:
-        return [json.loads(line) for line in prediction_files[name].read_text().splitlines()]
+        return [json.loads(line) for line in evaluations[name].predictions.read_text().splitlines()]
 
+    uncompressed = [name for name, evaluation in evaluations.items() if evaluation.row["tau"] is None]
     table = Table(title="paired on the same questions: accuracy difference ± its s.e.")
     for column in ("A vs B", "A - B", "± s.e.", "only A right", "only B right"):
         table.add_column(column, justify="left" if column == "A vs B" else "right", no_wrap=True)
-    for name in prediction_files:
-        method, _, tau = name.partition("-")
-        against = [f"{other}-{tau}" for other in AGAINST.get(method, [])] + (["base"] if tau else [])
-        for other in (other for other in against if other in prediction_files):
+    for name, evaluation in evaluations.items():
+        method, tau = evaluation.row["method"], evaluation.row["tau"]
+        if tau is None:
+            continue
+        # Matched by run name, i.e. tau to three digits (tau111): the tau a specialist's settings
+        # hold and the one its eval command passes are the same rate, not always the same float.
+        against = [run_name(other, tau) for other in AGAINST.get(method, [])] + uncompressed
+        for other in (other for other in against if other in evaluations):
             paired = paired_difference(predictions(name), predictions(other))
             table.add_row(f"{name} vs {other}", f"{paired.difference:+.1%}", f"{paired.standard_error:.1%}",
                           str(paired.only_first), str(paired.only_second))
@@ -94,39 +125,39 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    # demo.yaml: each eval's outputs are its summary (named after the run it evaluates) and its answers.
-    tasks = {task.outputs[0].stem: task for stage in EVAL_STAGES for task in pipeline.stage(stage).tasks}
-    results = {name: json.loads(task.outputs[0].read_text()) for name, task in tasks.items()}
-    samples = next(iter(results.values()))["samples"]
+    evaluations = read_evaluations(pipeline)
+    samples = next(iter(evaluations.values())).row["questions"]
     table = Table(title=f"divico run: held-out accuracy on {samples} synthetic questions")
     for column in ("stage", "mode", "tau", "visual tokens kept", "accuracy", "± s.e.", "chance", "final train loss",
                    "train tokens/s", "eval tokens/s"):
         table.add_column(column, justify="left" if column in ("stage", "mode") else "right", no_wrap=True)
-    for name, result in results.items():
+    for name, evaluation in evaluations.items():
+        row, result = evaluation.row, evaluation.summary
         # The training run behind an evaluation: its own folder (base, divico-tau111), or its
         # method's (moe); FastV and the nearest-specialist rows have none of their own.
         summary_path = pipeline.root / name / TRAIN_SUMMARY_FILE
         if not summary_path.is_file():
-            summary_path = pipeline.root / name.partition("-")[0] / TRAIN_SUMMARY_FILE
+            summary_path = pipeline.root / row["method"] / TRAIN_SUMMARY_FILE
         train = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        # The row's value and se are percentages: "{:.1f}%" of them prints what "{:.1%}" of the fractions did.
         table.add_row(name, MODES.get(result["mode"], result["mode"]),
-                      f"{result['tau']:.3f}" if result["tau"] else "-",
-                      f"{result['visual_tokens_kept']} / {result['visual_tokens']}",
-                      f"{result['accuracy']:.1%}", f"{standard_error(result['accuracy'], samples):.1%}",
+                      f"{row['tau']:.3f}" if row["tau"] else "-",
+                      f"{row['kept']} / {result['visual_tokens']}",
+                      f"{row['value']:.1f}%", f"{row['se']:.1f}%",
                       f"{result['chance']:.1%}",
                       f"{train['train/lm_loss']:.3f}" if train else "-",
                       f"{train['run/tokens_per_s']:.0f}" if train else "-", f"{result['tokens_per_s']:.0f}")
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
-    console.print(paired_table({name: task.outputs[1] for name, task in tasks.items()}))
-    if any(name.startswith("moe-") for name in results):
+    console.print(paired_table(evaluations))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for evaluation in evaluations.values():
+        by_method.setdefault(evaluation.row["method"], []).append(evaluation.summary)
+    if "moe" in by_method:
         from pipeline.bench.report import plot_moe
 
-        by_method = {}
-        for name, result in results.items():
-            by_method.setdefault(name.partition("-")[0], []).append(result)
         figure = pipeline.root / "eval" / "moe.png"
-        newest = max(task.outputs[0].stat().st_mtime_ns for task in tasks.values())
+        newest = max(Path(evaluation.row["file"]).stat().st_mtime_ns for evaluation in evaluations.values())
         if not figure.is_file() or figure.stat().st_mtime_ns < newest:  # a rerun that evaluated nothing keeps it
             plot_moe({"moe": by_method["moe"], "specialist": by_method.get("divico", []),
                       "nearest specialist": by_method.get("nearest", [])}, figure)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.eval.score import SCORERS, exact_match, normalize_answer, paired_bootstrap, paired_difference, score
+from pipeline.eval.score import SCORERS, exact_match, normalize_answer, score
+from pipeline.stats import paired_bootstrap, paired_difference
 
 
 @pytest.mark.parametrize("text, normalized", [

@@ -6,11 +6,11 @@ A cell is one `divico eval` run: NAME.json (its summary, whose tags name the met
 and the condition) beside NAME.jsonl (its scored predictions, one question a line). Rows are
 keyed by the free method name, so a new method joins the tables without code changes.
 
-Spread: a row's accuracy is the mean over seeds of each seed's accuracy; its standard error is
-the seeds' sample sd / sqrt(seeds) (what retraining moves), or for a single seed (a
-training-free method on the one base model) the binomial sqrt(p(1-p)/n) over its questions.
-Differences are paired on seed and question and bootstrapped over both
-(pipeline.eval.score.paired_bootstrap), since the questions' difficulty is shared by both sides.
+Spread (pipeline/stats.py): a row's accuracy is the mean over seeds of each seed's accuracy; its
+standard error is the seeds' sample sd / sqrt(seeds) (what retraining moves), or for a single
+seed (a training-free method on the one base model) the binomial sqrt(p(1-p)/n) over its
+questions (mean_over_seeds). Differences are paired on seed and question and bootstrapped over
+both (paired_bootstrap), since the questions' difficulty is shared by both sides.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.durable import write_text_atomically
-from pipeline.eval.score import PairedInterval, paired_bootstrap
+from pipeline.stats import PairedInterval, mean_over_seeds, paired_bootstrap, proportion_standard_error
 
 BASE = "none"  # the uncompressed base model's method: retention is relative to its clean row
 CONDITIONS = ("clean", "noise")
@@ -132,23 +132,16 @@ def _check_same_questions(first: Cell, second: Cell) -> None:
                          f"{len(second.correct.keys() - first.correct.keys())} only in the second)")
 
 
-def _mean_se(accuracies: list[float], questions: int) -> tuple[float, float]:
-    mean = statistics.fmean(accuracies)
-    if len(accuracies) > 1:
-        return mean, statistics.stdev(accuracies) / math.sqrt(len(accuracies))
-    return mean, math.sqrt(mean * (1 - mean) / questions)
-
-
 def _row(group: list[Cell]) -> dict[str, Any]:
     first = group[0]
     for cell in group[1:]:
         _check_same_questions(first, cell)
     keys = list(first.correct)
-    accuracy, se = _mean_se([cell.fraction(keys) for cell in group], len(keys))
+    accuracy, se = mean_over_seeds([cell.fraction(keys) for cell in group], len(keys))
     by_kind = {}
     for kind in sorted(set(first.kinds.values())):
         own = [key for key in keys if first.kinds[key] == kind]
-        kind_accuracy, kind_se = _mean_se([cell.fraction(own) for cell in group], len(own))
+        kind_accuracy, kind_se = mean_over_seeds([cell.fraction(own) for cell in group], len(own))
         by_kind[kind] = {"accuracy": kind_accuracy, "se": kind_se, "questions": len(own)}
     return {"method": first.method, "tau": first.tau, "condition": first.condition, "accuracy": accuracy, "se": se,
             "retention": None, "questions": len(keys), "seeds": len(group),
@@ -379,7 +372,7 @@ def plot_moe(evaluations: dict[str, list[dict[str, Any]]], path: Path) -> None:
         by_tau = _by_tau(summaries)
         accuracies = [statistics.fmean(e["accuracy"] for e in group) for group in by_tau.values()]
         questions = [sum(e["samples"] for e in group) for group in by_tau.values()]
-        errors = [math.sqrt(a * (1 - a) / n) for a, n in zip(accuracies, questions)]
+        errors = [proportion_standard_error(a, n) for a, n in zip(accuracies, questions)]
         accuracy_axes.errorbar([100 * tau for tau in by_tau], [100 * a for a in accuracies],
                                yerr=[100 * e for e in errors], fmt="o-" if len(by_tau) > 1 else "o", capsize=3,
                                label=method)

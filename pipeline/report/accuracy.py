@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from pipeline.config import ConfigError
 from pipeline.contract import EXIT_BAD_INPUT, tau_label
 from pipeline.durable import write_text_atomically
 from pipeline.eval.config import HELDOUT
+from pipeline.stats import proportion_standard_error
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,20 @@ HEADLINES = {"textvqa": ("accuracy", 1, "TextVQA"), "pope": ("f1", 100, "POPE F1
              "gqa": ("accuracy", 1, "GQA"), HELDOUT: ("accuracy", 100, "held-out")}
 
 
-def read_result(path: Path) -> dict[str, Any]:
-    """One row: task, method, tau, kept, value, se (None where the figure has none), questions."""
+def read_summary(path: Path) -> dict[str, Any]:
+    """The JSON of one summary `divico eval --out` wrote; ConfigError naming the file."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path}: not an evaluation summary ({error})") from error
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{path}: not an evaluation summary (a JSON {type(summary).__name__})")
+    return summary
+
+
+def summary_row(summary: dict[str, Any], path: Path) -> dict[str, Any]:
+    """One row of `summary` (read from `path`, whose name is the method when tags.method is not
+    set): task, method, tau, kept, value, se (None where the figure has none), questions, file."""
     task = summary.get("task", HELDOUT)
     if task not in HEADLINES or not {"mode", "tau"} <= summary.keys():
         raise ConfigError(f"{path}: not an evaluation summary of `divico eval --out` (task {task!r})")
@@ -58,7 +66,7 @@ def read_result(path: Path) -> dict[str, Any]:
     name, scale, _ = HEADLINES[task]
     if task == HELDOUT:
         accuracy, questions = summary["accuracy"], summary["samples"]
-        value, se = 100 * accuracy, 100 * math.sqrt(accuracy * (1 - accuracy) / questions)
+        value, se = 100 * accuracy, proportion_standard_error(accuracy, questions, scale=100)
     else:
         if "figures" not in summary:
             raise ConfigError(f"{path}: {task} answered only in part ({summary.get('missing')} questions missing), "
@@ -68,6 +76,11 @@ def read_result(path: Path) -> dict[str, Any]:
     kept = summary.get("kept", summary.get("visual_tokens_kept"))
     return {"task": task, "method": method, "tau": tau, "kept": kept, "value": value, "se": se,
             "questions": questions, "file": str(path)}
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """The row of the summary at `path` (summary_row)."""
+    return summary_row(read_summary(path), path)
 
 
 def read_results(paths: list[Path]) -> list[dict[str, Any]]:

@@ -22,8 +22,6 @@ import binascii
 import importlib
 import io
 import json
-import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -58,11 +56,6 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as error:
                 raise BenchmarkError(f"{path}, line {number}: not JSON ({error.msg})") from error
     return rows
-
-
-def standard_error(scores: list[float]) -> float:
-    """The standard error of the mean of per-question scores in [0, 1], x 100 (a percentage)."""
-    return 100 * statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

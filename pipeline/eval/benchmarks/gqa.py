@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines, standard_error
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+from pipeline.stats import mean_standard_error
 
 QUESTIONS = "llava_gqa_testdev_balanced.jsonl"
 IMAGES = "data/images"
@@ -44,5 +45,6 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
     every = right["binary"] + right["open"]
     if not every:
         raise BenchmarkError(f"{annotations}: no balanced questions")
-    return {"accuracy": 100 * sum(every) / len(every), "se": standard_error(every), "questions": len(every),
+    return {"accuracy": 100 * sum(every) / len(every), "se": mean_standard_error(every, scale=100),
+            "questions": len(every),
             **{kind: 100 * sum(values) / len(values) for kind, values in right.items() if values}}

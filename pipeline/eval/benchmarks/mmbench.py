@@ -29,7 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError, Question, standard_error
+from pipeline.eval.benchmarks import BenchmarkError, Question
+from pipeline.stats import mean_standard_error
 
 ANNOTATIONS = "mmbench_dev_20230712.tsv"  # questions, options, answers and base64 images in one file
 MAX_NEW_TOKENS = 1024  # LLaVA's model_vqa_mmbench.py
@@ -145,7 +146,7 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
     for index in questions:
         for column, groups_of in by.items():
             groups_of[rows[index].get(column) or "-"].append(index)
-    return {"accuracy": accuracy(questions), "se": standard_error([scored[i] for i in questions]),
+    return {"accuracy": accuracy(questions), "se": mean_standard_error([scored[i] for i in questions], scale=100),
             "questions": len(questions), "rows": len(rows),
             "unresolved": unresolved,
             **{column: {name: accuracy(indices) for name, indices in sorted(groups_of.items())}

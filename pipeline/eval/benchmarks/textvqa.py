@@ -25,7 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines, standard_error
+from pipeline.eval.benchmarks import BenchmarkError, Question, read_question_lines
+from pipeline.stats import mean_standard_error
 
 QUESTIONS = "llava_textvqa_val_v051_ocr.jsonl"  # the question, its OCR tokens, the short-answer instruction
 IMAGES = "train_images"  # TextVQA's val images ship in train_val_images.zip
@@ -129,4 +130,5 @@ def score(predictions: list[dict[str, Any]], annotations: Path) -> dict[str, Any
         scores.append(answer_score(prediction["text"], references[key]))
     if not scores:
         raise BenchmarkError("no predictions to score")
-    return {"accuracy": 100 * statistics.fmean(scores), "se": standard_error(scores), "questions": len(scores)}
+    return {"accuracy": 100 * statistics.fmean(scores), "se": mean_standard_error(scores, scale=100),
+            "questions": len(scores)}
