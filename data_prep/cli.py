@@ -10,7 +10,8 @@ from pathlib import Path
 
 from data_prep import grid
 from data_prep.synth import TASKS
-from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
+from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE
+from pipeline.data.shard_format import MANIFEST_FILE, REJECTED_FILE
 
 log = logging.getLogger(__name__)
 

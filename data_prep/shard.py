@@ -38,7 +38,9 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 from tqdm import tqdm
 
 from data_prep import checks
-from pipeline.contract import MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
+from pipeline.data.shard_format import (JSON_EXT, MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION, Manifest,
+                                        ShardRecord, key_digits, member_name, read_manifest, sample_key,
+                                        shard_name, write_manifest)
 from pipeline.durable import fsync_path, write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ WORK_DIR = ".prep"
 # Entries per validation task: ~0.1 s of decoding (an even end of phase), or ~10 ms of header
 # checks (less per-task overhead).
 DECODE_CHUNK, HEADER_CHUNK = 32, 256
-SHARD_PATTERN = "shard-{:06d}.tar"
 # what json.dumps(..., ensure_ascii=False) would build anew for every call
 _json = json.JSONEncoder(ensure_ascii=False)
 
@@ -232,11 +233,6 @@ def plan_shards(sources: list[str], shard_size: int, seed: int) -> list[list[int
     return shards
 
 
-def sample_key(index: int, entry_id: str, digits: int) -> str:
-    """webdataset-safe key: unique through the entry index, readable through the id."""
-    return f"{index:0{digits}d}_{re.sub(r'[^A-Za-z0-9_-]', '_', entry_id)[:64]}"
-
-
 # ---------------------------------------------------------------------------- write
 
 # The USTAR header of every member but its name, size and checksum: mode 0444, uid/gid 0,
@@ -308,11 +304,11 @@ def _write_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Shar
                     "conversations": entry["conversations"]}
             if isinstance(entry.get("question_type"), str):  # evaluation sets may label their questions
                 meta["question_type"] = entry["question_type"]
-            tar.add(f"{key}.json", _json.encode(meta).encode())
+            tar.add(member_name(key, JSON_EXT), _json.encode(meta).encode())
             if sample.image is not None:
                 info = checks.ImageInfo(sample.width, sample.height, sample.ext,
                                         sample.convert, sample.size)
-                tar.add(f"{key}.{sample.ext}",
+                tar.add(member_name(key, sample.ext),
                         checks.stored_image_bytes(_worker["root_real"], sample.image, info))
         tar.close()
     return ShardFile(path, len(samples), tar.bytes, tar.sha.hexdigest(), durable=False)
@@ -330,7 +326,8 @@ def _check_shard(task: tuple[str, list[tuple[int, int, Accepted]], int]) -> Shar
     expected = []
     for _, _, s in samples:
         key = sample_key(s.index, s.id, digits)
-        expected += sorted([f"{key}.json"] + ([f"{key}.{s.ext}"] if s.image is not None else []))
+        members = [member_name(key, JSON_EXT)] + ([member_name(key, s.ext)] if s.image is not None else [])
+        expected += sorted(members)
     try:
         with tarfile.open(path, "r:") as tar:
             names = [m.name for m in tar]
@@ -373,7 +370,10 @@ def _prepare_out(cfg: ShardConfig, identity: dict) -> bool:
         raise PrepError(f"--out {cfg.out} is not empty ({', '.join(existing[:3])}...); pass "
                         "--resume to finish an interrupted job, or choose an empty folder")
     if cfg.resume and MANIFEST_FILE in existing:  # written last, atomically: the job had finished
-        finished = json.loads((cfg.out / MANIFEST_FILE).read_text())
+        try:
+            finished = read_manifest(cfg.out)
+        except ValueError as err:
+            raise PrepError(f"--resume: {err}; choose an empty folder") from err
         recorded = {**finished["inputs"], "seed": finished["seed"]}
         changed = [k for k in recorded if recorded[k] != identity.get(k)]
         if changed:
@@ -435,7 +435,7 @@ def _in_order(pool: Executor, fn: Callable, tasks: Iterable, window: int) -> Ite
         yield pending.popleft().result()
 
 
-def run_shard(cfg: ShardConfig) -> dict:
+def run_shard(cfg: ShardConfig) -> Manifest:
     """Run the whole job (or finish an interrupted one); returns the manifest."""
     if cfg.shard_size < 1 or cfg.workers < 1:
         raise PrepError("--shard-size and --workers must be at least 1")
@@ -464,7 +464,7 @@ def run_shard(cfg: ShardConfig) -> dict:
         identity = _job_identity(cfg, data_sha256)
         if not _prepare_out(cfg, identity):
             log.info("%s already holds a finished job; nothing to do", cfg.out)
-            return json.loads((cfg.out / MANIFEST_FILE).read_text())
+            return read_manifest(cfg.out)
         work = cfg.out / WORK_DIR
         results = _load_validated(work / "validated.jsonl")
 
@@ -487,13 +487,14 @@ def run_shard(cfg: ShardConfig) -> dict:
         del results
 
         # plan + write: one task per shard, so workers never send image bytes to the parent
-        digits = max(7, len(str(max(num_entries - 1, 0))))
-        tasks = [(str(cfg.out / SHARD_PATTERN.format(k)),
+        digits = key_digits(num_entries)
+        tasks = [(str(cfg.out / shard_name(k)),
                   [(offsets[2 * accepted[p].index], offsets[2 * accepted[p].index + 1], accepted[p])
                    for p in positions], digits)
                  for k, positions in enumerate(plan_shards([a.source for a in accepted], cfg.shard_size,
                                                            cfg.seed))]
-        shard_stats, publishing = {}, []
+        shard_stats: dict[str, ShardRecord] = {}
+        publishing = []
         with tqdm(total=len(accepted), unit="samples", desc="write shards", smoothing=0.1,
                   disable=not cfg.progress) as bar, ThreadPoolExecutor(cfg.workers) as publisher:
             for done in as_completed([pool.submit(_write_or_keep, task) for task in tasks]):
@@ -501,47 +502,37 @@ def run_shard(cfg: ShardConfig) -> dict:
                 if not shard.durable:
                     publishing.append(publisher.submit(_publish, shard.path))
                 name = os.path.basename(shard.path)
-                shard_stats[name] = {"name": name, "samples": shard.samples, "bytes": shard.bytes,
-                                     "sha256": shard.sha256}
+                shard_stats[name] = ShardRecord(name=name, samples=shard.samples, bytes=shard.bytes,
+                                                sha256=shard.sha256)
                 bar.update(shard.samples)
             for done in publishing:
                 done.result()  # raises an fsync or rename error here
 
     log.info("wrote %d shards; %.1f s in all", len(shard_stats), time.perf_counter() - started)
-    manifest = _manifest(cfg, identity, num_entries, accepted, rejected,
-                         [shard_stats[k] for k in sorted(shard_stats)])
     write_text_atomically(cfg.out / REJECTED_FILE, "".join(
         json.dumps(r._asdict(), ensure_ascii=False) + "\n" for r in rejected))
-    write_text_atomically(cfg.out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    manifest = _write_manifest(cfg, identity, num_entries, accepted, rejected,
+                               [shard_stats[k] for k in sorted(shard_stats)])
     shutil.rmtree(work)
     fsync_path(cfg.out)
     return manifest
 
 
-def _manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list[Accepted],
-              rejected: list[Rejected], shards: list[dict]) -> dict:
+def _write_manifest(cfg: ShardConfig, identity: dict, num_entries: int, accepted: list[Accepted],
+                    rejected: list[Rejected], shards: list[ShardRecord]) -> Manifest:
     written_by_source = Counter(a.source for a in accepted)
     rejected_by_source = Counter(r.source for r in rejected)
     sources = {s: {"written": written_by_source[s], "rejected": rejected_by_source[s]}
                for s in sorted(written_by_source.keys() | rejected_by_source.keys())}
-    manifest = {
-        "format_version": SHARD_FORMAT_VERSION,
-        "inputs": {k: identity[k] for k in ("data", "data_sha256", "image_root", "shard_size",
-                                            "fast_validate")},
-        "seed": cfg.seed,
-        "entries": num_entries,
-        "written": len(accepted),
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(sorted(Counter(r.reason for r in rejected).items())),
-        "sources": sources,
-        "shards": shards,
-    }
-    if manifest["written"] + manifest["rejected"] != num_entries:
-        raise RuntimeError("accounting error: written + rejected != entries")  # a bug, never input
-    return manifest
+    return write_manifest(
+        cfg.out,
+        inputs={k: identity[k] for k in ("data", "data_sha256", "image_root", "shard_size", "fast_validate")},
+        seed=cfg.seed, entries=num_entries, written=len(accepted), rejected=len(rejected),
+        rejected_by_reason=dict(sorted(Counter(r.reason for r in rejected).items())),
+        sources=sources, shards=shards)
 
 
-def summary_table(manifest: dict, seconds: float | None = None):
+def summary_table(manifest: Manifest, seconds: float | None = None):
     """A rich table of what a shard directory holds."""
     from rich.table import Table
 

@@ -3,26 +3,21 @@ manifest (file set, sizes, sha256, per-shard sample counts, unique keys, totals)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import webdataset as wds
 
-from pipeline.contract import MANIFEST_FILE, REJECTED_FILE
+from pipeline.data.shard_format import REJECTED_FILE, read_manifest, unlisted_shards
 from pipeline.durable import sha256_file
 
 
 def verify(shard_dir: Path) -> list[str]:
     """Every problem found, as one clear sentence each; empty when the folder is sound."""
-    manifest_path = shard_dir / MANIFEST_FILE
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        return [f"cannot read {manifest_path}: {err}"]
-    problems = []
-    listed = {s["name"] for s in manifest["shards"]}
-    on_disk = {p.name for p in shard_dir.glob("shard-*.tar")}
-    problems += [f"{name} is on disk but not in the manifest" for name in sorted(on_disk - listed)]
+        manifest = read_manifest(shard_dir)
+    except (OSError, ValueError) as err:  # the message names the file and the problem
+        return [str(err)]
+    problems = [f"{name} is on disk but not in the manifest" for name in unlisted_shards(shard_dir, manifest)]
 
     keys: set[str] = set()
     total = 0

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.contract import DIVICO_SETTINGS_FILE, MANIFEST_FILE
+from pipeline.contract import DIVICO_SETTINGS_FILE
+from pipeline.data.shard_format import MANIFEST_FILE
 from pipeline.data.settings import CollatorSettings
 from pipeline.model.settings import DiViCoConfig
 from pipeline.train.rates import RATE_SCHEDULES

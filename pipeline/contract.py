@@ -20,9 +20,7 @@ EXIT_PREEMPTED = 3  # SIGUSR1/SIGTERM: a complete checkpoint was written; requeu
 DATA_FILE = "llava_v1_5_mix665k.json"
 IMAGE_TOKEN = "<image>"  # the marker in a conversation; expanded to the visual tokens by the collator
 IGNORE_INDEX = -100  # label of a position that no loss is taken on (transformers' convention)
-SHARD_FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"  # written last: a shard folder with a manifest is complete
-REJECTED_FILE = "rejected.jsonl"
+# the shard folder's files, names and manifest: pipeline/data/shard_format.py
 
 # ---------------------------------------------------------------- training outputs
 CHECKPOINTS_DIR = "checkpoints"

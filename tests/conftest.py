@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.contract import IMAGE_TOKEN, MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
+from pipeline.contract import IMAGE_TOKEN
+from pipeline.data.shard_format import (JSON_EXT, REJECTED_FILE, key_digits, sample_key, shard_name,
+                                        write_manifest)
 from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 
 # Tests start `divico`, `deepspeed` and the launch scripts as programs: they must be the ones
@@ -48,7 +50,6 @@ def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
     """
     import hashlib
     import io
-    import json
 
     import webdataset as wds
     from PIL import Image
@@ -68,9 +69,9 @@ def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
 
     def make(num_samples: int, num_shards: int, *, text_only_every: int = 5) -> Path:
         out = tmp_path_factory.mktemp(f"shards_{num_samples}x{num_shards}")
-        shards = []
+        shards, digits = [], key_digits(num_samples)
         for shard in range(num_shards):
-            name = f"shard-{shard:06d}.tar"
+            name = shard_name(shard)
             first, last = shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
             with wds.TarWriter(str(out / name)) as writer:
                 for index in range(first, last):
@@ -80,22 +81,20 @@ def make_shard_dir(tmp_path_factory: pytest.TempPathFactory):
                               "image": None, "width": None, "height": None,
                               "conversations": [{"from": "human", "value": f"question {index}"},
                                                 {"from": "gpt", "value": f"answer {index}"}]}
-                    sample = {"__key__": f"{index:07d}_id{index}"}
+                    sample = {"__key__": sample_key(index, record["id"], digits)}
                     if not text_only:
                         ext, data, record["width"], record["height"] = image_member(index)
                         record["image"] = f"{record['source']}/{index}.{ext}"
                         record["conversations"][0]["value"] = f"{IMAGE_TOKEN}\nquestion {index}"
                         sample[ext] = data
-                    sample["json"] = record
+                    sample[JSON_EXT] = record
                     writer.write(sample)
             data = (out / name).read_bytes()
             shards.append({"name": name, "samples": last - first, "bytes": len(data),
                            "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {"format_version": SHARD_FORMAT_VERSION, "inputs": {}, "seed": 0, "entries": num_samples,
-                    "written": num_samples, "rejected": 0, "rejected_by_reason": {},
-                    "sources": {}, "shards": shards}
-        (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         (out / REJECTED_FILE).write_text("")
+        write_manifest(out, inputs={}, seed=0, entries=num_samples, written=num_samples, rejected=0,
+                       rejected_by_reason={}, sources={}, shards=shards)
         return out
 
     return make

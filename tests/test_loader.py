@@ -15,8 +15,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.bench.loader import measure_throughput
-from pipeline.contract import DATA_FILE, MANIFEST_FILE
+from pipeline.contract import DATA_FILE
 from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length
+from pipeline.data.shard_format import MANIFEST_FILE
 
 NUM_SAMPLES = 37  # prime: uneven shards, a remainder for every world size > 1
 BATCH_SIZE = 3

@@ -19,7 +19,8 @@ from data_prep.shard import DECODE_CHUNK, ShardConfig, run_shard, ustar_header
 from data_prep.synth import SynthConfig, generate
 from data_prep.verify import verify
 from pipeline.cli import main as divico
-from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, MANIFEST_FILE, REJECTED_FILE
+from pipeline.contract import DATA_FILE, EXIT_BAD_INPUT, EXIT_FAILURE
+from pipeline.data.shard_format import MANIFEST_FILE, REJECTED_FILE
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
-from pipeline.contract import MANIFEST_FILE, REJECTED_FILE, SHARD_FORMAT_VERSION
+from pipeline.data.shard_format import (IMAGE_EXTS, JSON_EXT, MANIFEST_FILE, REJECTED_FILE, Manifest,
+                                        read_manifest, split_member, unlisted_shards)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ INDEX_VERSION = 1
 # epoch's shuffled order still decides which samples meet.
 GROUP_BUFFER_BATCHES = 64
 INDEX_ARRAYS = ("keys", "shard", "json_offset", "json_size", "image_offset", "image_size")
-IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
 
 @dataclass
@@ -71,23 +70,10 @@ class ShardIndex:
         return len(self.keys)
 
 
-def read_manifest(shard_dir: Path) -> dict[str, Any]:
+def checked_manifest(shard_dir: Path) -> Manifest:
     """The manifest, checked against the shard files on disk."""
-    path = shard_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {shard_dir} is not a shard directory written by "
-                                "`divico prep shard` (or the run has not finished)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if manifest.get("format_version") != SHARD_FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, "
-                         f"this loader reads {SHARD_FORMAT_VERSION}")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "samples", "bytes"} <= s.keys()
-                                               for s in shards):
-        raise ValueError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}")
+    manifest = read_manifest(shard_dir)
+    path, shards = shard_dir / MANIFEST_FILE, manifest["shards"]
     if sum(s["samples"] for s in shards) == 0:
         raise ValueError(f"{path} lists no samples (every entry rejected? see {shard_dir / REJECTED_FILE})")
     missing = [s["name"] for s in shards if not (shard_dir / s["name"]).is_file()]
@@ -99,8 +85,7 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
         if size != shard["bytes"]:
             raise ValueError(f"{shard_dir / shard['name']} is {size} bytes but {path} records {shard['bytes']} "
                              "(truncated copy, or rewritten after the manifest?)")
-    listed = {s["name"] for s in shards}
-    strays = sorted(p.name for p in shard_dir.glob("shard-*.tar") if p.name not in listed)
+    strays = unlisted_shards(shard_dir, manifest)
     if strays:
         log.warning("%s: %d shard file(s) not in the manifest are ignored: %s",
                     shard_dir, len(strays), ", ".join(strays[:5]))
@@ -111,7 +96,7 @@ def _scan_shard(path: Path) -> list[tuple[str, int, int, int, int]]:
     """(key, json offset, json size, image offset, image size) per sample, in tar order.
 
     tarfile reads only the 512-byte headers and seeks over the data, so this costs one small
-    read per member. Members are grouped into samples by webdataset's own naming rule.
+    read per member. Members are grouped into samples by shard_format.split_member.
     """
     samples: list[dict[str, Any]] = []
     try:
@@ -119,16 +104,16 @@ def _scan_shard(path: Path) -> list[tuple[str, int, int, int, int]]:
             for member in tar:
                 if not member.isreg():
                     continue
-                key, suffix = base_plus_ext(member.name)
-                if key is None:
+                parts = split_member(member.name)
+                if parts is None:
                     raise ValueError(f"{path}: member {member.name!r} has no key.extension name")
-                suffix = suffix.lower()
+                key, suffix = parts[0], parts[1].lower()
                 if not samples or samples[-1]["key"] != key:
                     samples.append({"key": key})
                 sample = samples[-1]
-                if suffix == "json":
+                if suffix == JSON_EXT:
                     slot = "json"
-                elif suffix in IMAGE_SUFFIXES:
+                elif suffix in IMAGE_EXTS:
                     slot = "image"
                 else:
                     raise ValueError(f"{path}: member {member.name!r} is neither json nor an image")
@@ -145,7 +130,7 @@ def _scan_shard(path: Path) -> list[tuple[str, int, int, int, int]]:
     return rows
 
 
-def build_index(shard_dir: Path, manifest: dict[str, Any]) -> ShardIndex:
+def build_index(shard_dir: Path, manifest: Manifest) -> ShardIndex:
     """Scan every shard's tar headers (threads: the scan waits on I/O) and check the counts."""
     shards = manifest["shards"]
     started = time.perf_counter()
@@ -171,14 +156,14 @@ def build_index(shard_dir: Path, manifest: dict[str, Any]) -> ShardIndex:
     return index
 
 
-def _fingerprint(manifest: dict[str, Any]) -> str:
+def _fingerprint(manifest: Manifest) -> str:
     """Identifies the shard set an index was built for (the manifest changes whenever a shard does)."""
     return json.dumps({"index_version": INDEX_VERSION,
-                       "shards": [[s["name"], s["samples"], s["bytes"], s.get("sha256")]
+                       "shards": [[s["name"], s["samples"], s["bytes"], s["sha256"]]
                                   for s in manifest["shards"]]})
 
 
-def load_index(shard_dir: Path, manifest: dict[str, Any], index_path: Path) -> ShardIndex:
+def load_index(shard_dir: Path, manifest: Manifest, index_path: Path) -> ShardIndex:
     """The cached index if it matches the manifest, else a fresh scan, cached for the next process."""
     fingerprint = _fingerprint(manifest)
     if index_path.is_file():
@@ -252,7 +237,7 @@ class ShardDataset(IterableDataset):
         self.shard_dir = Path(shard_dir)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.epoch, self.start_sample = seed, epoch, start_sample
-        manifest = read_manifest(self.shard_dir)
+        manifest = checked_manifest(self.shard_dir)
         self.index = load_index(self.shard_dir, manifest,
                                 Path(index_path) if index_path else self.shard_dir / INDEX_NAME)
         total = len(self.index)

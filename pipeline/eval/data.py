@@ -10,8 +10,9 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.contract import IMAGE_TOKEN, MANIFEST_FILE
+from pipeline.contract import IMAGE_TOKEN
 from pipeline.data.loader import Sample, ShardDataset
+from pipeline.data.shard_format import MANIFEST_FILE
 from pipeline.eval.config import EvalError
 from pipeline.eval.score import PUNCTUATION
 
