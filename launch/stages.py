@@ -10,7 +10,7 @@ A pipeline file (configs/pipelines/*.yaml) names a root directory, a cluster, an
         outputs: [${root}/data/shards/manifest.json]
       divico:                             # a "train" stage: `divico train` on every rank
         after: [shards]
-        sweep: {tau: [0.0666667, 0.1111111, 0.1666667]}   # one task (SLURM array element) per value
+        sweep: {tau: "${paper_taus:}"}      # one task (SLURM array element) per value
         train:
           config: [configs/llava15_lora.yaml]
           overrides: [data.shards=${root}/data/shards, divico.tau=${tau}]
@@ -19,8 +19,8 @@ A pipeline file (configs/pipelines/*.yaml) names a root directory, a cluster, an
 
 Strings are OmegaConf interpolations: ${root}, the sweep variables (${tau}), the free values
 under `vars:` (${vars.samples}), any other key of the file (${stages.base.train.output_dir})
-and resolvers such as ${oc.env:USER}, ${run_name:STAGE,${tau}} (pipeline/contract.py's run
-name, `divico-tau111`) and ${nearest_tau:${tau},${vars.taus}} (the nearest of a list in log tau). A tau sweep point is labelled tau111, any other one key-value
+and resolvers: OmegaConf's (${oc.env:USER}) and the project's (pipeline/resolvers.py: ${paper_taus:},
+${run_name:STAGE,${tau}}, ${nearest_tau:${tau},${vars.taus}}, ...). A tau sweep point is labelled tau111, any other one key-value
 (`recipe-lora`); a train task's TensorBoard run is <stage>-<label>. A stage is
 complete when all its outputs exist; a train stage's output is <output_dir>/train_summary.json,
 which `divico train` writes only after the epoch's last step. New stages (the MoE stage,
@@ -40,10 +40,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.contract import TRAIN_SUMMARY_FILE, nearest_tau, run_name, tau_label
+from pipeline.contract import TRAIN_SUMMARY_FILE, tau_label
+from pipeline.resolvers import register_resolvers
 
-OmegaConf.register_resolver("run_name", run_name, replace=True)  # ${run_name:divico,${tau}}
-OmegaConf.register_resolver("nearest_tau", nearest_tau, replace=True)  # ${nearest_tau:${tau},${vars.taus}}
+register_resolvers()  # ${paper_taus:}, ${run_name:divico,${tau}} and the others
 
 
 class PipelineError(ValueError):

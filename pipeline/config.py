@@ -2,7 +2,7 @@
 
 A recipe is a YAML file with the sections below; later files and `key=value` overrides win:
 
-    divico train --config configs/llava15_lora.yaml --config configs/variants/divico_tau111.yaml train.output_dir=runs/x
+    divico train --config configs/llava15_lora.yaml --config configs/methods/divico.yaml 'divico.tau=${paper_tau:large}'
 
 `validate` checks everything that can be checked without loading weights (paths, batch
 arithmetic, tau and K against the model's config.json) so a bad sweep entry fails in seconds,
@@ -20,11 +20,14 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from pipeline.contract import DIVICO_SETTINGS_FILE
+from pipeline.contract import DIVICO_SETTINGS_FILE, run_name
 from pipeline.data.shard_format import MANIFEST_FILE
 from pipeline.data.settings import CollatorSettings
 from pipeline.model.settings import DiViCoConfig
+from pipeline.resolvers import register_resolvers
 from pipeline.train.rates import RATE_SCHEDULES
+
+register_resolvers()  # recipes may write ${paper_tau:medium}
 
 TRAIN_MODES = ("lora", "full")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -78,7 +81,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "divico-tau111"  # names the TensorBoard run; unique per stage and tau
+    # Names the TensorBoard run, unique per stage and tau; default_stage() when not set.
+    stage: str | None = None
     output_dir: str = "outputs/run"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     global_batch_size: int = 128
@@ -152,9 +156,22 @@ def load_config(paths: list[str | Path], overrides: list[str] | None = None,
     except Exception as error:
         raise ConfigError(f"override {overrides}: {_one_line(error)}") from error
     try:
+        if schema is RunConfig and merged.train.stage is None:  # before ${train.stage} is read
+            merged.train.stage = default_stage(OmegaConf.to_object(merged.divico), merged.model.train_mode)
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key}: required, not set (pass {error.full_key}=...)") from error
+    except Exception as error:  # a resolver's message (${paper_tau:huge}) names the problem
+        raise ConfigError(f"config {[str(path) for path in paths]} {overrides or []}: {_one_line(error)}") from error
+
+
+def default_stage(divico: DiViCoConfig, train_mode: str) -> str:
+    """The run's name when train.stage is not set: the method at its rate (`divico-tau111`),
+    `moe` for a Mixture-of-Experts model (it serves every rate), the training mode (`lora`,
+    `full`) without compression. The launcher names each task's run itself."""
+    if divico.encoder == "moe":
+        return "moe"
+    return run_name(divico.mode, divico.tau) if divico.compresses else train_mode
 
 
 def _one_line(error: Exception) -> str:

@@ -5,7 +5,7 @@ run's effective config (the recipes and overrides merged), so moving a fact from
 another is invisible here while any change to what runs is not. Paths under the pipeline root
 read ROOT, paths under the repository REPO.
 
-    python -m tests.stage_graphs --write   # after an intended change: rewrite the snapshot
+    python tests/stage_graphs.py --write   # after an intended change: rewrite the snapshot
 """
 
 from __future__ import annotations

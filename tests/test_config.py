@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, save_config, validate
-from pipeline.contract import run_name
+from pipeline.config import ConfigError, default_stage, load_config, save_config, validate
+from pipeline.contract import TAUS, run_name, tau_label
 from pipeline.model.divico import kept_count
 from pipeline.model.settings import DiViCoConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = sorted((REPO / "configs" / "variants").glob("*.yaml"))
+METHODS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 
 
 @pytest.fixture
@@ -114,30 +114,53 @@ def test_the_debug_recipe_is_valid(tiny_cfg):
 
 
 @pytest.mark.parametrize("model", [[], ["llava15_13b.yaml"]], ids=["7b", "13b"])
-@pytest.mark.parametrize("sweep", SWEEP, ids=[p.stem for p in SWEEP])
-def test_sweep_configs_are_valid_for_4_gpus(model, sweep):
-    """The shipped recipe with each model and sweep file checks out (paths aside: no weights here)."""
-    cfg = load_config([REPO / "configs/llava15_lora.yaml", *(REPO / "configs" / name for name in model), sweep])
+@pytest.mark.parametrize("method", METHODS, ids=[p.stem for p in METHODS])
+@pytest.mark.parametrize("tau", TAUS, ids=[tau_label(tau) for tau in TAUS])
+def test_each_method_at_each_paper_tau_is_valid_for_4_gpus(model, method, tau):
+    """The shipped recipe with each model, method and rate checks out (paths aside: no weights here)."""
+    cfg = load_config([REPO / "configs/llava15_lora.yaml", *(REPO / "configs" / name for name in model), method],
+                      [f"divico.tau={tau}"])
     validate(cfg, world_size=4, check_paths=False)
     assert cfg.train.global_batch_size == 128
-    assert cfg.train.output_dir.endswith(f"/{cfg.train.stage}") and cfg.train.stage in sweep.read_text()
+    assert cfg.train.output_dir.endswith(f"/{cfg.train.stage}")
 
 
-# What each variant file must hold: its DiViCo mode and the visual tokens LLaVA-1.5 keeps of 576.
-VARIANTS = {"divico_tau067": ("divico", 38), "divico_tau111": ("divico", 64), "divico_tau167": ("divico", 96),
-            "lora": ("none", 576), "select_only_tau111": ("select_only", 64),
-            "point_estimate_tau111": ("point_estimate", 64), "random_tau111": ("random", 64),
-            "divico_moe": ("divico", 64)}  # any tau in its range; 1/9 unless told
+# What each method file trains: its DiViCo mode and the run name it gets at tau 1/9, the
+# paper's medium rate (576 -> 64 visual tokens), when the launcher does not name it.
+METHOD_ROWS = {"divico": ("divico", "divico-tau111"), "divico_init_zero": ("divico", "divico-tau111"),
+               "divico_k1": ("divico", "divico-tau111"), "divico_k4": ("divico", "divico-tau111"),
+               "divico_query_last": ("divico", "divico-tau111"), "lora": ("none", "lora"),
+               "moe": ("divico", "moe"), "point_estimate": ("point_estimate", "point_estimate-tau111"),
+               "random_trained": ("random", "random-tau111"), "select_only": ("select_only", "select_only-tau111")}
 
 
-def test_each_variant_holds_what_its_name_says():
-    assert sorted(VARIANTS) == [path.stem for path in SWEEP]  # a new file needs a row here
-    for path in SWEEP:
-        mode, kept = VARIANTS[path.stem]
+def test_each_method_holds_what_its_name_says():
+    assert sorted(METHOD_ROWS) == [path.stem for path in METHODS]  # a new file needs a row here
+    for path in METHODS:
+        mode, stage = METHOD_ROWS[path.stem]
         cfg = load_config([REPO / "configs/llava15_lora.yaml", path])
-        tau = cfg.divico.tau
         assert cfg.divico.mode == mode, path.name
-        assert (kept_count(576, tau) if mode != "none" else 576) == kept, path.name
-        # The TensorBoard run and output folder are named by pipeline/contract.py's rule.
-        expected = "moe" if cfg.divico.encoder == "moe" else run_name(mode, tau) if mode != "none" else "lora"
-        assert cfg.train.stage == expected, path.name
+        assert kept_count(576, cfg.divico.tau) == 64, path.name
+        assert cfg.train.stage == stage == default_stage(cfg.divico, cfg.model.train_mode), path.name
+        assert stage in (path.stem, run_name(mode, cfg.divico.tau), "lora"), path.name
+
+
+def test_no_config_writes_a_paper_tau():
+    """The taus are pipeline/contract.py's: a YAML names them (${paper_taus:}, ${paper_tau:medium})."""
+    literals = {f"{tau:.7f}"[:5] for tau in TAUS} | {f"{tau:.3f}" for tau in TAUS}  # 0.066, 0.111, 0.166, 0.167
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        text = path.read_text()
+        found = sorted(literal for literal in literals if literal in text)
+        assert not found, f"{path.relative_to(REPO)} writes {found}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("divico.tau=${paper_tau:huge}", r"paper_tau:huge.*large.*medium.*small"),
+    ("divico.tau=${paper_tau:large}", None),
+])
+def test_the_paper_tau_resolver(override, message):
+    if message is None:
+        assert load_config([], [override]).divico.tau == pytest.approx(TAUS[0], abs=1e-7)
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config([], [override])

@@ -118,7 +118,7 @@ def test_a100_scripts(tmp_path: Path) -> None:
         line.split("=")[0] for line in prep.splitlines())
     baselines = pipeline.stage("baselines")
     assert [t.train_args[:4] for t in baselines.tasks][0] == (
-        "--config", "configs/llava15_lora.yaml", "--config", "configs/variants/lora.yaml")
+        "--config", "configs/llava15_lora.yaml", "--config", "configs/methods/lora.yaml")
     # The MoE stage: from the base beside the sweep; warm-started after the sweep's exports, its
     # experts from the three specialists (the recipe it makes is valid, paths aside).
     assert pipeline.stage("moe").after == ("shards",) and "#SBATCH --nodes=2\n" in scripts["moe"].read_text()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.stage_graphs import PIPELINES, SNAPSHOT, rendered
+from stage_graphs import PIPELINES, SNAPSHOT, rendered
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))

@@ -35,7 +35,7 @@ from pipeline.train.rates import step_rate
 
 NUM_SAMPLES = 96  # 48 per rank; global batch 8 -> 12 optimizer steps
 TOTAL_STEPS = 12
-MOE_RECIPE = REPO / "configs" / "variants" / "divico_moe.yaml"
+MOE_RECIPE = REPO / "configs" / "methods" / "moe.yaml"
 CENTRES = MixtureSettings().centres
 
 

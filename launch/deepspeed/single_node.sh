@@ -2,7 +2,7 @@
 # `divico train` on one machine through the DeepSpeed launcher: one rank per GPU.
 #
 #   launch/deepspeed/single_node.sh --gpus 0,1,2,3 --logs runs/x/logs/divico -- \
-#       --config configs/llava15_lora.yaml --config configs/variants/divico_tau111.yaml \
+#       --config configs/llava15_lora.yaml --config configs/methods/divico.yaml \
 #       train.output_dir=runs/x/divico [--resume auto]
 #   DS_ACCELERATOR=cpu launch/deepspeed/single_node.sh --ranks 2 --logs DIR -- --config ...
 #

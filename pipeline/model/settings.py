@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from pipeline.contract import TAUS
+
 MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
@@ -26,7 +28,7 @@ class MixtureSettings:
 
     # Each expert's centre rate (kept fraction), ascending: the paper's large / medium / small
     # compression. The routing prior pulls each rate toward the expert whose centre is nearest in log tau.
-    centres: list[float] = field(default_factory=lambda: [1 / 15, 1 / 9, 1 / 6])
+    centres: list[float] = field(default_factory=lambda: list(TAUS))
     # The rates the model is trained for and may be run at, [low, high].
     tau_range: list[float] = field(default_factory=lambda: [0.05, 0.25])
     router_hidden: int = 64
@@ -54,7 +56,7 @@ class DiViCoConfig:
     small / medium / large compression are tau = 1/6, 1/9, 1/15 (576 -> 96, 64, 38)."""
 
     mode: str = "divico"
-    tau: float = 1 / 9
+    tau: float = TAUS[1]
     layer: int = 2  # K: selection uses layer K-1's attention; layers >= K see fewer tokens
     beta: float = 0.02  # weight of the KL term (eq. 9)
     # The selection query: "first_answer" (the token before the first answer) or "last"

@@ -1,7 +1,7 @@
 """`divico train`: one epoch of LoRA (or full) fine-tuning with DiViCo under DeepSpeed ZeRO-2.
 
     deepspeed --num_gpus 4 $(which divico) train --config configs/llava15_lora.yaml \
-        --config configs/variants/divico_tau111.yaml [key=value ...] [--resume auto]
+        --config configs/methods/divico.yaml [divico.tau=T] [key=value ...] [--resume auto]
 
 setup (config, validation, process group) -> main (model, data, engine, resume) -> fit (loop).
 How a process joins the job and how preemption works: distributed.py; the model and DeepSpeed
