@@ -276,9 +276,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
                                       or len(cfg.moe.init_experts_from) != len(divico.moe.centres)):
         raise ConfigError(f"moe.init_experts_from: needs divico.encoder=moe and one export per centre "
                           f"({len(divico.moe.centres)}), got {len(cfg.moe.init_experts_from)}")
-    if divico.mode == "fastv":
-        raise ConfigError("divico.mode=fastv is the training-free baseline: evaluate it with `divico eval "
-                          "mode=fastv tau=T` on the base model; its trained counterpart is mode select_only")
+    if not divico.compression.trainable:
+        raise ConfigError(f"divico.mode={divico.mode} is a training-free baseline: evaluate it with `divico eval "
+                          f"mode={divico.mode} tau=T` on the base model (fastv's trained counterpart is "
+                          "mode select_only)")
 
     if not check_paths:
         return

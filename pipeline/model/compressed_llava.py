@@ -62,7 +62,7 @@ from pipeline.contract import (
     DIVICO_WEIGHTS_FILE,
     IGNORE_INDEX,
 )
-from pipeline.model.divico import DiViCo, ProjectionCapture, image_seed, query_attention_scores
+from pipeline.model.divico import DiViCo, ProjectionCapture, query_attention_scores
 from pipeline.model.settings import DiViCoConfig
 
 # transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
@@ -138,16 +138,6 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, ...) -> (B, N', ...) along dim 1."""
     expanded = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
     return x.gather(1, expanded)
-
-
-def _images_per_sample(image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                        image_features: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Each sample's image input, what random mode seeds from: its pixel_values (one image per
-    run of image tokens) or its rows of image_features; empty for a text-only sample."""
-    if pixel_values is not None:
-        run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
-        return torch.split(pixel_values, run_starts.sum(1).tolist())
-    return torch.split(image_features.reshape(-1, image_features.shape[-1]), image_mask.sum(1).tolist())
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -258,14 +248,15 @@ class CompressedLlava(nn.Module):
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
 
-        compress = self.config.compresses and bool(image_mask.any())
+        mode = self.config.compression
+        compress = mode.compresses and bool(image_mask.any())
         split = self.config.layer if compress else len(parts.layers)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
         mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   **{CACHE_ARG: past_key_values}, position_ids=position_ids)
         use_cache = past_key_values is not None
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
-        scoring = compress and self.config.mode != "random"  # random mode draws its own scores
+        scoring = compress and mode.reads_attention
         capture = ProjectionCapture(parts.layers[split - 1].self_attn, queries) if scoring else contextlib.nullcontext()
         # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
         # would read the gaps left by dropping as packed sequences.
@@ -280,10 +271,7 @@ class CompressedLlava(nn.Module):
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if compress:
             scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
-            seeds = None
-            if self.config.mode == "random":
-                images = _images_per_sample(image_mask, pixel_values, image_features)
-                seeds = [image_seed(self.config.seed, image) for image in images]
+            seeds = mode.sample_seeds(self.config.seed, image_mask, pixel_values, image_features)
             if branch_rates:  # the rest of the network once per rate, on the batch repeated
                 repeats = len(branch_rates)
                 keep_ratio = torch.tensor(branch_rates, device=hidden.device).repeat_interleave(hidden.shape[0])

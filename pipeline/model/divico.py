@@ -13,15 +13,10 @@ N_i' = round(tau * N_i) (at least 1) compressed tokens:
 `DiViCo` ties these together; `pipeline/model/compressed_llava.py` runs it inside a LLaVA
 model (layer loop, dropping tokens, masks, cache, generation).
 
-Modes (`DiViCoConfig.mode`):
-- none: the unmodified model.
-- fastv: top-tau selection, the rest dropped, nothing learned (the paper's FastV baseline).
-- select_only: the same forward as fastv; the name records ablation (a): selection with a
-  LoRA fine-tune and no gap encoder.
-- point_estimate: ablation (b): v_s + mu, no sampling, no KL.
-- divico: the full method.
-- random: a random tau of each image's visual tokens, the rest dropped (the control); the
-  draw is seeded per image (`random_scores`), so it is reproducible and batch-invariant.
+Modes (`DiViCoConfig.mode`; pipeline/model/modes.py, one class each): none, fastv (top-tau by
+attention, the rest dropped, training-free), select_only (the same forward under a LoRA
+fine-tune: ablation (a)), point_estimate (v_s + mu: ablation (b)), divico (the full method) and
+random (a seeded random tau of each image's tokens: the control; `random_scores`).
 
 The gap-encoder slot: `DiViCo.gap_encoder` is any module called as
 `encoder(selected, pooled, keep_ratio, sample_index) -> GapEstimate` with `selected` and
@@ -323,10 +318,7 @@ class DiViCo(nn.Module):
         """(B, N) bool of the kept visual tokens; `scores` from query_attention_scores.
         Random mode ignores them and draws from `sample_seeds` (one `image_seed` per sample).
         keep_ratio: a float or (B,) rates; config.tau when None."""
-        if self.config.mode == "random":
-            if sample_seeds is None:
-                raise ValueError("DiViCo.select: random mode needs sample_seeds (one image_seed per sample)")
-            scores = random_scores(image_mask, sample_seeds)
+        scores = self.config.compression.scores(scores, image_mask, sample_seeds)
         return select_visual_tokens(scores, image_mask, self.config.tau if keep_ratio is None else keep_ratio,
                                     self.config.counts)
 

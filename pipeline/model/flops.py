@@ -92,7 +92,7 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         short = compressed_length(num_tokens, num_visual, config.tau, config.counts)
         parts = {
             "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
-            "scoring": scoring_flops(g, num_tokens) if config.mode != "random" else 0,
+            "scoring": scoring_flops(g, num_tokens) if config.compression.reads_attention else 0,
             "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
         }
         num_logits = min(num_logits, short)

@@ -1,16 +1,27 @@
 """DiViCoConfig: the settings of the compression (pipeline/model/divico.py has the method).
 
 Torch-free on purpose: the run config (pipeline/config.py) types its `divico:` section with
-this dataclass, and validating a config must not import the training stack.
+this dataclass; only what a mode does (compresses, ...) imports its class, and with it torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 
 from pipeline.contract import TAUS
 
-MODES = ("none", "fastv", "divico", "select_only", "point_estimate", "random")
+# The compression modes `divico.mode` can name, as "module:Class" (pipeline/model/modes.py has the
+# interface): a new mode is one file plus one line here.
+MODES = {
+    "none": "pipeline.model.modes:Uncompressed",
+    "fastv": "pipeline.model.modes:FastV",
+    "divico": "pipeline.model.modes:DiViCoMode",
+    "select_only": "pipeline.model.modes:SelectOnly",
+    "point_estimate": "pipeline.model.modes:PointEstimate",
+    "random": "pipeline.model.modes:RandomKeep",
+}
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
 INITS = ("released", "zero")
@@ -82,7 +93,7 @@ class DiViCoConfig:
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ValueError naming the first bad setting."""
-        for name, choices in (("mode", MODES), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS),
+        for name, choices in (("mode", tuple(MODES)), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS),
                               ("encoder", tuple(GAP_ENCODERS)), ("counts", COUNT_RULES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"DiViCoConfig.{name}={getattr(self, name)!r}: expected one of {choices}")
@@ -104,16 +115,23 @@ class DiViCoConfig:
                              "since selection reads layer K-1's attention")
 
     @property
+    def compression(self):  # -> pipeline.model.modes.CompressionMode
+        """The mode's class instance (MODES): what it keeps and what it adds."""
+        if self.mode not in MODES:
+            raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {tuple(MODES)}")
+        return _mode(MODES[self.mode])
+
+    @property
     def compresses(self) -> bool:
-        return self.mode != "none"
+        return self.compression.compresses
 
     @property
     def uses_gap_encoder(self) -> bool:
-        return self.mode in ("divico", "point_estimate")
+        return self.compression.gap_encoder
 
     @property
     def uses_kl(self) -> bool:
-        return self.mode == "divico"
+        return self.compression.variational
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,3 +150,9 @@ class DiViCoConfig:
                 raise ValueError(f"unknown DiViCo moe settings {unknown}")
             values["moe"] = MixtureSettings(**moe)
         return cls(**values)
+
+
+@cache
+def _mode(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)()

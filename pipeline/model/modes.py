@@ -1,0 +1,101 @@
+"""The compression modes: what each keeps and what it adds, one small class per mode.
+
+Every mode acts between decoder layers K-1 and K (DiViCoConfig.layer): the layers before it see
+the whole sequence, the layers from K on the text and the kept visual tokens. A mode says
+
+    compresses       False: the unmodified model (nothing is selected or dropped)
+    reads_attention  its scores are the query token's attention in layer K-1 (query_attention_scores),
+                     captured while that layer runs; the FLOP count charges them
+    gap_encoder      the kept tokens become v_s + mu from the gap encoder (whose weights are saved)
+    variational      ... + eps * sigma while training, and the KL term: the full method
+    trainable        False: a training-free baseline, which `divico train` refuses
+    sample_seeds()   per-sample seeds for a mode that draws its own scores (None: it does not)
+    scores()         (B, N) scores of the visual tokens; the top round(tau N_i) are kept
+
+and CompressedLlava, DiViCo and the FLOP count ask the mode, never its name. A mode is chosen
+by name from pipeline/model/settings.py's MODES ("module:Class"): a new one is a class in a file
+of its own plus one line there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.model.divico import image_seed, random_scores
+
+
+class CompressionMode:
+    """Keep the visual tokens the query attends to most in layer K-1; add nothing."""
+
+    compresses = True
+    reads_attention = True
+    gap_encoder = False
+    variational = False
+    trainable = True
+
+    def sample_seeds(self, seed: int, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_features: torch.Tensor | None) -> list[int] | None:
+        return None
+
+    def scores(self, attention: torch.Tensor | None, image_mask: torch.Tensor,
+               sample_seeds: Sequence[int] | None) -> torch.Tensor:
+        if attention is None:
+            raise ValueError(f"{type(self).__name__} selects by attention scores: none were given")
+        return attention
+
+
+class Uncompressed(CompressionMode):
+    """none: the unmodified model."""
+
+    compresses = False
+    reads_attention = False
+
+
+class FastV(CompressionMode):
+    """fastv: top-tau by attention, the rest dropped, nothing learned (the paper's FastV baseline)."""
+
+    trainable = False
+
+
+class SelectOnly(CompressionMode):
+    """select_only: FastV's forward under a LoRA fine-tune; ablation (a), no gap encoder."""
+
+
+class PointEstimate(CompressionMode):
+    """point_estimate: ablation (b), v_s + mu, no sampling, no KL."""
+
+    gap_encoder = True
+
+
+class DiViCoMode(CompressionMode):
+    """divico: the full method, v_s + mu + eps * sigma in training and the KL term (eq. 9)."""
+
+    gap_encoder = True
+    variational = True
+
+
+class RandomKeep(CompressionMode):
+    """random: a random tau of each image's tokens, the rest dropped (the control). The draw is
+    seeded by the config seed and the image's own bytes, so it is batch-invariant."""
+
+    reads_attention = False
+
+    def sample_seeds(self, seed: int, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_features: torch.Tensor | None) -> list[int]:
+        # Each sample's image input: its pixel_values (one image per run of image tokens) or its
+        # rows of image_features; empty for a text-only sample.
+        if pixel_values is not None:
+            run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
+            images = torch.split(pixel_values, run_starts.sum(1).tolist())
+        else:
+            images = torch.split(image_features.reshape(-1, image_features.shape[-1]), image_mask.sum(1).tolist())
+        return [image_seed(seed, image) for image in images]
+
+    def scores(self, attention: torch.Tensor | None, image_mask: torch.Tensor,
+               sample_seeds: Sequence[int] | None) -> torch.Tensor:
+        if sample_seeds is None:
+            raise ValueError("DiViCo.select: random mode needs sample_seeds (one image_seed per sample)")
+        return random_scores(image_mask, sample_seeds)
