@@ -263,11 +263,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         collator_config(cfg)
     except ValueError as error:
         raise ConfigError(f"data: {error}") from error
+    divico = cfg.divico
     try:
-        divico = cfg.divico  # typed by load_config; the choices and ranges are validate's
-        divico.validate()
+        divico.validate(prefix="divico.")  # typed by load_config; the choices and ranges are validate's
     except ValueError as error:
-        raise ConfigError(f"divico: {error}") from error
+        raise ConfigError(str(error)) from error
     if cfg.moe.rate_schedule not in RATE_SCHEDULES:
         raise ConfigError(f"moe.rate_schedule={cfg.moe.rate_schedule!r}: expected one of {RATE_SCHEDULES}")
     if not 0 <= cfg.moe.prior_anneal <= 1:
@@ -278,7 +278,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
                           f"({len(divico.moe.centres)}), got {len(cfg.moe.init_experts_from)}")
     if not divico.compression.trainable:
         raise ConfigError(f"divico.mode={divico.mode} is a training-free baseline: evaluate it with `divico eval "
-                          f"mode={divico.mode} tau=T` on the base model (fastv's trained counterpart is "
+                          f"divico.mode={divico.mode} divico.tau=T` on the base model (fastv's trained counterpart is "
                           "mode select_only)")
 
     if not check_paths:
@@ -293,10 +293,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, *, check_paths: bool
         if not (Path(export) / DIVICO_SETTINGS_FILE).is_file():
             raise ConfigError(f"moe.init_experts_from: {export} has no {DIVICO_SETTINGS_FILE} (an exported DiViCo "
                               "model, `divico export`, is needed)")
-    layers = num_decoder_layers(model_config_json(m.base))
-    if not 1 <= divico.layer <= layers - 1:
-        raise ConfigError(f"divico.layer={divico.layer}: K must be in [1, {layers - 1}] for "
-                          f"{m.base} ({layers} decoder layers)")
+    try:
+        divico.validate(num_decoder_layers(model_config_json(m.base)), prefix="divico.")
+    except ValueError as error:
+        raise ConfigError(f"{error} (model.base={m.base})") from error
 
 
 def collator_config(cfg: RunConfig):

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.contract import DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample
-from pipeline.eval.config import EvalConfig
+from pipeline.eval.config import CompressionOverrides, EvalConfig
 from pipeline.eval.data import question_type, read_samples
 from pipeline.eval.main import evaluate, llava_of, load_model, main
 from pipeline.eval.score import normalize_answer
@@ -202,7 +202,8 @@ def test_evaluate_reads_a_shard_directory(make_shard_dir, plain_model, collator)
 
 def test_main_takes_an_eval_config(tiny_llava_dir, eval_json):
     result = main(EvalConfig(model=tiny_llava_dir, data=eval_json, image_root=eval_json.parent / "images",
-                             max_samples=3, max_new_tokens=2, device="cpu", mode="fastv", tau=0.5), progress=False)
+                             max_samples=3, max_new_tokens=2, device="cpu",
+                             divico=CompressionOverrides(mode="fastv", tau=0.5)), progress=False)
     assert (result.samples, result.mode, result.visual_tokens_kept) == (3, "fastv", 50)
 
 
@@ -325,7 +326,8 @@ def test_seed_overrides_the_divico_seed(tiny_llava_dir, divico_dir, eval_json, c
     assert load_model(divico_dir, seed=5, device="cpu").config.seed == 5  # over the saved setting
     assert not isinstance(load_model(tiny_llava_dir, seed=5, device="cpu"), CompressedLlava)  # seed alone wraps nothing
     result = main(EvalConfig(model=tiny_llava_dir, data=eval_json, image_root=eval_json.parent / "images",
-                             max_samples=2, max_new_tokens=1, device="cpu", mode="random", tau=0.5, seed=7),
+                             max_samples=2, max_new_tokens=1, device="cpu",
+                             divico=CompressionOverrides(mode="random", tau=0.5, seed=7)),
                   progress=False)
     assert (result.mode, result.divico_seed) == ("random", 7)
 

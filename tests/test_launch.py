@@ -61,7 +61,7 @@ def test_demo_pipeline_graph(tmp_path: Path) -> None:
              for task in pipeline.stage(stage).tasks}
     assert list(evals) == ["base.json", "fastv-tau067.json", "fastv-tau111.json", "fastv-tau167.json",
                            "divico-tau067.json", "divico-tau111.json", "divico-tau167.json"]
-    assert {f"model={tmp_path}/base/model", "mode=fastv", "tau=0.1111111", "--out"} <= set(evals["fastv-tau111.json"])
+    assert {f"model={tmp_path}/base/model", "divico.mode=fastv", "divico.tau=0.1111111", "--out"} <= set(evals["fastv-tau111.json"])
     assert f"model={tmp_path}/divico-tau111/model" in evals["divico-tau111.json"]
     assert all(f"data={tmp_path}/shards/heldout" in argv for argv in evals.values())
     # Plain `divico` command lines, so that `divico run` can run them in its own process.

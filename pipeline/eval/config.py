@@ -5,17 +5,20 @@ loading the model stack.
 
 Keys are flat (no section prefix); the collator's (template, model_max_length,
 image_aspect_ratio) are the training recipe's `data.*` ones, declared once in
-pipeline/data/settings.py. The exceptions are dicts: `tags.NAME=VALUE` adds one tag.
+pipeline/data/settings.py. The exceptions: `tags.NAME=VALUE` adds one tag, and the compression
+keys are spelled as in a training recipe, `divico.mode=`, `divico.tau=`, `divico.layer=`,
+`divico.seed=` (the older `mode=`, `tau=`, `layer=`, `seed=` still work, with a message).
 
 What a benchmark cell varies besides the model: `image_noise` (the robustness condition of
 the paper's Table II: Gaussian noise of that standard deviation added to every encoded image,
 the same noise for an image whatever the method, drawn from `noise_seed` and the image),
-`seed` (random mode's draw of kept tokens) and `tags` (labels copied into the summary, e.g.
+`divico.seed` (random mode's draw of kept tokens) and `tags` (labels copied into the summary, e.g.
 tags.method=divico tags.condition=noise, so a cell's JSON says which cell it is).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +27,41 @@ from omegaconf import MISSING
 from pipeline.data.settings import CollatorSettings
 
 
+log = logging.getLogger(__name__)
+
 HELDOUT = "heldout"  # the task of `divico eval` without a benchmark: answer accuracy on held-out samples
 HELDOUT_MAX_NEW_TOKENS = 8  # the held-out answers are a word or two
 
 
 class EvalError(RuntimeError):
     """The evaluation failed on a file it read (corrupt weights, unreadable data); the message names it."""
+
+
+@dataclass
+class CompressionOverrides:
+    """`divico.*`: override the saved DiViCo settings, or wrap a plain model (fastv, random and
+    select_only need no trained weights); divico.mode=none evaluates without compression."""
+
+    mode: str | None = None
+    tau: float | None = None
+    layer: int | None = None  # K: the saved setting, or DiViCo's default
+    seed: int | None = None  # random mode's per-image draw of kept tokens
+
+    def given(self) -> dict[str, str | float | int]:
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+def canonical_overrides(overrides: list[str]) -> list[str]:
+    """`tau=T` as `divico.tau=T` (and mode, layer, seed): eval spelled them flat before it
+    spelled them as training does."""
+    canonical = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in vars(CompressionOverrides()):
+            log.warning("%s= is deprecated: write divico.%s=%s, as in a training recipe", key, key, value)
+            override = f"divico.{override}"
+        canonical.append(override)
+    return canonical
 
 
 @dataclass
@@ -42,12 +74,7 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: 8 on a held-out set; on a benchmark LLaVA's limit (128, MMBench 1024)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    # Override the saved DiViCo settings, or wrap a plain model (fastv, random and select_only
-    # need no trained weights); mode=none evaluates without compression.
-    mode: str | None = None
-    tau: float | None = None
-    layer: int | None = None  # K: the layer where compression happens (the saved setting, or DiViCo's default)
-    seed: int | None = None  # overrides the DiViCo setting `seed` (random mode's per-image draw of kept tokens)
+    divico: CompressionOverrides = field(default_factory=CompressionOverrides)
     scorer: str = "exact_match"  # a name in pipeline.eval.score.SCORERS
     # Standard deviation of the Gaussian noise added to each image's projector output; 0 = none.
     image_noise: float = 0.0

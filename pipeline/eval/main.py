@@ -25,8 +25,8 @@ keeps per image.
 
 Models: a plain LlavaForConditionalGeneration folder, or one with DiViCo settings
 (divico.json, + divico.safetensors) beside it, which is evaluated through CompressedLlava;
-mode=/tau=/layer= override the saved settings or wrap a plain model, seed= overrides the saved
-random-mode seed (a plain model stays plain). In code, `evaluate(model, collator, samples)`
+divico.mode=/divico.tau=/divico.layer= override the saved settings or wrap a plain model,
+divico.seed= overrides the saved random-mode seed (a plain model stays plain). In code, `evaluate(model, collator, samples)`
 takes an in-memory model of either kind.
 
 image_noise=STD (noise_seed=N): Gaussian noise of standard deviation STD is added to each
@@ -65,7 +65,7 @@ from pipeline.data.loader import Sample
 from pipeline.device import default_dtype, resolve_device
 from pipeline.durable import write_text_atomically
 from pipeline.eval.benchmarks import BENCHMARKS, BenchmarkError, benchmark, read_predictions
-from pipeline.eval.config import HELDOUT, HELDOUT_MAX_NEW_TOKENS, EvalConfig, EvalError
+from pipeline.eval.config import HELDOUT, HELDOUT_MAX_NEW_TOKENS, EvalConfig, EvalError, canonical_overrides
 from pipeline.eval.data import check_data, read_samples
 from pipeline.eval.generate import generate_answers
 from pipeline.eval.predictions import parse_chunk
@@ -316,10 +316,9 @@ def validate(cfg: EvalConfig, *, benchmark: bool = False) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}={value}: must be >= 1")
-    divico = {name: getattr(cfg, name) for name in ("mode", "tau", "layer") if getattr(cfg, name) is not None}
     try:
         cfg.validate()  # the collator settings
-        DiViCoConfig(**divico).validate()
+        DiViCoConfig(**cfg.divico.given()).validate(prefix="divico.")
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if cfg.scorer not in SCORERS:
@@ -355,7 +354,7 @@ def load_collator(model: Path, settings: CollatorSettings) -> LlavaCollator:
 def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     """Validate `cfg`, load its model, evaluate it."""
     validate(cfg)
-    model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
+    model = load_model(cfg.model, **cfg.divico.given(), device=cfg.device)
     collator = load_collator(cfg.model, cfg)
     log.info("evaluating %s (mode %s, template %s, %d visual tokens per image) on %s", cfg.model,
              model.config.mode if isinstance(model, CompressedLlava) else "none", collator.template,
@@ -391,7 +390,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", action="append", default=[],
                         help="YAML file of eval keys; repeat to merge several in order (later ones win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="eval keys (pipeline/eval/config.py), e.g. model=DIR data=DIR tau=0.111")
+                        help="eval keys (pipeline/eval/config.py), e.g. model=DIR data=DIR divico.tau=0.111")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here (atomically)")
     parser.add_argument("--predictions", type=Path, default=None,
                         help="also write every answer (key, question, answer, prediction, correct) as JSON lines")
@@ -419,7 +418,7 @@ def command(args: argparse.Namespace) -> int:
         log.error("--chunk: only with a benchmark --task (%s)", ", ".join(sorted(BENCHMARKS)))
         return EXIT_BAD_INPUT
     try:
-        cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+        cfg = load_config(args.config, canonical_overrides(args.overrides), schema=EvalConfig)
         result = main(cfg, progress=not args.json)
     except ConfigError as error:
         log.error("%s", error)
@@ -449,7 +448,7 @@ def task_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         chunk = parse_chunk(args.chunk) if args.chunk else None
-        cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+        cfg = load_config(args.config, canonical_overrides(args.overrides), schema=EvalConfig)
         summary = run_task(cfg, args.task, args.predictions, chunk=chunk, progress=not args.json)
     except ConfigError as error:
         log.error("%s", error)

@@ -73,7 +73,7 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     validate(cfg, benchmark=True)
     module = benchmark(task)
     questions, annotations = read_benchmark(task, cfg.data)
-    settings = model_settings(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed)
+    settings = model_settings(cfg.model, **cfg.divico.given())
     collator = load_collator(cfg.model, cfg)
     visual = collator.num_visual_tokens
     compresses = settings is not None and settings.compresses
@@ -91,7 +91,7 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     todo = todo[:cfg.max_samples]  # None: all
     seconds, generated = 0.0, 0
     if todo:
-        model = load_model(cfg.model, mode=cfg.mode, tau=cfg.tau, layer=cfg.layer, seed=cfg.seed, device=cfg.device)
+        model = load_model(cfg.model, **cfg.divico.given(), device=cfg.device)
         with appending(path) as append, noisy_images(model, cfg.image_noise, cfg.noise_seed):
             for batch in answer_batches(model, collator, map(as_sample, todo), batch_size=cfg.batch_size,
                                         max_new_tokens=cfg.max_new_tokens or module.MAX_NEW_TOKENS,

@@ -48,17 +48,17 @@ class MixtureSettings:
     # Weight of the routing prior (-log of the nearest expert's router weight, an auxiliary loss).
     prior_weight: float = 0.1
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "DiViCoConfig.") -> None:
         if len(self.tau_range) != 2 or not 0.0 < self.tau_range[0] < self.tau_range[1] <= 1.0:
-            raise ValueError(f"DiViCoConfig.moe.tau_range={self.tau_range}: expected [low, high] with 0 < low < high <= 1")
+            raise ValueError(f"{prefix}moe.tau_range={self.tau_range}: expected [low, high] with 0 < low < high <= 1")
         if len(self.centres) < 2 or list(self.centres) != sorted(set(self.centres)):
-            raise ValueError(f"DiViCoConfig.moe.centres={self.centres}: expected two or more distinct rates, ascending")
+            raise ValueError(f"{prefix}moe.centres={self.centres}: expected two or more distinct rates, ascending")
         if not (self.tau_range[0] <= self.centres[0] and self.centres[-1] <= self.tau_range[1]):
-            raise ValueError(f"DiViCoConfig.moe.centres={self.centres}: outside tau_range {self.tau_range}")
+            raise ValueError(f"{prefix}moe.centres={self.centres}: outside tau_range {self.tau_range}")
         if self.router_hidden < 1:
-            raise ValueError(f"DiViCoConfig.moe.router_hidden={self.router_hidden}: must be >= 1")
+            raise ValueError(f"{prefix}moe.router_hidden={self.router_hidden}: must be >= 1")
         if self.prior_weight < 0:
-            raise ValueError(f"DiViCoConfig.moe.prior_weight={self.prior_weight}: must be >= 0")
+            raise ValueError(f"{prefix}moe.prior_weight={self.prior_weight}: must be >= 0")
 
 
 @dataclass
@@ -91,28 +91,30 @@ class DiViCoConfig:
     # is then left out where the truncations do not add up to N: at tau 1/15 of 576, not at 1/9).
     counts: str = "project"
 
-    def validate(self, num_layers: int | None = None) -> None:
-        """Raise ValueError naming the first bad setting."""
+    def validate(self, num_layers: int | None = None, prefix: str = "DiViCoConfig.") -> None:
+        """Raise ValueError naming the first bad setting, as `prefix` + its name (`divico.tau=`
+        in a recipe or on eval's command line). The one check of tau and K: training's config,
+        evaluation's overrides, saved settings and the model wrapper all call it."""
         for name, choices in (("mode", tuple(MODES)), ("query", QUERY_RULES), ("kl", KL_VARIANTS), ("init", INITS),
                               ("encoder", tuple(GAP_ENCODERS)), ("counts", COUNT_RULES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"DiViCoConfig.{name}={getattr(self, name)!r}: expected one of {choices}")
+                raise ValueError(f"{prefix}{name}={getattr(self, name)!r}: expected one of {choices}")
         if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"DiViCoConfig.tau={self.tau}: the kept fraction must be in (0, 1]")
+            raise ValueError(f"{prefix}tau={self.tau}: the kept fraction must be in (0, 1]")
         if self.beta < 0:
-            raise ValueError(f"DiViCoConfig.beta={self.beta}: must be >= 0")
+            raise ValueError(f"{prefix}beta={self.beta}: must be >= 0")
         if self.sigma0 <= 0:
-            raise ValueError(f"DiViCoConfig.sigma0={self.sigma0}: must be > 0")
+            raise ValueError(f"{prefix}sigma0={self.sigma0}: must be > 0")
         if self.encoder == "moe":
-            self.moe.validate()
+            self.moe.validate(prefix)
             low, high = self.moe.tau_range
             if not low <= self.tau <= high:
-                raise ValueError(f"DiViCoConfig.tau={self.tau:.4f}: outside the rates this mixture-of-experts "
+                raise ValueError(f"{prefix}tau={self.tau:.4f}: outside the rates this mixture-of-experts "
                                  f"model is trained for, moe.tau_range=[{low}, {high}]")
         if self.layer < 1 or (num_layers is not None and self.layer >= num_layers):
-            limit = f" and < {num_layers} (the decoder's layer count)" if num_layers is not None else ""
-            raise ValueError(f"DiViCoConfig.layer={self.layer}: K must be >= 1{limit}, "
-                             "since selection reads layer K-1's attention")
+            limit = f"in [1, {num_layers - 1}]" if num_layers is not None else ">= 1"
+            raise ValueError(f"{prefix}layer={self.layer}: K must be {limit}, since selection reads layer "
+                             "K-1's attention and layers >= K see the compressed sequence")
 
     @property
     def compression(self):  # -> pipeline.model.modes.CompressionMode
