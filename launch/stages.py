@@ -15,13 +15,21 @@ A pipeline file (configs/pipelines/*.yaml) names a root directory, a cluster, an
           config: [configs/llava15_lora.yaml]
           overrides: [data.shards=${root}/data/shards, divico.tau=${tau}]
           output_dir: ${root}/${run_name:divico,${tau}}   # runs/sweep/divico-tau111
+        export: {options: --dtype fp32}   # adds the stage divico_model: each run's export, <output_dir>/model
         resources: {nodes: 1, tasks_per_node: 4, gpus_per_node: 4, time: "24:00:00"}
+      eval:
+        after: [divico_model]
+        sweep: {tau: "${paper_taus:}"}
+        command: divico eval model=${stages.divico.train.output_dir}/model data=... divico.tau=${tau}
+
+`include: [include/synthetic_base.yaml]` merges other pipeline files (relative to this one) under
+it: their stages come first, and this file's keys win (e.g. an included stage's resources).
 
 Strings are OmegaConf interpolations: ${root}, the sweep variables (${tau}), the free values
 under `vars:` (${vars.samples}), any other key of the file (${stages.base.train.output_dir})
 and resolvers: OmegaConf's (${oc.env:USER}) and the project's (pipeline/resolvers.py: ${paper_taus:},
 ${run_name:STAGE,${tau}}, ${nearest_tau:${tau},${vars.taus}}, ...). A tau sweep point is labelled tau111, any other one key-value
-(`recipe-lora`); a train task's TensorBoard run is <stage>-<label>. A stage is
+(`method-lora`); a train task's TensorBoard run is <stage>-<label>. A stage is
 complete when all its outputs exist; a train stage's output is <output_dir>/train_summary.json,
 which `divico train` writes only after the epoch's last step. New stages (the MoE stage,
 evaluation) are new entries in the file: the SLURM and local runners know only these two kinds.
@@ -68,10 +76,19 @@ class TrainSpec:
 
 
 @dataclass
+class ExportSpec:
+    options: str = ""  # after `divico export DIR --out DIR/model`, e.g. "--dtype fp32"
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
 class StageConfig:
     after: list[str] = field(default_factory=list)
     command: str | None = None  # a command stage: one shell command line
     train: TrainSpec | None = None  # a train stage
+    # A train stage's export: the stage <name>_model, `divico export` of each task's
+    # output_dir into output_dir/model, at the same sweep points.
+    export: ExportSpec | None = None
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     resources: Resources = field(default_factory=Resources)
@@ -92,6 +109,9 @@ class ClusterConfig:
 
 @dataclass
 class PipelineConfig:
+    # Pipeline files merged under this one, in order (relative to it): the stages and vars
+    # several pipelines share. This file's keys win; its new stages come after theirs.
+    include: list[str] = field(default_factory=list)
     root: str = "???"
     vars: dict[str, Any] = field(default_factory=dict)  # free values for ${vars.NAME}, e.g. sizes
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -178,10 +198,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None,
         raise PipelineError(f"pipeline file {path}: not found")
     workdir = Path(workdir or Path.cwd()).resolve()
     try:
-        raw = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(path),
+        raw = OmegaConf.merge(OmegaConf.structured(PipelineConfig), *_included(path),
                               OmegaConf.from_dotlist(list(overrides or [])))
+    except PipelineError:
+        raise
     except Exception as error:  # omegaconf names the key and the problem
         raise PipelineError(f"pipeline file {path}: {error}") from error
+    _add_export_stages(path, raw)
     if OmegaConf.is_missing(raw, "root"):
         raise PipelineError(f"pipeline file {path}: `root` (where outputs and logs go) is not set")
     root = Path(str(raw.root))
@@ -204,6 +227,38 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None,
     except Exception as error:
         raise PipelineError(f"pipeline file {path}: vars: {error}") from error
     return Pipeline(path=path.resolve(), root=root, workdir=workdir, cluster=cluster, stages=stages, vars=variables)
+
+
+def _included(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The file's includes (each with its own, depth first), then the file itself."""
+    if path.resolve() in seen:
+        raise PipelineError(f"pipeline file {path}: includes itself ({' -> '.join(map(str, seen))})")
+    own = OmegaConf.load(path)
+    configs = []
+    for include in own.get("include", []):
+        included = path.parent / include
+        if not included.is_file():
+            raise PipelineError(f"pipeline file {path}: include {include}: not found (relative to {path.parent})")
+        configs += _included(included, (*seen, path.resolve()))
+    return [*configs, own]
+
+
+def _add_export_stages(path: Path, raw: DictConfig) -> None:
+    """For each train stage with `export`, the command stage <name>_model right after it."""
+    stages = {}
+    for name, stage in raw.stages.items():
+        stages[name] = stage
+        if stage.export is None:
+            continue
+        if stage.train is None or f"{name}_model" in raw.stages:
+            raise PipelineError(f"pipeline file {path}: stage {name}: `export` needs a train stage and adds "
+                                f"the stage {name}_model, which the file must not declare itself")
+        model = f"${{stages.{name}.train.output_dir}}/model"
+        stages[f"{name}_model"] = OmegaConf.merge(OmegaConf.structured(StageConfig), {
+            "after": [name], "sweep": stage.sweep, "resources": stage.export.resources,
+            "command": f"divico export ${{stages.{name}.train.output_dir}} --out {model} {stage.export.options}",
+            "outputs": [model]})
+    raw.stages = stages
 
 
 def _dependency_order(path: Path, raw: DictConfig) -> list[str]:
@@ -278,12 +333,19 @@ def _task(where: str, raw: DictConfig, scope: DictConfig, name: str, kind: str, 
         raise PipelineError(f"{where} ({label}): {error}") from error
     outputs = [Path(output) for output in stage["outputs"]]
     if kind == "command":
-        return Task(stage=name, index=index, label=label, command=stage["command"].strip(), outputs=tuple(outputs))
+        return Task(stage=name, index=index, label=label, command=_tidy(stage["command"]), outputs=tuple(outputs))
     # One TensorBoard run per stage and sweep point: run_name(name, tau) for a tau sweep.
     run = f"{name}-{label}" if point else name
     train_args, output_dir = _train_args(where, raw, run, stage["train"], workdir)
     return Task(stage=name, index=index, label=label, command=shlex.join(["divico", "train", *train_args]),
                 outputs=(*outputs, output_dir / TRAIN_SUMMARY_FILE), train_args=train_args)
+
+
+def _tidy(command: str) -> str:
+    """The command with single spaces between words (an empty optional value leaves two),
+    unless that would change a quoted word."""
+    tidy = " ".join(command.split())
+    return tidy if shlex.split(tidy) == shlex.split(command) else command.strip()
 
 
 def _train_args(where: str, raw: DictConfig, run: str, train: dict[str, Any],

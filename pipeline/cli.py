@@ -32,10 +32,10 @@ COMMANDS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "import": ("import weights from elsewhere: the authors' released DiViCo", [("pipeline.model.released", "add_parsers")]),
     "launch": ("run a pipeline's stage graph on SLURM or on this machine", [("launch.cli", "add_parser")]),
     "bench": ("print measured throughput and efficiency figures", [
-        ("pipeline.bench.prep", "add_parser"),
-        ("pipeline.bench.loader", "add_parser"),
-        ("pipeline.bench.model", "add_parser"),
-        ("pipeline.bench.train", "add_parser"),
+        ("pipeline.bench.prep_throughput", "add_parser"),
+        ("pipeline.bench.loader_throughput", "add_parser"),
+        ("pipeline.bench.model_cost", "add_parser"),
+        ("pipeline.bench.train_throughput", "add_parser"),
         ("pipeline.bench.accuracy", "add_parser"),
     ]),
     "report": ("reports on trained models: efficiency, accuracy against tau, kept-token overlays", [

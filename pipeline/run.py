@@ -154,7 +154,7 @@ def print_summary(pipeline: Pipeline, seconds: float) -> None:
     for evaluation in evaluations.values():
         by_method.setdefault(evaluation.row["method"], []).append(evaluation.summary)
     if "moe" in by_method:
-        from pipeline.bench.report import plot_moe
+        from pipeline.bench.accuracy_report import plot_moe
 
         figure = pipeline.root / "eval" / "moe.png"
         newest = max(Path(evaluation.row["file"]).stat().st_mtime_ns for evaluation in evaluations.values())

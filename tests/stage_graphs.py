@@ -1,6 +1,6 @@
 """The rendered stage graph of every shipped pipeline, as plain data, for tests/test_stage_graphs.py.
 
-Each task becomes (stage, label, command, outputs); a train task also carries its training
+Each task becomes (stage, after, label, resources, argv: its command's words, outputs); a train task also carries its training
 run's effective config (the recipes and overrides merged), so moving a fact from one YAML to
 another is invisible here while any change to what runs is not. Paths under the pipeline root
 read ROOT, paths under the repository REPO.
@@ -11,6 +11,7 @@ read ROOT, paths under the repository REPO.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from launch.stages import load_pipeline
 from pipeline.bench.accuracy import QUICK
-from pipeline.config import load_config, to_dict
+from pipeline.train.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO / "tests" / "fixtures" / "stage_graphs.json"
@@ -57,7 +58,8 @@ def rendered(name: str) -> list[dict[str, Any]]:
     for stage in pipeline.stages:
         for task in stage.tasks:
             entry = {"stage": stage.name, "after": list(stage.after), "label": task.label,
-                     "command": task.command, "outputs": [str(output) for output in task.outputs]}
+                     "resources": dataclasses.asdict(stage.resources), "argv": shlex.split(task.command),
+                     "outputs": [str(output) for output in task.outputs]}
             if task.train_args:
                 entry["config"] = effective_config(task.train_args)
             tasks.append(entry)

@@ -1,4 +1,4 @@
-"""The accuracy benchmark's report (pipeline/bench/report.py) on cells written by hand: 10
+"""The accuracy benchmark's report (pipeline/bench/accuracy_report.py) on cells written by hand: 10
 questions of 2 kinds whose correctness is known, so every mean, standard error and paired
 difference is checked against a number worked out here."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.report import noise_drops, paired, read_cells, results, write_report
+from pipeline.bench.accuracy_report import noise_drops, paired, read_cells, results, write_report
 
 TAU = 0.1111111
 KINDS = ["color"] * 5 + ["count"] * 5

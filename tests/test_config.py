@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, default_stage, load_config, save_config, validate
+from pipeline.train.config import ConfigError, default_stage, load_config, save_config, validate
 from pipeline.contract import TAUS, run_name, tau_label
 from pipeline.model.divico import kept_count
 from pipeline.model.settings import DiViCoConfig

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline import cli
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from pipeline.contract import DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.loader import Sample

@@ -27,7 +27,7 @@ def test_export_reloads_with_from_pretrained_matches_the_checkpoint_and_generate
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
     from pipeline.model.compressed_llava import CompressedLlava
 
     folder = tmp_path / "exported"

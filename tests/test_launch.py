@@ -15,7 +15,7 @@ import pytest
 
 from launch import local, slurm
 from launch.stages import PipelineError, load_pipeline
-from pipeline.config import load_config, validate
+from pipeline.train.config import load_config, validate
 from pipeline.contract import EXIT_BAD_INPUT, TAUS, TRAIN_SUMMARY_FILE, run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +84,8 @@ def test_demo_pipeline_graph(tmp_path: Path) -> None:
      "one rank per GPU"),
     ("a: {command: 'true', resourcez: {}}", "resourcez"),
     ("a: {command: 'true', sweep: {tau: [0.1, x]}}", "kept fractions"),
+    ("a: {command: 'true', export: {}}", "`export` needs a train stage"),
+    ("a: {train: {config: [c.yaml], output_dir: x}, export: {}}\n  a_model: {command: 'true'}", "a_model"),
 ])
 def test_invalid_pipelines_name_the_problem(tmp_path: Path, stages: str, message: str) -> None:
     (tmp_path / "c.yaml").write_text("{}\n")
@@ -92,6 +94,48 @@ def test_invalid_pipelines_name_the_problem(tmp_path: Path, stages: str, message
     with pytest.raises(PipelineError, match=re.escape(message)) as error:
         load_pipeline(path, workdir=tmp_path)
     assert str(path) in str(error.value)
+
+
+def test_include_and_export(tmp_path: Path) -> None:
+    """An included file's stages come first and the including file's keys win; a train stage's
+    `export` adds <name>_model after it, at the same sweep points."""
+    (tmp_path / "c.yaml").write_text("{}\n")
+    (tmp_path / "shared").mkdir()
+    write(tmp_path / "shared" / "prefix.yaml", """\
+        vars: {size: 1, name: shared}
+        stages:
+          data: {command: "divico prep synth --num-samples ${vars.size}", outputs: [out]}
+        """)
+    path = write(tmp_path / "p.yaml", """\
+        include: [shared/prefix.yaml]
+        root: run
+        vars: {size: 2}
+        stages:
+          data: {resources: {time: "00:05:00"}}
+          fit:
+            after: [data]
+            sweep: {tau: [0.1, 0.2]}
+            train: {config: [c.yaml], output_dir: "${root}/fit-${tau}"}
+            export: {options: --dtype fp32, resources: {cpus_per_task: 4}}
+          use:
+            after: [fit_model]
+            sweep: {tau: [0.2]}
+            command: divico eval model=${stages.fit.train.output_dir}/model name=${vars.name}
+        """)
+    pipeline = load_pipeline(path, workdir=tmp_path)
+    assert [stage.name for stage in pipeline.stages] == ["data", "fit", "fit_model", "use"]
+    assert pipeline.stage("data").tasks[0].command == "divico prep synth --num-samples 2"
+    assert pipeline.stage("data").resources.time == "00:05:00"
+    export = pipeline.stage("fit_model")
+    run = tmp_path / "run"
+    assert export.after == ("fit",) and export.resources.cpus_per_task == 4
+    assert [task.command for task in export.tasks] == [
+        f"divico export {run}/fit-{tau} --out {run}/fit-{tau}/model --dtype fp32" for tau in (0.1, 0.2)]
+    assert [task.outputs for task in export.tasks] == [(run / f"fit-{tau}" / "model",) for tau in (0.1, 0.2)]
+    assert pipeline.stage("use").tasks[0].command == f"divico eval model={run}/fit-0.2/model name=shared"
+    write(path, "include: [nope.yaml]\nroot: run\nstages: {a: {command: 'true'}}\n")
+    with pytest.raises(PipelineError, match="include nope.yaml: not found"):
+        load_pipeline(path, workdir=tmp_path)
 
 
 def test_a100_scripts(tmp_path: Path) -> None:

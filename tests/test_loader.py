@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.bench.loader import measure_throughput
+from pipeline.bench.loader_throughput import measure_throughput
 from pipeline.contract import DATA_FILE
 from pipeline.data.loader import INDEX_NAME, Sample, ShardDataset, build_loader, group_by_modality_length
 from pipeline.data.shard_format import MANIFEST_FILE

@@ -58,7 +58,7 @@ def test_a_registered_mode_runs_forward_generation_and_flops(keep_last, tiny_lla
 
 
 def test_a_training_free_mode_is_refused_by_training(keep_last):
-    from pipeline.config import ConfigError, load_config, validate
+    from pipeline.train.config import ConfigError, load_config, validate
 
     with pytest.raises(ConfigError, match="keep_last is a training-free baseline"):
         validate(load_config([], ["divico.mode=keep_last"]), world_size=1, check_paths=False)

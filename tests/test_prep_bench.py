@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.bench.prep import TIMED, BenchConfig, run_bench
+from pipeline.bench.prep_throughput import TIMED, BenchConfig, run_bench
 
 # the keys issue 2 asks for, and the floor and fsync comparisons beside them
 REQUIRED = {"prep_samples_per_s", "decode_samples_per_s", "ratio_to_decode", "fast_samples_per_s",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_helpers import REPO, TINY_RECIPE
 
-from pipeline.config import load_config
+from pipeline.train.config import load_config
 from pipeline.train.build import build_model, deepspeed_config, parameter_groups
 from pipeline.train.distributed import TrainingError
 

@@ -7,7 +7,7 @@
 Runs the stage graph configs/pipelines/bench_accuracy.yaml in this process (the grid task of
 data_prep/grid.py -> shards -> the tiny grid LLaVA -> one base model -> every method's held-out
 cell), then writes into DIR: report.md, results.json, results.csv, accuracy_vs_tau.png
-(pipeline/bench/report.py), kept_tokens.png (which visual tokens DiViCo keeps on a few held-out
+(pipeline/bench/accuracy_report.py), kept_tokens.png (which visual tokens DiViCo keeps on a few held-out
 images, like the paper's Fig. 6) and, in report.md's header, the command, the machine, the
 package versions and the timings. Each cell is a file under DIR/cells, each stage's output a
 file or folder: a rerun skips what is finished and an interrupted run resumes (training inside
@@ -124,7 +124,7 @@ def _main(args: argparse.Namespace) -> int:
 def write_outputs(pipeline: Pipeline, out: Path, *, seconds: float) -> int:
     """The method table's report in `out`, the K sweep's in `out`/k_sweep and the MoE stage's in
     `out`/moe, each where its cells exist."""
-    from pipeline.bench.report import plot_moe, read_cells, write_report
+    from pipeline.bench.accuracy_report import plot_moe, read_cells, write_report
 
     sweep = pipeline.vars["k_sweep"]
     k_comparisons = [(f"{first}_k{k}", f"{second}_k{k}") for k in sweep["layers"]

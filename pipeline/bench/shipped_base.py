@@ -47,7 +47,7 @@ _NOT_TRAINING = {"model": ("base",), "data": ("shards", "num_workers"),
 def trained_as(pipeline: Pipeline) -> dict[str, Any]:
     """What decides the base model: the grid, the training split and the resolved recipe."""
     from pipeline.cli import parse
-    from pipeline.config import load_config, to_dict
+    from pipeline.train.config import load_config, to_dict
 
     (task,) = pipeline.stage("base").tasks
     args = parse(["train", *task.train_args])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from pipeline.contract import IMAGE_TOKEN
 from pipeline.data.loader import Sample, ShardDataset
 from pipeline.data.shard_format import MANIFEST_FILE

@@ -57,7 +57,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from pipeline.config import ConfigError, load_config
+from pipeline.train.config import ConfigError, load_config
 from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE, EXIT_BAD_INPUT, EXIT_FAILURE, tau_label
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.settings import CollatorSettings

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from pipeline.durable import fsync_path, write_text_atomically
 from pipeline.eval.benchmarks import BenchmarkError, Question
 

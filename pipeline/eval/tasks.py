@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from pipeline.data.loader import Sample
 from pipeline.eval.benchmarks import BenchmarkError, Question, benchmark
 from pipeline.eval.config import EvalConfig

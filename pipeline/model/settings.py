@@ -1,6 +1,6 @@
 """DiViCoConfig: the settings of the compression (pipeline/model/divico.py has the method).
 
-Torch-free on purpose: the run config (pipeline/config.py) types its `divico:` section with
+Torch-free on purpose: the run config (pipeline/train/config.py) types its `divico:` section with
 this dataclass; only what a mode does (compresses, ...) imports its class, and with it torch.
 """
 

@@ -28,8 +28,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.report import markdown_table
-from pipeline.config import ConfigError
+from pipeline.bench.accuracy_report import markdown_table
+from pipeline.train.config import ConfigError
 from pipeline.contract import EXIT_BAD_INPUT, tau_label
 from pipeline.durable import write_text_atomically
 from pipeline.eval.config import HELDOUT

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
-from pipeline.bench.model import (ModelBenchConfig, bench_config, build_model, count_flops, peak_mib, prefill,
+from pipeline.bench.model_cost import (ModelBenchConfig, bench_config, build_random_llava, count_flops, peak_mib, prefill,
                                   round_robin_medians)
-from pipeline.bench.report import markdown_table
+from pipeline.bench.accuracy_report import markdown_table
 from pipeline.contract import DIVICO_SETTINGS_FILE, EXIT_BAD_INPUT, TAUS
 from pipeline.durable import write_text_atomically
 from pipeline.model.compressed_llava import CompressedLlava
@@ -92,7 +92,7 @@ class EfficiencyConfig:
 def load(cfg: EfficiencyConfig) -> tuple[LlavaForConditionalGeneration, Path | None]:
     """The LLaVA model to measure and its folder (None for the random llava-7b geometry)."""
     if cfg.model == RANDOM_7B:
-        return build_model(ModelBenchConfig(width=cfg.width, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)), None
+        return build_random_llava(ModelBenchConfig(width=cfg.width, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)), None
     llava = LlavaForConditionalGeneration.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
     llava.set_attn_implementation("sdpa")
     return llava.to(cfg.device).eval(), Path(cfg.model)

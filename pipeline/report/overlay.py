@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.config import ConfigError
+from pipeline.train.config import ConfigError
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE
 from pipeline.data.collator import LlavaCollator, pad_to_square
 from pipeline.data.loader import Sample

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import OptimConfig, RunConfig, collator_config
+from pipeline.train.config import OptimConfig, RunConfig, collator_config
 from pipeline.train.distributed import TrainingError
 from pipeline.train.schedule import WarmupCosine, warmup_steps
 

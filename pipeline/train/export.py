@@ -75,7 +75,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
 def export(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from pipeline.config import ConfigError, load_config
+    from pipeline.train.config import ConfigError, load_config
     from pipeline.model.compressed_llava import CompressedLlava
 
     ckpt, out = resolve_checkpoint(source), Path(out)

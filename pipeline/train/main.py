@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, RunConfig, load_config, save_config, to_dict, validate
+from pipeline.train.config import ConfigError, RunConfig, load_config, save_config, to_dict, validate
 from pipeline.contract import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_PREEMPTED, TRAIN_SUMMARY_FILE, tau_label
 from pipeline.device import default_dtype
 from pipeline.train import checkpoint

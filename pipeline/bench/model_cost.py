@@ -83,7 +83,7 @@ class ModelBenchConfig:
             raise ValueError("--repeats must be >= 1 and --warmup >= 0")
 
 
-def build_model(cfg: ModelBenchConfig) -> LlavaForConditionalGeneration:
+def build_random_llava(cfg: ModelBenchConfig) -> LlavaForConditionalGeneration:
     """LLaVA-1.5-7B's decoder geometry at `cfg.width`, random weights, sdpa attention (the vision
     tower is never run: image features are given)."""
     config = llava_7b_config(cfg.width, cfg.layers)
@@ -261,7 +261,7 @@ def _layer_step(model: LlavaForConditionalGeneration, cfg: ModelBenchConfig, len
 
 def run_bench(cfg: ModelBenchConfig) -> dict:
     cfg.validate()
-    model = build_model(cfg)
+    model = build_random_llava(cfg)
     inputs = build_inputs(cfg, model)
     num_tokens = inputs["input_ids"].shape[1]
     geometry = DecoderGeometry.from_config(model.config.text_config)

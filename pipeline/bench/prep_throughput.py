@@ -135,7 +135,7 @@ def _tar(root: Path, listing: Path, archive: Path, *, fsync: bool) -> None:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Build the set, time every variant, return the figures."""
-    from pipeline.bench.loader import measure_throughput
+    from pipeline.bench.loader_throughput import measure_throughput
 
     with tempfile.TemporaryDirectory(dir=cfg.work_dir) as tmp:
         work = Path(tmp)
