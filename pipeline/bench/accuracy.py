@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "configs" / "pipelines" / "bench_accuracy.yaml"
 # --quick: a smaller base model and held-out set, one seed, tau 1/9 only, one ablation.
 QUICK = ["vars.train.samples=6000", "vars.finetune.samples=800", "vars.heldout.samples=800",
-         "vars.taus=[0.1111111]", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]",
-         "vars.k_sweep.layers=[1,2]", "vars.moe.taus=[0.0888889,0.1111111]"]
+         "vars.taus=['${paper_tau:medium}']", "vars.seeds=[0]", "vars.ablations=[divico_init_zero]",
+         "vars.k_sweep.layers=[1,2]", "vars.moe.taus=[0.0888889,'${paper_tau:medium}']"]
 # The paired comparisons report.md shows (first, second) at every tau where both exist.
 COMPARISONS = [("divico", "fastv"), ("divico", "random"), ("divico", "select_only"), ("divico", "point_estimate"),
                ("divico", "random_trained"), ("fastv", "random"), ("select_only", "random_trained")]
