@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
+from typing import TYPE_CHECKING
 
 from pipeline.contract import TAUS
+
+if TYPE_CHECKING:
+    from pipeline.model.modes import CompressionMode
 
 # The compression modes `divico.mode` can name, as "module:Class" (pipeline/model/modes.py has the
 # interface): a new mode is one file plus one line here.
@@ -117,7 +121,7 @@ class DiViCoConfig:
                              "K-1's attention and layers >= K see the compressed sequence")
 
     @property
-    def compression(self):  # -> pipeline.model.modes.CompressionMode
+    def compression(self) -> CompressionMode:
         """The mode's class instance (MODES): what it keeps and what it adds."""
         if self.mode not in MODES:
             raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {tuple(MODES)}")
@@ -155,6 +159,6 @@ class DiViCoConfig:
 
 
 @cache
-def _mode(path: str):
+def _mode(path: str) -> CompressionMode:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)()
