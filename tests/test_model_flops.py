@@ -42,7 +42,11 @@ def _counted_parts(counter: FlopCounterMode, num_layers: int) -> dict[str, int]:
     return parts
 
 
-@pytest.mark.parametrize("mode", [*MODES, "divico+moe"])
+DECODER_MODES = [mode for mode in MODES if not DiViCoConfig(mode=mode).compression.before_decoder]
+VISION_MODES = [mode for mode in MODES if mode not in DECODER_MODES]
+
+
+@pytest.mark.parametrize("mode", [*DECODER_MODES, "divico+moe"])
 @pytest.mark.parametrize("logits", ["prefill", "training"])
 def test_analytic_flops_match_flop_counter(eager_llava, mode, logits):
     """divico+moe: the Mixture-of-Experts encoder (three experts and the router)."""
@@ -59,6 +63,26 @@ def test_analytic_flops_match_flop_counter(eager_llava, mode, logits):
     assert analytic == _counted_parts(counter, geometry.layers)
     assert (analytic["encoder"] > 0) == config.uses_gap_encoder
     assert (analytic["scoring"] > 0) == (mode not in ("none", "random"))
+
+
+@pytest.mark.parametrize("mode", VISION_MODES)
+def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_dir, mode):
+    """Counted per decoder layer: every layer runs on the short sequence; the vision side (tower,
+    [CLS] row, merge, projector) is not part of the analytic count."""
+    from model_helpers import prompts_batch
+    from transformers import AutoProcessor
+
+    batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True])
+    wrapper = CompressedLlava(eager_llava, DiViCoConfig(mode=mode, tau=1 / 9))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = wrapper(**batch, logits_to_keep=1)
+    geometry = DecoderGeometry.from_config(eager_llava.config.text_config)
+    analytic = prefill_flops(geometry, batch["input_ids"].shape[1], 100, wrapper.config)
+    counted = _counted_parts(counter, geometry.layers)
+    assert (analytic["layers"], analytic["lm_head"]) == (counted["layers"], counted["lm_head"])
+    assert analytic["scoring"] == analytic["encoder"] == 0
+    assert int(out.compressed_attention_mask.sum()) == batch["input_ids"].shape[1] - 100 + 11
 
 
 def test_theory_ratio_of_the_paper_geometry():

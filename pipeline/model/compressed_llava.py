@@ -64,6 +64,7 @@ from pipeline.contract import (
 )
 from pipeline.model.divico import DiViCo, ProjectionCapture, query_attention_scores
 from pipeline.model.settings import DiViCoConfig
+from pipeline.model.vision import image_tokens
 
 # transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
 # layers from past_key_values (removed in 5.40) to cache: pass it under the installed name.
@@ -210,8 +211,10 @@ class CompressedLlava(nn.Module):
         attention_mask = attention_mask.bool()
         image_mask = input_ids == self.llava.config.image_token_id
         queries = self.query_positions(attention_mask, image_mask, labels, first_answer=query_positions)
-        if branch_rates is not None and (past_key_values is not None or keep_ratio is not None):
-            raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache")
+        if branch_rates is not None and (past_key_values is not None or keep_ratio is not None
+                                         or self.config.compression.before_decoder):
+            raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache or a mode that "
+                             "acts before the decoder")
         return self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, labels,
                              position_ids=position_ids, image_features=image_features,
                              past_key_values=past_key_values, logits_to_keep=logits_to_keep,
@@ -242,15 +245,16 @@ class CompressedLlava(nn.Module):
         if labels is not None and logits_to_keep:
             raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
 
-        hidden = self._embed(input_ids, image_mask, pixel_values, image_features)
+        mode = self.config.compression
+        compress = mode.compresses and bool(image_mask.any())
+        hidden, kept_before = self._embed(input_ids, image_mask, pixel_values, image_features,
+                                          keep_ratio if compress and mode.before_decoder else None)
         targets = None
         if labels is not None:
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
 
-        mode = self.config.compression
-        compress = mode.compresses and bool(image_mask.any())
-        split = self.config.layer if compress else len(parts.layers)
+        split = self.split if compress else len(parts.layers)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
         mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   **{CACHE_ARG: past_key_values}, position_ids=position_ids)
@@ -281,7 +285,8 @@ class CompressedLlava(nn.Module):
                 scores = scores.repeat(repeats, 1) if scores is not None else None
                 seeds = seeds * repeats if seeds is not None else None
                 targets = targets.repeat(repeats, 1) if targets is not None else None
-            keep_visual = self.divico.select(scores, image_mask, seeds, keep_ratio)
+            keep_visual = (kept_before if kept_before is not None
+                           else self.divico.select(scores, image_mask, seeds, keep_ratio))
             pooled = self.divico.pooled(scores, image_mask, keep_visual, keep_ratio)
             hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio,
                                                                      pooled)
@@ -349,12 +354,26 @@ class CompressedLlava(nn.Module):
         last_image = torch.where(image_mask, positions, -1).max(1).values
         return torch.where(query < last_image, last_token, query)
 
+    @property
+    def split(self) -> int:
+        """The layer whose input is compressed: K, or 0 for a mode that acts before the decoder."""
+        return 0 if self.config.compression.before_decoder else self.config.layer
+
     def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-               image_features: torch.Tensor | None) -> torch.Tensor:
+               image_features: torch.Tensor | None, keep_ratio: float | torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input embeddings, images in place; and for a mode that acts before the decoder
+        (`keep_ratio` given, None: config.tau), the (B, N) kept visual tokens it chose."""
         hidden = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
-        if pixel_values is not None:
+        kept = None
+        if self.config.compression.before_decoder and bool(image_mask.any()):
+            if pixel_values is None:
+                raise ValueError(f"mode {self.config.mode!r} reads the vision tower: pass pixel_values, "
+                                 "not image_features")
+            image_features, kept = self._compress_images(image_mask, pixel_values, keep_ratio)
+        elif pixel_values is not None:
             vision_dtype = next(self.llava.model.vision_tower.parameters()).dtype
             features = self.llava.model.get_image_features(pixel_values=pixel_values.to(vision_dtype),
                                                            return_dict=True).pooler_output
@@ -363,12 +382,27 @@ class CompressedLlava(nn.Module):
         if image_features is None:
             if num_image_tokens:
                 raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
-            return hidden
+            return hidden, None
         image_features = image_features.reshape(-1, hidden.shape[-1])
         if image_features.shape[0] != num_image_tokens:
             raise ValueError(f"input_ids hold {num_image_tokens} image tokens but the images give "
                              f"{image_features.shape[0]} feature vectors")
-        return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype))
+        return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype)), kept
+
+    def _compress_images(self, image_mask: torch.Tensor, pixel_values: torch.Tensor,
+                         keep_ratio: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mode's compress_images on every image, each at its sample's rate: (the projected
+        features (num_images, N, d), the kept visual tokens (B, L) in sequence positions)."""
+        run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
+        images_per_sample = run_starts.sum(1)
+        rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio, dtype=torch.float64,
+                                device=image_mask.device).expand(image_mask.shape[0])
+        tokens = image_tokens(self.llava, pixel_values)
+        keep, features = self.config.compression.compress_images(
+            tokens, rates.repeat_interleave(images_per_sample))
+        kept = torch.zeros_like(image_mask)
+        kept[image_mask] = keep.reshape(-1).to(image_mask.device)
+        return self.llava.model.multi_modal_projector(features.to(tokens.features.dtype)), kept
 
     @staticmethod
     def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -519,12 +553,14 @@ class CompressedLlava(nn.Module):
         """One cached step: layers < K attend over the full prefix (full_mask), layers >= K
         over the compressed one (kept_mask); each mask is sized by its own cache layers."""
         parts = self.decoder
-        split = self.config.layer
+        split = self.split
         hidden = parts.embed_tokens(token_ids)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
+        # A group's mask is sized by its own cache layers (none below K for a before-decoder mode).
         masks = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=mask_2d,
                                     **{CACHE_ARG: cache}, position_ids=position_ids, layer_idx=layer_idx)
-                 for mask_2d, layer_idx in ((full_mask, 0), (kept_mask, split))]
+                 if layers else None
+                 for mask_2d, layer_idx, layers in ((full_mask, 0, split > 0), (kept_mask, split, True))]
         for i, layer in enumerate(parts.layers):
             hidden = layer(hidden, attention_mask=masks[i >= split], position_embeddings=position_embeddings,
                            **{CACHE_ARG: cache}, use_cache=True)

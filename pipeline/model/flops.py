@@ -90,8 +90,11 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
     else:
         num_kept = kept_count(num_visual, config.tau, config.counts)
         short = compressed_length(num_tokens, num_visual, config.tau, config.counts)
+        # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
+        # in the vision tower) is on the vision side, which, like the tower, is not counted here.
+        split = 0 if config.compression.before_decoder else config.layer
         parts = {
-            "layers": config.layer * layer_flops(g, num_tokens) + (g.layers - config.layer) * layer_flops(g, short),
+            "layers": split * layer_flops(g, num_tokens) + (g.layers - split) * layer_flops(g, short),
             "scoring": scoring_flops(g, num_tokens) if config.compression.reads_attention else 0,
             "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
         }

@@ -1,9 +1,13 @@
 """The compression modes: what each keeps and what it adds, one small class per mode.
 
-Every mode acts between decoder layers K-1 and K (DiViCoConfig.layer): the layers before it see
-the whole sequence, the layers from K on the text and the kept visual tokens. A mode says
+A mode acts either between decoder layers K-1 and K (DiViCoConfig.layer): the layers before it
+see the whole sequence, the layers from K on the text and the kept visual tokens; or, with
+`before_decoder`, on each image's patches before the decoder, so every layer sees the short
+sequence. A mode says
 
     compresses       False: the unmodified model (nothing is selected or dropped)
+    before_decoder   it acts on the vision side: compress_images() picks each image's patches
+                     (and may rewrite their features) before the projector
     reads_attention  its scores are the query token's attention in layer K-1 (query_attention_scores),
                      captured while that layer runs; the FLOP count charges them
     gap_encoder      the kept tokens become v_s + mu from the gap encoder (whose weights are saved)
@@ -11,6 +15,7 @@ the whole sequence, the layers from K on the text and the kept visual tokens. A 
     trainable        False: a training-free baseline, which `divico train` refuses
     sample_seeds()   per-sample seeds for a mode that draws its own scores (None: it does not)
     scores()         (B, N) scores of the visual tokens; the top round(tau N_i) are kept
+    compress_images()  before_decoder modes: each image's kept patches and their features
 
 and CompressedLlava, DiViCo and the FLOP count ask the mode, never its name. A mode is chosen
 by name from pipeline/model/settings.py's MODES ("module:Class"): a new one is a class in a file
@@ -25,12 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.divico import image_seed, random_scores
+from pipeline.model.vision import ImageTokens
 
 
 class CompressionMode:
     """Keep the visual tokens the query attends to most in layer K-1; add nothing."""
 
     compresses = True
+    before_decoder = False
     reads_attention = True
     gap_encoder = False
     variational = False
@@ -45,6 +52,12 @@ class CompressionMode:
         if attention is None:
             raise ValueError(f"{type(self).__name__} selects by attention scores: none were given")
         return attention
+
+    def compress_images(self, tokens: ImageTokens, keep_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """before_decoder modes: (keep (n, N) bool, features (n, N, d_v)) for n images at their
+        rates `keep_ratio` (n,): the patches that go on to the decoder, in their places and with
+        their original positions, and the features the projector maps (unkept rows are unused)."""
+        raise NotImplementedError(f"{type(self).__name__} acts inside the decoder")
 
 
 class Uncompressed(CompressionMode):

@@ -25,6 +25,8 @@ MODES = {
     "select_only": "pipeline.model.modes:SelectOnly",
     "point_estimate": "pipeline.model.modes:PointEstimate",
     "random": "pipeline.model.modes:RandomKeep",
+    "fastervlm": "pipeline.model.baselines.fastervlm:FasterVLM",
+    "visionzip": "pipeline.model.baselines.visionzip:VisionZip",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")

@@ -49,12 +49,15 @@ from pipeline.durable import write_text_atomically
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import kept_count
 from pipeline.model.flops import DecoderGeometry, prefill_flops
+from pipeline.model import settings
 from pipeline.model.settings import DiViCoConfig
 
 log = logging.getLogger(__name__)
 
 RANDOM_7B = "llava-7b"
-MODES = ("none", "fastv", "random", "select_only", "point_estimate", "divico", "moe")
+# The registered modes this harness times (it feeds the decoder fixed image features, so the
+# modes that act in the vision tower wait for a harness that runs the tower for every mode), and moe.
+MODES = (*(mode for mode in settings.MODES if not DiViCoConfig(mode=mode).compression.before_decoder), "moe")
 
 
 @dataclass

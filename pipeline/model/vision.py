@@ -1,0 +1,85 @@
+"""The vision side of a LLaVA model as the before-the-decoder modes see it: each image's patch
+features at the feature layer (before the projector) and that layer's attention from [CLS].
+
+LLaVA-1.5 feeds the language model the output of the CLIP layer `vision_feature_layer` (-2:
+hidden_states[-2], the output of encoder layer 22 of 24), [CLS] removed. FasterVLM and VisionZip
+rank patches by the attention [CLS] pays them *inside that same layer* (the official code's
+`attentions[-2][:, :, 0, 1:]`). Here that row is formed from the q/k projections the layer
+computes in its own forward (captured by hooks, as pipeline/model/divico.py does for the
+decoder), so the tower runs under sdpa and no N x N attention matrix is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+
+@dataclass
+class ImageTokens:
+    """What the tower gives for n images of N patches each."""
+
+    features: torch.Tensor  # (n, N, d_v): the feature layer's patch outputs, before the projector
+    query: torch.Tensor  # (n, d_v): the feature layer's [CLS] query projection
+    keys: torch.Tensor  # (n, N + 1, d_v): its key projections, [CLS] first
+    heads: int
+    scale: float  # the layer's attention scaling (head_dim ** -0.5)
+
+    def cls_attention(self) -> torch.Tensor:
+        """(n, N) float32: [CLS]'s attention over the patches in the feature layer, averaged over
+        heads (the softmax runs over [CLS] and the patches, as in the layer itself)."""
+        n, length, width = self.keys.shape
+        query = self.query.view(n, self.heads, 1, width // self.heads).float()
+        keys = self.keys.view(n, length, self.heads, width // self.heads).transpose(1, 2).float()
+        weights = (query @ keys.transpose(-1, -2) * self.scale).softmax(dim=-1)  # (n, H, 1, N + 1)
+        return weights[:, :, 0, 1:].mean(dim=1)
+
+    def key_metric(self) -> torch.Tensor:
+        """(n, N, d_v / H): the patches' keys averaged over heads (VisionZip's merge metric)."""
+        n, length, width = self.keys.shape
+        return self.keys[:, 1:].view(n, length - 1, self.heads, width // self.heads).mean(dim=2)
+
+
+class _FeatureLayerCapture:
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention, self.query, self.keys, self._hooks = attention, None, None, []
+
+    def __enter__(self) -> _FeatureLayerCapture:
+        def keep_query(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.query = output[:, 0].detach()
+
+        def keep_keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.keys = output.detach()
+
+        self._hooks = [self.attention.q_proj.register_forward_hook(keep_query),
+                       self.attention.k_proj.register_forward_hook(keep_keys)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> ImageTokens:
+    """Run the vision tower on `pixel_values` (n images) as get_image_features does, keeping
+    the feature layer's patch outputs and its [CLS] query and keys."""
+    config = llava.config
+    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
+        raise ValueError("the before-the-decoder modes read one CLIP feature layer with [CLS] removed "
+                         f"(vision_feature_layer={config.vision_feature_layer!r}, "
+                         f"vision_feature_select_strategy={config.vision_feature_select_strategy!r})")
+    tower = llava.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 drops the vision_model level
+    # hidden_states[j] is the output of layer j - 1 (hidden_states[0]: the embeddings), so the
+    # layer whose output is the feature layer is layers[j - 1], layers[j] for a negative j.
+    layer = config.vision_feature_layer
+    attention = layers[layer if layer < 0 else layer - 1].self_attn
+    dtype = next(tower.parameters()).dtype
+    with _FeatureLayerCapture(attention) as capture:
+        outputs = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+    features = outputs.hidden_states[layer][:, 1:]
+    return ImageTokens(features=features, query=capture.query, keys=capture.keys,
+                       heads=attention.num_heads, scale=attention.scale)

@@ -1,0 +1,83 @@
+"""The compression baselines that act before the decoder (pipeline/model/baselines/): the [CLS]
+row against the tower's own attention weights, FasterVLM's and VisionZip's choices and merges on
+hand-made inputs, and a run through `divico eval`. Batch-vs-single equality, cached generation
+and the FLOP count run for every registered mode in test_model_compressed.py and test_model_flops.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_helpers import run_divico
+from model_helpers import image, load_llava, prompts_batch
+from transformers import AutoProcessor
+
+from pipeline.model.baselines.fastervlm import FasterVLM
+from pipeline.model.baselines.visionzip import VisionZip, contextual_count, merge_contextual
+from pipeline.model.vision import ImageTokens, image_tokens
+
+
+def hand_made(cls_logits: list[float], features: torch.Tensor, metric: torch.Tensor | None = None) -> ImageTokens:
+    """One head of width 1 whose [CLS] attention logits over ([CLS], patches...) are `cls_logits`."""
+    keys = torch.tensor(cls_logits)[None, :, None]
+    if metric is not None:  # more key dimensions: the merge metric; the first stays the logit
+        keys = torch.cat([keys, torch.cat([torch.zeros(1, metric.shape[-1]), metric])[None]], dim=-1)
+    query = torch.zeros(1, keys.shape[-1])
+    query[0, 0] = 1.0
+    return ImageTokens(features=features[None], query=query, keys=keys, heads=1, scale=1.0)
+
+
+def test_the_cls_row_equals_the_towers_attention_weights(tiny_llava_dir):
+    llava = load_llava(tiny_llava_dir, "eager")
+    batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True, True])
+    tokens = image_tokens(llava, batch["pixel_values"])
+    outputs = llava.model.vision_tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+    expected = outputs.attentions[llava.config.vision_feature_layer][:, :, 0, 1:].mean(dim=1)
+    torch.testing.assert_close(tokens.cls_attention(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tokens.features, outputs.hidden_states[llava.config.vision_feature_layer][:, 1:])
+
+
+def test_fastervlm_keeps_the_patches_cls_attends_to_most():
+    tokens = hand_made([0.0, 1.0, 5.0, 2.0, 4.0, 3.0, 0.5], torch.arange(6.0)[:, None])
+    keep, features = FasterVLM().compress_images(tokens, torch.tensor([0.5]))
+    assert keep[0].nonzero().flatten().tolist() == [1, 3, 4]  # logits 5, 4, 3: round(0.5 x 6) = 3 kept
+    assert torch.equal(features, tokens.features)  # nothing merged
+
+
+def test_visionzip_merges_the_rest_into_contextual_tokens():
+    assert [contextual_count(k) for k in (1, 2, 11, 38, 64, 96)] == [0, 0, 2, 6, 10, 15]
+    features = torch.tensor([[0.0], [10.0], [1.0], [2.0], [3.0], [100.0], [4.0], [5.0]])
+    # Metric: patches 0, 2, 4 point one way, 3, 6, 7 the other; 1 and 5 are the dominant ones.
+    metric = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1], [1, 0.2], [1, 1], [0.2, 1], [0, 1]])
+    tokens = hand_made([0.0, 0, 9, 0, 0, 0, 8, 0, 0], features, metric)
+    # 8 patches at tau 1/2: 4 kept, 1 contextual (round(4 x 10/64) = 1): 3 dominant by [CLS]
+    # attention (patches 1, 5, then 0 on the tie), the 5 others merged into 1 token.
+    keep, merged = VisionZip().compress_images(tokens, torch.tensor([0.5]))
+    assert keep[0].nonzero().flatten().tolist() == [0, 1, 2, 5]
+    remaining = torch.tensor([2, 3, 4, 6, 7])
+    assert merged[0, 2, 0] == pytest.approx(float(features[remaining].mean()))  # one target: all merge into it
+    # Two targets at step 2 of the 5 remaining: patches 2 and 4; 3, 6 and 7 join the nearer in cosine.
+    targets, two = merge_contextual(features[:, 0:1].clone(), metric, remaining, 2)
+    assert targets.tolist() == [2, 4]
+    normed = torch.nn.functional.normalize(metric, dim=-1)
+    nearest = {int(p): int(targets[(normed[p] @ normed[targets].T).argmax()]) for p in (3, 6, 7)}
+    for target in (2, 4):
+        members = [target] + [p for p, t in nearest.items() if t == target]
+        assert two[target, 0] == pytest.approx(float(features[members].mean())), (target, members)
+    assert torch.equal(two[[0, 1, 3, 5, 6, 7]], features[[0, 1, 3, 5, 6, 7]])  # only targets change
+
+
+@pytest.mark.parametrize("mode", ["fastervlm", "visionzip"])
+def test_a_baseline_runs_under_divico_eval(tiny_llava_dir, tmp_path, mode):
+    data = tmp_path / "eval.json"
+    images = tmp_path / "images"
+    images.mkdir()
+    image(0).save(images / "a.png")
+    data.write_text(json.dumps([{"id": "q", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]}]))
+    out = tmp_path / "summary.json"
+    assert run_divico(["eval", f"model={tiny_llava_dir}", f"data={data}", f"image_root={images}", "max_new_tokens=2",
+                "device=cpu", f"divico.mode={mode}", "divico.tau=0.111", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert (summary["mode"], summary["visual_tokens_kept"], summary["samples"]) == (mode, 11, 1)
