@@ -6,6 +6,8 @@ and the FLOP count run for every registered mode in test_model_compressed.py and
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,12 @@ from cli_helpers import run_divico
 from model_helpers import image, load_llava, prompts_batch
 from transformers import AutoProcessor
 
+from pipeline.model.baselines.deco import DeCo
 from pipeline.model.baselines.fastervlm import FasterVLM
 from pipeline.model.baselines.visionzip import VisionZip, contextual_count, merge_contextual
 from pipeline.model.vision import ImageTokens, image_tokens
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def hand_made(cls_logits: list[float], features: torch.Tensor, metric: torch.Tensor | None = None) -> ImageTokens:
@@ -81,3 +86,30 @@ def test_a_baseline_runs_under_divico_eval(tiny_llava_dir, tmp_path, mode):
                 "device=cpu", f"divico.mode={mode}", "divico.tau=0.111", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert (summary["mode"], summary["visual_tokens_kept"], summary["samples"]) == (mode, 11, 1)
+
+
+def test_deco_pools_the_patch_grid_into_the_first_slots():
+    assert [DeCo().kept_tokens(576, tau) for tau in (1 / 15, 1 / 9, 1 / 6)] == [36, 64, 100]
+    features = torch.arange(16.0).reshape(16, 1)  # a 4 x 4 grid, raster order
+    tokens = hand_made([0.0] * 17, features)
+    keep, pooled = DeCo().compress_images(tokens, torch.tensor([0.25]))  # 4 kept: a 2 x 2 grid of 2 x 2 means
+    assert keep[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert pooled[0, :4, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_deco_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
+    """A trained mode: the LoRA fine-tune with DeCo retrains the projector on the pooled tokens."""
+    from train_helpers import final_weights, run, train_args
+
+    from pipeline.contract import DIVICO_SETTINGS_FILE, TRAIN_SUMMARY_FILE
+
+    out = tmp_path / "deco"
+    result = run(train_args(tiny_llava_dir, make_shard_dir(16, 1), out, "train.micro_batch_size=2",
+                            recipes=(REPO / "configs/methods/deco.yaml",)), ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["train/loss"])
+    assert summary["perf/visual_tokens_kept"] == 9  # 11 of 100 -> DeCo's 3 x 3 grid
+    assert any("multi_modal_projector" in name for name in final_weights(out))  # the projector trains
+    saved = json.loads(next(out.rglob(DIVICO_SETTINGS_FILE)).read_text())
+    assert saved["config"]["mode"] == "deco"

@@ -65,14 +65,16 @@ def test_sequence_shrinks_by_the_dropped_visual_tokens(llava, processor, mode):
         out = wrapper(**batch)
     image_token_id = llava.config.image_token_id
     lengths = out.compressed_attention_mask.sum(1)
-    # 100 visual tokens -> 11 kept; the text-only sample passes unchanged
-    expected = batch["attention_mask"].sum(1).cpu() - torch.tensor([89, 0, 89])
+    # 100 visual tokens -> 11 kept (DeCo: its 3 x 3 pooled grid); the text-only sample passes unchanged
+    kept = wrapper.config.kept_tokens(100)
+    assert kept == (9 if mode == "deco" else 11)
+    expected = batch["attention_mask"].sum(1).cpu() - torch.tensor([100 - kept, 0, 100 - kept])
     assert lengths.tolist() == expected.tolist()
     for i in range(3):
         positions = out.compressed_positions[i][out.compressed_attention_mask[i]]
         assert torch.all(positions[1:] > positions[:-1]), "kept tokens keep their order"
         kept_ids = batch["input_ids"][i][positions]
-        assert int((kept_ids == image_token_id).sum()) == (11 if i != 1 else 0)
+        assert int((kept_ids == image_token_id).sum()) == (kept if i != 1 else 0)
 
 
 @pytest.mark.parametrize("mode", MODES)

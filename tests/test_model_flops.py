@@ -82,7 +82,7 @@ def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_
     counted = _counted_parts(counter, geometry.layers)
     assert (analytic["layers"], analytic["lm_head"]) == (counted["layers"], counted["lm_head"])
     assert analytic["scoring"] == analytic["encoder"] == 0
-    assert int(out.compressed_attention_mask.sum()) == batch["input_ids"].shape[1] - 100 + 11
+    assert int(out.compressed_attention_mask.sum()) == batch["input_ids"].shape[1] - 100 + wrapper.config.kept_tokens(100)
 
 
 def test_theory_ratio_of_the_paper_geometry():

@@ -72,7 +72,7 @@ from pipeline.eval.predictions import parse_chunk
 from pipeline.eval.score import SCORERS, Scorer, exact_match, score
 from pipeline.eval.tasks import run_task
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import image_seed, kept_count
+from pipeline.model.divico import image_seed
 from pipeline.model.settings import DiViCoConfig
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         samples=len(answers.rows), accuracy=scores.accuracy, chance=scores.chance, by_type=scores.by_type,
         tokens_per_s=answers.tokens / answers.seconds, samples_per_s=len(answers.rows) / answers.seconds,
         generated_tokens=answers.generated_tokens, visual_tokens=visual,
-        visual_tokens_kept=int(kept_count(visual, model.config.tau, model.config.counts)) if compresses else visual,
+        visual_tokens_kept=int(model.config.kept_tokens(visual)) if compresses else visual,
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
         tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,

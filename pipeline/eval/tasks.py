@@ -35,7 +35,6 @@ from pipeline.eval.data import one_question
 from pipeline.eval.generate import answer_batches
 from pipeline.eval.predictions import (answered, appending, chunk_of, part_path, read_rows, unanswered,
                                         write_in_order)
-from pipeline.model.divico import kept_count
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     compresses = settings is not None and settings.compresses
     run = {"model_id": str(cfg.model.resolve()), "mode": settings.mode if settings else "none",
            "tau": settings.tau if compresses else None,
-           "kept": kept_count(visual, settings.tau, settings.counts) if compresses else visual,
+           "kept": settings.kept_tokens(visual) if compresses else visual,
            "image_noise": cfg.image_noise}
     mine = chunk_of(questions, *chunk) if chunk else questions
     path = part_path(predictions, *chunk) if chunk else predictions

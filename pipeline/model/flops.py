@@ -88,8 +88,8 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
     if not config.compresses or num_visual == 0:
         parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
     else:
-        num_kept = kept_count(num_visual, config.tau, config.counts)
-        short = compressed_length(num_tokens, num_visual, config.tau, config.counts)
+        num_kept = config.kept_tokens(num_visual)
+        short = num_tokens - num_visual + num_kept
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.
         split = 0 if config.compression.before_decoder else config.layer

@@ -16,6 +16,8 @@ sequence. A mode says
     sample_seeds()   per-sample seeds for a mode that draws its own scores (None: it does not)
     scores()         (B, N) scores of the visual tokens; the top round(tau N_i) are kept
     compress_images()  before_decoder modes: each image's kept patches and their features
+    kept_tokens()    how many of an image's N visual tokens go on: round(tau N) unless the method
+                     says otherwise (DeCo's pooled grid)
 
 and CompressedLlava, DiViCo and the FLOP count ask the mode, never its name. A mode is chosen
 by name from pipeline/model/settings.py's MODES ("module:Class"): a new one is a class in a file
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.divico import image_seed, random_scores
+from pipeline.model.divico import image_seed, kept_count, random_scores
 from pipeline.model.vision import ImageTokens
 
 
@@ -46,6 +48,9 @@ class CompressionMode:
     def sample_seeds(self, seed: int, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                      image_features: torch.Tensor | None) -> list[int] | None:
         return None
+
+    def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int:
+        return kept_count(num_visual, tau, counts) if self.compresses else num_visual
 
     def scores(self, attention: torch.Tensor | None, image_mask: torch.Tensor,
                sample_seeds: Sequence[int] | None) -> torch.Tensor:

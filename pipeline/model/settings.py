@@ -27,6 +27,7 @@ MODES = {
     "random": "pipeline.model.modes:RandomKeep",
     "fastervlm": "pipeline.model.baselines.fastervlm:FasterVLM",
     "visionzip": "pipeline.model.baselines.visionzip:VisionZip",
+    "deco": "pipeline.model.baselines.deco:DeCo",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
@@ -128,6 +129,11 @@ class DiViCoConfig:
         if self.mode not in MODES:
             raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {tuple(MODES)}")
         return _mode(MODES[self.mode])
+
+    def kept_tokens(self, num_visual: int, tau: float | None = None) -> int:
+        """Of an image's `num_visual` tokens, how many the decoder's compressed layers see at
+        `tau` (config.tau when None)."""
+        return self.compression.kept_tokens(num_visual, self.tau if tau is None else tau, self.counts)
 
     @property
     def compresses(self) -> bool:

@@ -47,7 +47,6 @@ from pipeline.bench.accuracy_report import markdown_table
 from pipeline.contract import DIVICO_SETTINGS_FILE, EXIT_BAD_INPUT, TAUS
 from pipeline.durable import write_text_atomically
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.divico import kept_count
 from pipeline.model.flops import DecoderGeometry, prefill_flops
 from pipeline.model import settings
 from pipeline.model.settings import DiViCoConfig
@@ -165,7 +164,7 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
             rows.append({
                 "batch": batch, "mode": mode, "tau": None if mode == "none" else tau, "layer": wrapper.config.layer,
                 "visual_tokens": visual,
-                "kept": visual if mode == "none" else kept_count(visual, tau, wrapper.config.counts),
+                "kept": wrapper.config.kept_tokens(visual),
                 "flops": analytic, "flops_counted": counted, "flops_gap": counted / analytic - 1,
                 "prefill_ms": prefill_ms, "answer_ms": answer_ms,
                 # None where timing noise swallows the decode steps (answer_ms <= prefill_ms)

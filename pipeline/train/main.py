@@ -417,11 +417,10 @@ def _micro_batch_sums(out, layout: SumsLayout, *, num_tokens: int, samples: int)
 def _input_scalars(run: Run, inputs: dict) -> dict[str, float]:
     """The visual tokens a sample keeps at the step's rate (the largest under all_centres), and
     a MoE step's drawn rate and routing-prior weight."""
-    from pipeline.model.divico import kept_count
 
     divico = run.cfg.divico
     rate = inputs.get("keep_ratio", max(inputs.get("branch_rates", [divico.tau])))
-    kept = kept_count(run.visual_tokens, rate) if divico.compresses else run.visual_tokens
+    kept = divico.kept_tokens(run.visual_tokens, rate)
     scalars = {"perf/visual_tokens_kept": float(kept),
                **{f"train/aux_weight/{name}": weight for name, weight in inputs.get("aux_weights", {}).items()}}
     if "keep_ratio" in inputs:
