@@ -113,3 +113,34 @@ def test_deco_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
     assert any("multi_modal_projector" in name for name in final_weights(out))  # the projector trains
     saved = json.loads(next(out.rglob(DIVICO_SETTINGS_FILE)).read_text())
     assert saved["config"]["mode"] == "deco"
+
+
+def test_dart_keeps_the_pivots_and_the_tokens_least_like_them():
+    from pipeline.model.baselines.dart import dart_keep
+
+    visual = torch.zeros(10, dtype=torch.bool)
+    visual[1:7] = True
+    text_after = torch.zeros(10, dtype=torch.bool)
+    text_after[7:] = True
+    norms = torch.tensor([9.0, 5, 1, 4, 3, 6, 0.5, 2, 2, 2])  # position 0 (text before the image) never counts
+    keys = torch.stack([norms, torch.zeros(10)], dim=1)
+    hidden = torch.tensor([[0, 1.0], [1, 0], [1, 0.1], [0, 1], [0, 1], [0, 1], [-1, 0], [0, 1], [0, 1], [0, 1]])
+    # Image pivots by key L1 norm: 5, 1, 3, 4; the first pivot in position order (1) adds the free
+    # visual token least like it: 6 (opposite) rather than 2 (nearly the same direction).
+    assert dart_keep(keys, hidden, visual, text_after, kept=5).tolist() == [1, 3, 4, 5, 6]
+    assert dart_keep(keys, hidden, visual, text_after, kept=2).tolist() == [1, 5]  # the pivots alone
+    assert dart_keep(keys, hidden, visual, text_after, kept=6).tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_gap_encoder_over_darts_selection_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
+    from train_helpers import run, scalars, train_args
+
+    from pipeline.contract import TRAIN_SUMMARY_FILE
+
+    out = tmp_path / "divico_dart"
+    result = run(train_args(tiny_llava_dir, make_shard_dir(16, 1), out, "train.micro_batch_size=2",
+                            recipes=(REPO / "configs/methods/divico_dart.yaml",)), ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+    assert summary["steps"] == 2 and summary["perf/visual_tokens_kept"] == 11
+    assert all(kl > 0 for kl in scalars(out)["train/kl"])  # the gap encoder and its KL train

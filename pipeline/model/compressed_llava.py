@@ -62,7 +62,8 @@ from pipeline.contract import (
     DIVICO_WEIGHTS_FILE,
     IGNORE_INDEX,
 )
-from pipeline.model.divico import DiViCo, ProjectionCapture, query_attention_scores
+from pipeline.model.divico import DiViCo, ProjectionCapture, query_attention_scores, rotated_keys
+from pipeline.model.modes import LayerState
 from pipeline.model.settings import DiViCoConfig
 from pipeline.model.vision import image_tokens
 
@@ -211,10 +212,11 @@ class CompressedLlava(nn.Module):
         attention_mask = attention_mask.bool()
         image_mask = input_ids == self.llava.config.image_token_id
         queries = self.query_positions(attention_mask, image_mask, labels, first_answer=query_positions)
+        mode = self.config.compression
         if branch_rates is not None and (past_key_values is not None or keep_ratio is not None
-                                         or self.config.compression.before_decoder):
-            raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache or a mode that "
-                             "acts before the decoder")
+                                         or mode.before_decoder or mode.reads_keys):
+            raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache or with a mode "
+                             "that chooses by itself (before the decoder, or from layer K-1's keys)")
         return self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, labels,
                              position_ids=position_ids, image_features=image_features,
                              past_key_values=past_key_values, logits_to_keep=logits_to_keep,
@@ -261,7 +263,8 @@ class CompressedLlava(nn.Module):
         use_cache = past_key_values is not None
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
         scoring = compress and mode.reads_attention
-        capture = ProjectionCapture(parts.layers[split - 1].self_attn, queries) if scoring else contextlib.nullcontext()
+        capture = (ProjectionCapture(parts.layers[split - 1].self_attn, queries)
+                   if scoring or (compress and mode.reads_keys) else contextlib.nullcontext())
         # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
         # would read the gaps left by dropping as packed sequences.
         with capture:
@@ -285,8 +288,17 @@ class CompressedLlava(nn.Module):
                 scores = scores.repeat(repeats, 1) if scores is not None else None
                 seeds = seeds * repeats if seeds is not None else None
                 targets = targets.repeat(repeats, 1) if targets is not None else None
-            keep_visual = (kept_before if kept_before is not None
-                           else self.divico.select(scores, image_mask, seeds, keep_ratio))
+            if kept_before is not None:
+                keep_visual = kept_before
+            elif mode.reads_keys:
+                rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio, dtype=torch.float64,
+                                        device=hidden.device).expand(hidden.shape[0])
+                state = LayerState(hidden=hidden, keys=rotated_keys(capture, position_embeddings),
+                                   image_mask=image_mask, attention_mask=attention_mask,
+                                   query_positions=queries, norm=parts.norm)
+                keep_visual = mode.select_at_layer(state, rates)
+            else:
+                keep_visual = self.divico.select(scores, image_mask, seeds, keep_ratio)
             pooled = self.divico.pooled(scores, image_mask, keep_visual, keep_ratio)
             hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio,
                                                                      pooled)

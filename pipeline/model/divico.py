@@ -230,6 +230,15 @@ def query_attention_scores(
     return logits.softmax(dim=-1).mean(dim=(1, 2))
 
 
+@torch.no_grad()
+def rotated_keys(captured: ProjectionCapture, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, N, H_kv * head_dim): layer K-1's captured keys with RoPE applied, as its attention used them."""
+    batch, length, width = captured.keys.shape
+    cos, sin = position_embeddings
+    keys = captured.keys.view(batch, length, -1, captured.attention.head_dim)
+    return (keys * cos.unsqueeze(2) + rotate_half(keys) * sin.unsqueeze(2)).reshape(batch, length, width)
+
+
 def image_seed(seed: int, image: torch.Tensor) -> int:
     """A 64-bit generator seed from the config seed and the bytes of one sample's image input
     (its pixel values, or its image features when those are given instead)."""

@@ -56,11 +56,6 @@ def compressed_length(num_tokens: int, num_visual: int, tau: float, counts: str 
     return num_tokens - num_visual + kept_count(num_visual, tau, counts)
 
 
-def scoring_flops(g: DecoderGeometry, n: int) -> int:
-    """One row of n scores per head, from layer K-1's own projections (no projection here)."""
-    return 2 * n * g.hidden
-
-
 def encoder_flops(g: DecoderGeometry, num_kept: int, config: DiViCoConfig | None = None) -> int:
     """The gap encoder on `num_kept` tokens: g_theta's two matmuls; a Mixture-of-Experts
     encoder runs every expert and its router (on the rate features and the token summary)."""
@@ -95,7 +90,7 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         split = 0 if config.compression.before_decoder else config.layer
         parts = {
             "layers": split * layer_flops(g, num_tokens) + (g.layers - split) * layer_flops(g, short),
-            "scoring": scoring_flops(g, num_tokens) if config.compression.reads_attention else 0,
+            "scoring": config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept),
             "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
         }
         num_logits = min(num_logits, short)

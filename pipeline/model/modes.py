@@ -10,12 +10,15 @@ sequence. A mode says
                      (and may rewrite their features) before the projector
     reads_attention  its scores are the query token's attention in layer K-1 (query_attention_scores),
                      captured while that layer runs; the FLOP count charges them
+    reads_keys       it reads layer K-1's keys (after RoPE) and layer K's input: select_at_layer()
     gap_encoder      the kept tokens become v_s + mu from the gap encoder (whose weights are saved)
     variational      ... + eps * sigma while training, and the KL term: the full method
     trainable        False: a training-free baseline, which `divico train` refuses
     sample_seeds()   per-sample seeds for a mode that draws its own scores (None: it does not)
     scores()         (B, N) scores of the visual tokens; the top round(tau N_i) are kept
     compress_images()  before_decoder modes: each image's kept patches and their features
+    select_at_layer()  reads_keys modes: the kept visual tokens, chosen by the mode itself
+    scoring_flops()  what choosing costs, in FLOPs (pipeline/model/flops.py's convention)
     kept_tokens()    how many of an image's N visual tokens go on: round(tau N) unless the method
                      says otherwise (DeCo's pooled grid)
 
@@ -27,6 +30,7 @@ of its own plus one line there.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +39,25 @@ from pipeline.model.divico import image_seed, kept_count, random_scores
 from pipeline.model.vision import ImageTokens
 
 
+@dataclass
+class LayerState:
+    """What a reads_keys mode sees between layers K-1 and K, for B samples of N positions."""
+
+    hidden: torch.Tensor  # (B, N, d): layer K's input
+    keys: torch.Tensor  # (B, N, H_kv * head_dim): layer K-1's keys after RoPE
+    image_mask: torch.Tensor  # (B, N) bool
+    attention_mask: torch.Tensor  # (B, N) bool: False at padding
+    query_positions: torch.Tensor  # (B,): each sample's query token, the end of its prompt (config.query)
+    norm: torch.nn.Module  # the decoder's final norm
+
+
 class CompressionMode:
     """Keep the visual tokens the query attends to most in layer K-1; add nothing."""
 
     compresses = True
     before_decoder = False
     reads_attention = True
+    reads_keys = False
     gap_encoder = False
     variational = False
     trainable = True
@@ -57,6 +74,15 @@ class CompressionMode:
         if attention is None:
             raise ValueError(f"{type(self).__name__} selects by attention scores: none were given")
         return attention
+
+    def select_at_layer(self, state: LayerState, keep_ratio: torch.Tensor) -> torch.Tensor:
+        """reads_keys modes: (B, N) bool, the kept visual tokens, at each sample's rate (B,)."""
+        raise NotImplementedError(f"{type(self).__name__} selects by scores")
+
+    def scoring_flops(self, hidden: int, num_tokens: int, num_visual: int, num_kept: int) -> int:
+        """FLOPs of choosing, for one sample: one row of attention scores (2 N d) when the mode
+        reads them, else none counted (the vision side is not counted: pipeline/model/flops.py)."""
+        return 2 * num_tokens * hidden if self.reads_attention else 0
 
     def compress_images(self, tokens: ImageTokens, keep_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """before_decoder modes: (keep (n, N) bool, features (n, N, d_v)) for n images at their

@@ -28,6 +28,8 @@ MODES = {
     "fastervlm": "pipeline.model.baselines.fastervlm:FasterVLM",
     "visionzip": "pipeline.model.baselines.visionzip:VisionZip",
     "deco": "pipeline.model.baselines.deco:DeCo",
+    "dart": "pipeline.model.baselines.dart:DART",
+    "divico_dart": "pipeline.model.baselines.dart:DiViCoOverDART",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
