@@ -46,6 +46,25 @@ def test_efficiency_report_on_llava_7b_geometry(capsys):
     assert moe["kept"] == 38 and abs(moe["flops_gap"]) < 0.01 and moe["flops_ratio"] < 0.2
 
 
+def test_modes_before_the_decoder_run_with_the_tower(tiny_llava_dir, capsys, caplog):
+    """--tower: every row runs the tower; the decoder's FLOPs still match the counted ones, and a
+    mode acting before the decoder shortens every layer's cache."""
+    args = ["report", "efficiency", "--model", str(tiny_llava_dir), "--modes", "none", "fastv", "fastervlm",
+            "visionzip", "deco", "dart", "--taus", "0.111", "--batch", "2", "--repeats", "1", "--warmup", "0",
+            "--answer-tokens", "2", "--json"]
+    assert run_divico(args) == 2 and "act in the vision tower; add --tower" in caplog.text
+    assert run_divico([*args, "--tower"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in report["rows"]}
+    tokens = report["setup"]["tokens"]
+    for mode in ("fastervlm", "visionzip", "deco"):
+        row = rows[mode]
+        assert abs(row["flops_gap"]) < 0.01, mode  # the [CLS] row and the merges are tiny beside the decoder
+        assert row["kv_cache_mib_ratio"] == pytest.approx((tokens - 100 + row["kept"]) / tokens), mode
+    assert rows["deco"]["kept"] == 9 and rows["fastervlm"]["kept"] == rows["dart"]["kept"] == 11
+    assert abs(rows["dart"]["flops_gap"]) < 1e-9 and rows["fastervlm"]["kv_cache_mib_ratio"] < rows["fastv"]["kv_cache_mib_ratio"]
+
+
 def test_bad_arguments_exit_2(tmp_path, caplog):
     assert run_divico(["report", "efficiency", "--model", str(tmp_path), "--repeats", "1"]) == 2
     assert "not a model folder (no config.json)" in caplog.text

@@ -170,8 +170,7 @@ def round_robin_medians(fns: list, *, warmup: int, repeats: int, device: str) ->
 def prefill(wrapper: CompressedLlava, inputs: dict):
     """The prefill that starts generation: the KV cache filled, logits for the last position."""
     cache = DynamicCache(config=wrapper.decoder.config)
-    return wrapper(inputs["input_ids"], image_features=inputs["image_features"], past_key_values=cache,
-                   logits_to_keep=1)
+    return wrapper(**inputs, past_key_values=cache, logits_to_keep=1)
 
 
 def count_flops(model: LlavaForConditionalGeneration, fn: Callable[[], Any]) -> int:

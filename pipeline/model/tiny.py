@@ -111,12 +111,13 @@ def llava_config(*, width: int, layers: int, heads: int, kv_heads: int, intermed
 def llava_7b_config(width: int, layers: int = 32) -> LlavaConfig:
     """LLaVA-1.5-7B's decoder at `width`: head dim 128 (width / 128 heads, no GQA), FFN width
     11008/4096 of the hidden size, its vocabulary; behind a 336 px / 14 px CLIP tower (576 visual
-    tokens) of tiny width, since the benches time the decoder. width 4096, 32 layers: the 7B."""
+    tokens) of tiny width and two layers (the features, as LLaVA's, are the second-last layer's
+    output, an attention layer's), since the benches time the decoder. width 4096, 32 layers: the 7B."""
     if width < 128 or width % 128:
         raise ValueError(f"width {width}: must be a positive multiple of 128 (LLaVA-1.5's head dim)")
     return llava_config(width=width, layers=layers, heads=width // 128, kv_heads=width // 128,
                         intermediate=round(width * 11008 / 4096 / 16) * 16, vocab=LLAVA_VOCAB,
-                        image_token_id=LLAVA_IMAGE_TOKEN_ID, image_size=336)
+                        image_token_id=LLAVA_IMAGE_TOKEN_ID, image_size=336, vision_layers=2)
 
 
 @dataclass

@@ -73,10 +73,13 @@ def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tenso
                          f"vision_feature_select_strategy={config.vision_feature_select_strategy!r})")
     tower = llava.model.vision_tower
     layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 drops the vision_model level
-    # hidden_states[j] is the output of layer j - 1 (hidden_states[0]: the embeddings), so the
-    # layer whose output is the feature layer is layers[j - 1], layers[j] for a negative j.
+    # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings).
     layer = config.vision_feature_layer
-    attention = layers[layer if layer < 0 else layer - 1].self_attn
+    index = layer if layer >= 0 else len(layers) + 1 + layer
+    if not 1 <= index <= len(layers):
+        raise ValueError(f"vision_feature_layer={layer} of a {len(layers)}-layer tower: the features are not "
+                         "the output of an attention layer, so there is no [CLS] attention to read")
+    attention = layers[index - 1].self_attn
     dtype = next(tower.parameters()).dtype
     with _FeatureLayerCapture(attention) as capture:
         outputs = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)

@@ -10,7 +10,9 @@ trained encoder is then used) or `llava-7b`: LLaVA-1.5-7B's decoder geometry (32
 encoder the folder does not have gets an untrained one: it costs the same (timings and FLOPs
 only). The prompt is the model's own geometry: --system-tokens + the vision tower's visual
 tokens + --text-tokens, the image given as random projector features (the vision tower is the
-same in every mode and is left out). Per batch size, mode and tau:
+same in every mode and is left out), or with --tower as random pixels, every row then running
+the tower and the projector (the modes that act before the decoder need it; the FLOPs stay the
+decoder's, the tower's count taken off the counted ones). Per batch size, mode and tau:
 
   kept            visual tokens kept per image
   flops           one prefill, analytic (pipeline.model.flops.prefill_flops x batch), and
@@ -54,9 +56,7 @@ from pipeline.model.settings import DiViCoConfig
 log = logging.getLogger(__name__)
 
 RANDOM_7B = "llava-7b"
-# The registered modes this harness times (it feeds the decoder fixed image features, so the
-# modes that act in the vision tower wait for a harness that runs the tower for every mode), and moe.
-MODES = (*(mode for mode in settings.MODES if not DiViCoConfig(mode=mode).compression.before_decoder), "moe")
+MODES = (*settings.MODES, "moe")  # every registered mode, and moe: the divico mode of a Mixture-of-Experts model
 
 
 @dataclass
@@ -75,12 +75,19 @@ class EfficiencyConfig:
     warmup: int = 1
     repeats: int = 5
     seed: int = 0
+    # Every row runs the vision tower and the projector on random pixels (the modes that act before
+    # the decoder need them) instead of feeding the decoder random projector features.
+    tower: bool = False
 
     def validate(self) -> None:
         """ValueError naming the first bad setting."""
         bad = [mode for mode in self.modes if mode not in MODES]
         if bad or not self.modes:
             raise ValueError(f"--modes {' '.join(self.modes)}: expected some of {', '.join(MODES)}")
+        vision = [mode for mode in self.modes if mode != "moe" and DiViCoConfig(mode=mode).compression.before_decoder]
+        if vision and not self.tower:
+            raise ValueError(f"--modes {' '.join(vision)}: act in the vision tower; add --tower (every row then runs "
+                             "the tower and the projector)")
         if any(not 0 < tau <= 1 for tau in self.taus) or not self.taus:
             raise ValueError(f"--taus {self.taus}: each must be in (0, 1]")
         if any(b < 1 for b in self.batch) or self.answer_tokens < 2 or self.repeats < 1 or self.warmup < 0:
@@ -115,11 +122,16 @@ def wrap(llava: LlavaForConditionalGeneration, folder: Path | None, mode: str, t
     return CompressedLlava(llava, config).to(next(llava.parameters()).device).eval()
 
 
+def visual_tokens(llava: LlavaForConditionalGeneration) -> int:
+    vision = llava.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
 def prompt_inputs(llava: LlavaForConditionalGeneration, cfg: EfficiencyConfig, batch: int) -> dict[str, torch.Tensor]:
-    """System + visual + text token ids (no image id among the text) and random projector features."""
+    """System + visual + text token ids (no image id among the text) and random projector
+    features, or with cfg.tower random pixels."""
     config = llava.config
-    vision = config.vision_config
-    visual = (vision.image_size // vision.patch_size) ** 2
+    visual = visual_tokens(llava)
     vocab, image_id = config.text_config.vocab_size, config.image_token_id
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -128,18 +140,22 @@ def prompt_inputs(llava: LlavaForConditionalGeneration, cfg: EfficiencyConfig, b
         return ids + (ids >= image_id).long() if image_id < vocab else ids
 
     input_ids = torch.cat([text(cfg.system_tokens), torch.full((batch, visual), image_id), text(cfg.text_tokens)], 1)
-    features = torch.randn(batch, visual, config.text_config.hidden_size, generator=generator) * 0.02
-    return {"input_ids": input_ids.to(cfg.device), "image_features": features.to(cfg.device, getattr(torch, cfg.dtype))}
+    if cfg.tower:
+        size = config.vision_config.image_size
+        images = {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+    else:
+        images = {"image_features": torch.randn(batch, visual, config.text_config.hidden_size, generator=generator) * 0.02}
+    return {"input_ids": input_ids.to(cfg.device),
+            **{name: value.to(cfg.device, getattr(torch, cfg.dtype)) for name, value in images.items()}}
 
 
 def answer(wrapper: CompressedLlava, inputs: dict, tokens: int) -> torch.Tensor:
-    return wrapper.generate(inputs["input_ids"], image_features=inputs["image_features"], max_new_tokens=tokens,
-                            eos_token_id=[], pad_token_id=0)
+    return wrapper.generate(**inputs, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0)
 
 
 def kv_cache_mib(wrapper: CompressedLlava, inputs: dict) -> float:
     cache = DynamicCache(config=wrapper.decoder.config)
-    wrapper(inputs["input_ids"], image_features=inputs["image_features"], past_key_values=cache, logits_to_keep=1)
+    wrapper(**inputs, past_key_values=cache, logits_to_keep=1)
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / 2**20
 
 
@@ -153,14 +169,17 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
     rows = []
     for batch in cfg.batch:
         inputs = prompt_inputs(llava, cfg, batch)
-        num_tokens, visual = inputs["input_ids"].shape[1], inputs["image_features"].shape[1]
+        num_tokens, visual = inputs["input_ids"].shape[1], visual_tokens(llava)
+        # The tower and the projector are the same for every row and not in the analytic count.
+        vision_flops = (count_flops(llava, partial(llava.model.get_image_features, pixel_values=inputs["pixel_values"]))
+                        if cfg.tower else 0)
         steps = [partial(prefill, w, inputs) for w in wrappers]
         answers = [partial(answer, w, inputs, cfg.answer_tokens) for w in wrappers]
         medians = round_robin_medians(steps + answers, warmup=cfg.warmup, repeats=cfg.repeats, device=cfg.device)
         for index, ((mode, tau), wrapper) in enumerate(zip(settings, wrappers)):
             prefill_ms, answer_ms = medians[index], medians[len(steps) + index]
             analytic = batch * prefill_flops(geometry, num_tokens, visual, wrapper.config)["total"]
-            counted = count_flops(llava, steps[index])
+            counted = count_flops(llava, steps[index]) - vision_flops
             rows.append({
                 "batch": batch, "mode": mode, "tau": None if mode == "none" else tau, "layer": wrapper.config.layer,
                 "visual_tokens": visual,
@@ -230,6 +249,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--tower", action="store_true",
+                        help="run the vision tower and the projector in every row (needed by the modes that act "
+                             "before the decoder); FLOPs stay the decoder's")
     parser.add_argument("--out", type=Path, default=None, help="write efficiency.md, .json and .csv here")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the markdown table")
     parser.set_defaults(func=command)
@@ -239,7 +261,7 @@ def command(args: argparse.Namespace) -> int:
     cfg = EfficiencyConfig(model=args.model, width=args.width, modes=args.modes, taus=args.taus, batch=args.batch,
                            answer_tokens=args.answer_tokens, layer=args.layer, device=args.device,
                            dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
-                           repeats=args.repeats, warmup=args.warmup)
+                           repeats=args.repeats, warmup=args.warmup, tower=args.tower)
     try:
         cfg.validate()
     except ValueError as error:
