@@ -15,6 +15,7 @@ from cli_helpers import run_divico
 from model_helpers import image, load_llava, prompts_batch
 from transformers import AutoProcessor
 
+from pipeline.contract import DIVICO_SETTINGS_FILE, TRAIN_SUMMARY_FILE
 from pipeline.model.baselines.deco import DeCo
 from pipeline.model.baselines.fastervlm import FasterVLM
 from pipeline.model.baselines.visionzip import VisionZip, contextual_count, merge_contextual
@@ -97,17 +98,22 @@ def test_deco_pools_the_patch_grid_into_the_first_slots():
     assert pooled[0, :4, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
 
 
+def two_rank_fine_tune(model: Path, shards: Path, out: Path, method: str) -> dict:
+    """`divico train` on 2 ranks with configs/methods/METHOD.yaml over the tiny recipe: its summary."""
+    from train_helpers import run, train_args
+
+    result = run(train_args(model, shards, out, "train.micro_batch_size=2",
+                            recipes=(REPO / f"configs/methods/{method}.yaml",)), ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+
+
 def test_deco_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
     """A trained mode: the LoRA fine-tune with DeCo retrains the projector on the pooled tokens."""
-    from train_helpers import final_weights, run, train_args
-
-    from pipeline.contract import DIVICO_SETTINGS_FILE, TRAIN_SUMMARY_FILE
+    from train_helpers import final_weights
 
     out = tmp_path / "deco"
-    result = run(train_args(tiny_llava_dir, make_shard_dir(16, 1), out, "train.micro_batch_size=2",
-                            recipes=(REPO / "configs/methods/deco.yaml",)), ranks=2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+    summary = two_rank_fine_tune(tiny_llava_dir, make_shard_dir(16, 1), out, "deco")
     assert summary["steps"] == 2 and math.isfinite(summary["train/loss"])
     assert summary["perf/visual_tokens_kept"] == 9  # 11 of 100 -> DeCo's 3 x 3 grid
     assert any("multi_modal_projector" in name for name in final_weights(out))  # the projector trains
@@ -133,14 +139,9 @@ def test_dart_keeps_the_pivots_and_the_tokens_least_like_them():
 
 
 def test_the_gap_encoder_over_darts_selection_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
-    from train_helpers import run, scalars, train_args
-
-    from pipeline.contract import TRAIN_SUMMARY_FILE
+    from train_helpers import scalars
 
     out = tmp_path / "divico_dart"
-    result = run(train_args(tiny_llava_dir, make_shard_dir(16, 1), out, "train.micro_batch_size=2",
-                            recipes=(REPO / "configs/methods/divico_dart.yaml",)), ranks=2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+    summary = two_rank_fine_tune(tiny_llava_dir, make_shard_dir(16, 1), out, "divico_dart")
     assert summary["steps"] == 2 and summary["perf/visual_tokens_kept"] == 11
     assert all(kl > 0 for kl in scalars(out)["train/kl"])  # the gap encoder and its KL train
