@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["vars.train.samples=64", "vars.finetune.samples=32", "vars.heldout.samples=16", "vars.taus=[0.1111111]",
        "vars.k_sweep.layers=[1]", "vars.k_sweep.questions=8", "vars.moe.taus=[0.0888889,0.1111111]",
-       "vars.seeds=[0]", "vars.trained=[divico]", "vars.ablations=[divico_init_zero]", "vars.eval=max_new_tokens=2 "
+       "vars.seeds=[0]", "vars.training_free=[fastv]", "vars.trained=[divico]", "vars.ablations=[divico_init_zero]", "vars.eval=max_new_tokens=2 "
        "model_max_length=512 batch_size=16 device=cpu"]
 
 

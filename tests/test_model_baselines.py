@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import run_divico
-from model_helpers import image, load_llava, prompts_batch
+from model_helpers import image, load_llava, prompts_batch, split_samples
 from transformers import AutoProcessor
 
 from pipeline.contract import DIVICO_SETTINGS_FILE, TRAIN_SUMMARY_FILE
@@ -145,3 +145,49 @@ def test_the_gap_encoder_over_darts_selection_trains_on_two_ranks(tiny_llava_dir
     summary = two_rank_fine_tune(tiny_llava_dir, make_shard_dir(16, 1), out, "divico_dart")
     assert summary["steps"] == 2 and summary["perf/visual_tokens_kept"] == 11
     assert all(kl > 0 for kl in scalars(out)["train/kl"])  # the gap encoder and its KL train
+
+
+def test_pyramiddrop_drops_in_stages_and_decodes_through_them(tiny_llava_dir):
+    """Layer 1 keeps half the visual tokens, layers 2-3 a quarter (stages at K = 1 and L/2 = 2 of 4
+    layers); batched, alone, cached and recomputed agree; the analytic FLOPs are torch's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.model.compressed_llava import CompressedLlava
+    from pipeline.model.flops import DecoderGeometry, prefill_flops
+    from pipeline.model.settings import DiViCoConfig
+    from transformers import DynamicCache
+
+    llava = load_llava(tiny_llava_dir, "eager")
+    batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="pdrop", tau=0.5, layer=1))
+    cache = DynamicCache(config=wrapper.decoder.config)
+    with torch.no_grad():
+        out = wrapper(**batch, past_key_values=cache, logits_to_keep=1)
+    width = batch["input_ids"].shape[1]
+    assert [first for first, _ in out.cache_groups] == [0, 1, 2]
+    assert [cache.get_seq_length(layer) for layer in range(4)] == [width, width - 50, width - 75, width - 75]
+    image_id = llava.config.image_token_id
+    for i in (0, 2):  # 25 of the 100 visual tokens reach layers 2 and 3
+        kept = out.compressed_positions[i][out.compressed_attention_mask[i]]
+        assert int((batch["input_ids"][i][kept] == image_id).sum()) == 25
+    cached = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(cached, wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))
+    for i, sample in enumerate(split_samples(batch, image_id)):
+        alone = wrapper.generate(**sample, max_new_tokens=4, eos_token_id=[])
+        assert torch.equal(alone[0, sample["input_ids"].shape[1]:], cached[i, width:])
+
+    visual = torch.full((100,), image_id)
+    input_ids = torch.cat([torch.arange(10, 22), visual, torch.arange(30, 50)])[None]
+    features = torch.randn(1, 100, llava.config.text_config.hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        wrapper(input_ids, image_features=features, logits_to_keep=1)
+    analytic = prefill_flops(DecoderGeometry.from_config(llava.config.text_config), input_ids.shape[1], 100,
+                             wrapper.config)
+    assert analytic["total"] == counter.get_total_flops()
+    first, second = input_ids.shape[1], input_ids.shape[1] - 50  # the sequences each stage ranks
+    assert analytic["scoring"] == 2 * llava.config.text_config.hidden_size * (first + second)
+
+
+def test_pyramiddrop_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
+    summary = two_rank_fine_tune(tiny_llava_dir, make_shard_dir(16, 1), tmp_path / "pdrop", "pdrop_trained")
+    assert summary["steps"] == 2 and math.isfinite(summary["train/loss"])

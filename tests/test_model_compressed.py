@@ -128,7 +128,7 @@ def test_cached_decode_logits_equal_recompute(llava, processor, mode):
             ids = torch.cat([ids, new_token], 1)
             ones = torch.ones_like(mask[:, :1])
             mask, kept = torch.cat([mask, ones], 1), torch.cat([kept, ones], 1)
-            step = wrapper._decode_step(new_token, mask, kept, position, cache)
+            step = wrapper._decode_step(new_token, [(0, mask), (wrapper.config.layer, kept)], position, cache)
             position = position + 1
             recomputed = wrapper(ids, mask, batch["pixel_values"], query_positions=queries).logits[:, -1]
             torch.testing.assert_close(step, recomputed, atol=1e-5, rtol=1e-5)

@@ -47,7 +47,8 @@ QUICK = ["vars.train.samples=6000", "vars.finetune.samples=800", "vars.heldout.s
          "vars.k_sweep.layers=[1,2]", "vars.moe.taus=[0.0888889,'${paper_tau:medium}']"]
 # The paired comparisons report.md shows (first, second) at every tau where both exist.
 COMPARISONS = [("divico", "fastv"), ("divico", "fastervlm"), ("divico", "visionzip"), ("divico", "dart"),
-               ("divico", "deco"), ("divico_dart", "dart"), ("divico_dart", "divico"), ("divico", "random"),
+               ("divico", "deco"), ("divico", "pdrop"), ("divico", "pdrop_trained"), ("divico_dart", "dart"),
+               ("divico_dart", "divico"), ("divico", "random"),
                ("divico", "select_only"), ("divico", "point_estimate"), ("divico", "random_trained"),
                ("fastv", "random"), ("select_only", "random_trained")]
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "webdataset", "numpy")

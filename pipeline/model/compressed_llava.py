@@ -41,6 +41,7 @@ selection.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import json
@@ -62,7 +63,14 @@ from pipeline.contract import (
     DIVICO_WEIGHTS_FILE,
     IGNORE_INDEX,
 )
-from pipeline.model.divico import DiViCo, ProjectionCapture, query_attention_scores, rotated_keys
+from pipeline.model.divico import (
+    DiViCo,
+    ProjectionCapture,
+    kept_count,
+    query_attention_scores,
+    rotated_keys,
+    score_ranks,
+)
 from pipeline.model.modes import LayerState
 from pipeline.model.settings import DiViCoConfig
 from pipeline.model.vision import image_tokens
@@ -105,6 +113,9 @@ class CompressedLlavaOutput:
     # position it came from (-1 for padding slots added by dropping).
     compressed_attention_mask: torch.Tensor | None = None
     compressed_positions: torch.Tensor | None = None
+    # (first layer, 2D mask) of each run of layers that saw one sequence, ascending: what each
+    # group of cache layers holds, for the decode steps.
+    cache_groups: list[tuple[int, torch.Tensor]] | None = None
     # Gap-encoder health (pipeline.model.divico.Compression.gap_stats): {"mu_over_vs", "sigma"},
     # None when the mode has no gap encoder or the batch no image.
     gap_stats: dict[str, torch.Tensor] | None = None
@@ -276,6 +287,8 @@ class CompressedLlava(nn.Module):
         gap_stats, aux_losses, routing = None, {}, None
         kept_mask = attention_mask
         kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cache_groups = [] if split == 0 else [(0, attention_mask)]
+        start = split
         if compress:
             scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
             seeds = mode.sample_seeds(self.config.seed, image_mask, pixel_values, image_features)
@@ -317,7 +330,33 @@ class CompressedLlava(nn.Module):
             mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
                                       **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
                                       layer_idx=split)
-        for layer in parts.layers[split:]:
+            cache_groups.append((split, kept_mask))
+            # Further drops (PyramidDrop): at each stage layer s, the visual tokens left are ranked
+            # by the query's attention in layer s - 1 and cut to their share of the original count.
+            visual = image_mask.sum(1)
+            image_mask = image_mask.gather(1, index) & valid
+            for stage, rate in mode.later_stages(len(parts.layers), split, self.config.tau):
+                stage_queries = (kept_positions == queries[:, None]).long().argmax(1)
+                with ProjectionCapture(parts.layers[stage - 1].self_attn, stage_queries) as capture:
+                    for layer in parts.layers[start:stage]:
+                        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                                       **{CACHE_ARG: past_key_values}, use_cache=use_cache)
+                scores = query_attention_scores(capture, position_embeddings, kept_mask)
+                keep_visual = image_mask & (score_ranks(scores, image_mask, descending=True)
+                                            < kept_count(visual, rate)[:, None])
+                index, valid = right_aligned_gather_index(kept_mask & (~image_mask | keep_visual))
+                hidden, image_mask = _gather_tokens(hidden, index), image_mask.gather(1, index) & valid
+                kept_mask, kept_positions = valid, kept_positions.gather(1, index).masked_fill(~valid, -1)
+                kept_position_ids = kept_position_ids.gather(1, index)
+                position_embeddings = tuple(_gather_tokens(x, index) for x in position_embeddings)
+                if targets is not None:
+                    targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+                mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
+                                          **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
+                                          layer_idx=stage)
+                cache_groups.append((stage, kept_mask))
+                start = stage
+        for layer in parts.layers[start:]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                            **{CACHE_ARG: past_key_values}, use_cache=use_cache)
 
@@ -328,6 +367,7 @@ class CompressedLlava(nn.Module):
 
         out = CompressedLlavaOutput(logits=logits, kl=kl, past_key_values=past_key_values,
                                     compressed_attention_mask=kept_mask, compressed_positions=kept_positions,
+                                    cache_groups=cache_groups,
                                     gap_stats=gap_stats, aux_losses=aux_losses, routing=routing)
         if targets is not None:
             out.lm_loss = self._lm_loss(logits, targets)
@@ -535,7 +575,7 @@ class CompressedLlava(nn.Module):
         out = self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, None,
                             position_ids=None, image_features=image_features, past_key_values=cache,
                             logits_to_keep=1)
-        full_mask, kept_mask = attention_mask, out.compressed_attention_mask
+        full_mask, groups = attention_mask, out.cache_groups
         next_position = attention_mask.sum(1, keepdim=True)
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -550,8 +590,8 @@ class CompressedLlava(nn.Module):
             ones = torch.ones_like(full_mask[:, :1])
             full_mask = torch.cat([full_mask, ones], dim=1)
             if use_cache:
-                kept_mask = torch.cat([kept_mask, ones], dim=1)
-                logits = self._decode_step(next_token[:, None], full_mask, kept_mask, next_position, cache)
+                groups = [(first, torch.cat([mask, ones], dim=1)) for first, mask in groups]
+                logits = self._decode_step(next_token[:, None], groups, next_position, cache)
                 next_position = next_position + 1
             else:
                 image_mask = tokens == self.llava.config.image_token_id
@@ -560,21 +600,21 @@ class CompressedLlava(nn.Module):
                                        logits_to_keep=1).logits[:, -1]
         return tokens
 
-    def _decode_step(self, token_ids: torch.Tensor, full_mask: torch.Tensor, kept_mask: torch.Tensor,
+    def _decode_step(self, token_ids: torch.Tensor, groups: list[tuple[int, torch.Tensor]],
                      position_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One cached step: layers < K attend over the full prefix (full_mask), layers >= K
-        over the compressed one (kept_mask); each mask is sized by its own cache layers."""
+        """One cached step: each group of layers (the prefill's cache_groups: layers < K on the
+        full prefix, the rest on the compressed one, or more groups after further drops) attends
+        over its own 2D mask, sized by its own cache layers."""
         parts = self.decoder
-        split = self.split
         hidden = parts.embed_tokens(token_ids)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
-        # A group's mask is sized by its own cache layers (none below K for a before-decoder mode).
+        firsts = [first for first, _ in groups]
         masks = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                                    **{CACHE_ARG: cache}, position_ids=position_ids, layer_idx=layer_idx)
-                 if layers else None
-                 for mask_2d, layer_idx, layers in ((full_mask, 0, split > 0), (kept_mask, split, True))]
+                                    **{CACHE_ARG: cache}, position_ids=position_ids, layer_idx=first)
+                 for first, mask_2d in groups]
         for i, layer in enumerate(parts.layers):
-            hidden = layer(hidden, attention_mask=masks[i >= split], position_embeddings=position_embeddings,
+            group = bisect.bisect_right(firsts, i) - 1
+            hidden = layer(hidden, attention_mask=masks[group], position_embeddings=position_embeddings,
                            **{CACHE_ARG: cache}, use_cache=True)
         return parts.lm_head(parts.norm(hidden[:, -1]))
 

@@ -88,9 +88,17 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.
         split = 0 if config.compression.before_decoder else config.layer
+        layers = split * layer_flops(g, num_tokens)
+        scoring = config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept)
+        start = split
+        # Further drops (PyramidDrop): each stage's attention row over the sequence it cuts.
+        for stage, rate in config.compression.later_stages(g.layers, split, config.tau):
+            layers += (stage - start) * layer_flops(g, short)
+            scoring += 2 * short * g.hidden
+            short, start = num_tokens - num_visual + kept_count(num_visual, rate), stage
         parts = {
-            "layers": split * layer_flops(g, num_tokens) + (g.layers - split) * layer_flops(g, short),
-            "scoring": config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept),
+            "layers": layers + (g.layers - start) * layer_flops(g, short),
+            "scoring": scoring,
             "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
         }
         num_logits = min(num_logits, short)

@@ -18,6 +18,7 @@ sequence. A mode says
     scores()         (B, N) scores of the visual tokens; the top round(tau N_i) are kept
     compress_images()  before_decoder modes: each image's kept patches and their features
     select_at_layer()  reads_keys modes: the kept visual tokens, chosen by the mode itself
+    later_stages()   further drops deeper in the decoder, [(layer, share of the visual tokens)]
     scoring_flops()  what choosing costs, in FLOPs (pipeline/model/flops.py's convention)
     kept_tokens()    how many of an image's N visual tokens go on: round(tau N) unless the method
                      says otherwise (DeCo's pooled grid)
@@ -78,6 +79,12 @@ class CompressionMode:
     def select_at_layer(self, state: LayerState, keep_ratio: torch.Tensor) -> torch.Tensor:
         """reads_keys modes: (B, N) bool, the kept visual tokens, at each sample's rate (B,)."""
         raise NotImplementedError(f"{type(self).__name__} selects by scores")
+
+    def later_stages(self, num_layers: int, layer: int, tau: float) -> list[tuple[int, float]]:
+        """After the drop at layer K (`layer`), the layers where the visual tokens left are ranked
+        again by the query's attention in the layer before and cut to a share of their original
+        count, ascending: none unless the method drops in stages."""
+        return []
 
     def scoring_flops(self, hidden: int, num_tokens: int, num_visual: int, num_kept: int) -> int:
         """FLOPs of choosing, for one sample: one row of attention scores (2 N d) when the mode

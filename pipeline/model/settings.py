@@ -30,6 +30,7 @@ MODES = {
     "deco": "pipeline.model.baselines.deco:DeCo",
     "dart": "pipeline.model.baselines.dart:DART",
     "divico_dart": "pipeline.model.baselines.dart:DiViCoOverDART",
+    "pdrop": "pipeline.model.baselines.pdrop:PyramidDrop",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
