@@ -225,9 +225,10 @@ class CompressedLlava(nn.Module):
         queries = self.query_positions(attention_mask, image_mask, labels, first_answer=query_positions)
         mode = self.config.compression
         if branch_rates is not None and (past_key_values is not None or keep_ratio is not None
-                                         or mode.before_decoder or mode.reads_keys):
+                                         or mode.before_decoder or mode.reads_keys
+                                         or mode.later_stages(len(self.decoder.layers), self.split, self.config.tau)):
             raise ValueError("branch_rates replaces keep_ratio and cannot be used with a cache or with a mode "
-                             "that chooses by itself (before the decoder, or from layer K-1's keys)")
+                             "that chooses by itself (before the decoder, from layer K-1's keys, or in stages)")
         return self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, labels,
                              position_ids=position_ids, image_features=image_features,
                              past_key_values=past_key_values, logits_to_keep=logits_to_keep,
