@@ -78,7 +78,7 @@ class CompressionMode:
 
     def select_at_layer(self, state: LayerState, keep_ratio: torch.Tensor) -> torch.Tensor:
         """reads_keys modes: (B, N) bool, the kept visual tokens, at each sample's rate (B,)."""
-        raise NotImplementedError(f"{type(self).__name__} selects by scores")
+        raise TypeError(f"{type(self).__name__} selects by scores(): it does not read layer K-1's keys")
 
     def later_stages(self, num_layers: int, layer: int, tau: float) -> list[tuple[int, float]]:
         """After the drop at layer K (`layer`), the layers where the visual tokens left are ranked
@@ -95,7 +95,7 @@ class CompressionMode:
         """before_decoder modes: (keep (n, N) bool, features (n, N, d_v)) for n images at their
         rates `keep_ratio` (n,): the patches that go on to the decoder, in their places and with
         their original positions, and the features the projector maps (unkept rows are unused)."""
-        raise NotImplementedError(f"{type(self).__name__} acts inside the decoder")
+        raise TypeError(f"{type(self).__name__} acts inside the decoder, not on the vision tower's patches")
 
 
 class Uncompressed(CompressionMode):
