@@ -153,6 +153,19 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, expanded)
 
 
+def _kept(keep: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor,
+          position_embeddings: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor | None,
+          image_mask: torch.Tensor) -> tuple:
+    """The sequence of the tokens `keep` (B, N) marks, each sample's right-aligned: (its 2D
+    mask, hidden states, input positions (-1 at padding), position ids, (cos, sin), targets,
+    image mask), every per-token tensor gathered alike."""
+    index, valid = right_aligned_gather_index(keep)
+    return (valid, _gather_tokens(hidden, index), positions.gather(1, index).masked_fill(~valid, -1),
+            position_ids.gather(1, index), tuple(_gather_tokens(x, index) for x in position_embeddings),
+            None if targets is None else targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX),
+            image_mask.gather(1, index) & valid)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding (as GenerationMixin computes them): a left-padded
     sample gets the positions it would have alone."""
@@ -319,23 +332,17 @@ class CompressedLlava(nn.Module):
 
             # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
             # compressed sequence as long as the input.
-            index, valid = right_aligned_gather_index(attention_mask & (~image_mask | keep_visual))
-            hidden = _gather_tokens(hidden, index)
-            kept_mask = valid
-            kept_positions = index.masked_fill(~valid, -1)
-            kept_position_ids = position_ids.gather(1, index)
-            cos, sin = position_embeddings
-            position_embeddings = (_gather_tokens(cos, index), _gather_tokens(sin, index))
-            if targets is not None:
-                targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+            visual = image_mask.sum(1)
+            every_position = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
+                attention_mask & (~image_mask | keep_visual), hidden, every_position, position_ids,
+                position_embeddings, targets, image_mask)
             mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
                                       **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
                                       layer_idx=split)
             cache_groups.append((split, kept_mask))
             # Further drops (PyramidDrop): at each stage layer s, the visual tokens left are ranked
             # by the query's attention in layer s - 1 and cut to their share of the original count.
-            visual = image_mask.sum(1)
-            image_mask = image_mask.gather(1, index) & valid
             for stage, rate in mode.later_stages(len(parts.layers), split, self.config.tau):
                 stage_queries = (kept_positions == queries[:, None]).long().argmax(1)
                 with ProjectionCapture(parts.layers[stage - 1].self_attn, stage_queries) as capture:
@@ -345,13 +352,9 @@ class CompressedLlava(nn.Module):
                 scores = query_attention_scores(capture, position_embeddings, kept_mask)
                 keep_visual = image_mask & (score_ranks(scores, image_mask, descending=True)
                                             < kept_count(visual, rate)[:, None])
-                index, valid = right_aligned_gather_index(kept_mask & (~image_mask | keep_visual))
-                hidden, image_mask = _gather_tokens(hidden, index), image_mask.gather(1, index) & valid
-                kept_mask, kept_positions = valid, kept_positions.gather(1, index).masked_fill(~valid, -1)
-                kept_position_ids = kept_position_ids.gather(1, index)
-                position_embeddings = tuple(_gather_tokens(x, index) for x in position_embeddings)
-                if targets is not None:
-                    targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+                kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
+                    kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
+                    position_embeddings, targets, image_mask)
                 mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
                                           **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
                                           layer_idx=stage)
