@@ -45,7 +45,7 @@ class Cell:
     seed: int
     condition: str
     tau: float | None  # None without compression
-    visual_tokens_kept: int
+    visual_tokens_kept: int | float  # a mean where the mode decides per image
     correct: dict[str, bool]  # question key -> answered correctly
     kinds: dict[str, str]  # question key -> question type
 
@@ -113,7 +113,7 @@ def _read_cell(path: Path) -> Cell:
                          f"{predictions.name} holds {len(correct)}")
     tau = summary["tau"]
     return Cell(path=path, method=str(tags["method"]), seed=seed, condition=tags["condition"],
-                tau=None if tau is None else float(tau), visual_tokens_kept=int(summary["visual_tokens_kept"]),
+                tau=None if tau is None else float(tau), visual_tokens_kept=summary["visual_tokens_kept"],
                 correct=correct, kinds=kinds)
 
 

@@ -99,6 +99,7 @@ class LlavaCollator:
             image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_token_id is None or image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token")
+        self.image_token_id = image_token_id
         chat_template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.num_visual_tokens = visual_token_count(processor, model_config)
         self.conversation = ConversationTokenizer(

@@ -23,14 +23,41 @@ class AnsweredBatch:
     tokens: int  # prompt (with visual) + generated tokens
     generated_tokens: int  # EOS counts, the padding after it not
     seconds: float  # inside generate() only
+    visual_kept: list[float | None]  # per sample, the visual tokens kept per image (None: no image, or not compressed)
 
 
 @dataclass
 class Answers:
     rows: list[dict[str, Any]] = field(default_factory=list)  # key, question_type, question, answer, prediction
+    visual_kept: list[float] = field(default_factory=list)  # per sample with an image, when compressed
     tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+
+
+class KeptVisualTokens:
+    """While inside, the kept visual tokens per sample of the first compressing forward since
+    `reset()`, as `model`'s DiViCo step receives them: what every mode chose (measured, since a
+    method such as Recoverable Compression decides its count per image)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = model.divico if isinstance(model, CompressedLlava) else None
+        self.per_sample: torch.Tensor | None = None
+
+    def _record(self, module: torch.nn.Module, args: tuple, output) -> None:
+        if self.per_sample is None:  # the prefill's (recomputing generation selects again each step)
+            self.per_sample = args[2].sum(1).cpu()
+
+    def reset(self) -> None:
+        self.per_sample = None
+
+    def __enter__(self) -> KeptVisualTokens:
+        self.handle = self.module.register_forward_hook(self._record) if self.module is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def batches(samples: Iterable[Sample], batch_size: int, max_samples: int | None) -> Iterator[list[Sample]]:
@@ -60,7 +87,8 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=total, desc="answers", unit="q", disable=not progress) as bar:
+        with tqdm(total=total, desc="answers", unit="q", disable=not progress) as bar, \
+                KeptVisualTokens(model) as kept:
             for batch_samples in batches(samples, batch_size, max_samples):
                 batch = collator.prompts(batch_samples)
                 inputs = {"input_ids": batch["input_ids"].to(device),
@@ -69,6 +97,7 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
                     inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
                 if compressed:
                     inputs["query_positions"] = batch["query_positions"].to(device)
+                kept.reset()
                 started = time.perf_counter()
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=collator.pad_token_id)
@@ -76,9 +105,12 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
                 new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
                 generated = int((new_tokens != collator.pad_token_id).sum())
                 bar.update(len(batch_samples))
+                images = (batch["input_ids"] == collator.image_token_id).sum(1) / collator.num_visual_tokens
+                visual_kept = [float(k) / float(i) if kept.per_sample is not None and i else None
+                               for k, i in zip(kept.per_sample if kept.per_sample is not None else images, images)]
                 yield AnsweredBatch(
                     samples=batch_samples, tokens=batch["num_tokens"] + generated, generated_tokens=generated,
-                    seconds=seconds, texts=[collator.tokenizer.decode(row, skip_special_tokens=True).strip()
+                    seconds=seconds, visual_kept=visual_kept, texts=[collator.tokenizer.decode(row, skip_special_tokens=True).strip()
                                             for row in new_tokens])
     finally:
         model.train(was_training)
@@ -94,6 +126,7 @@ def generate_answers(model: torch.nn.Module, collator: LlavaCollator, samples: I
         answers.tokens += batch.tokens
         answers.generated_tokens += batch.generated_tokens
         answers.seconds += batch.seconds
+        answers.visual_kept += [kept for kept in batch.visual_kept if kept is not None]
         for sample, text in zip(batch.samples, batch.texts, strict=True):
             answers.rows.append({"key": sample.key, "question_type": question_type(sample),
                                  "question": first_question(sample), "answer": sample.conversations[1]["value"],

@@ -88,7 +88,7 @@ class EvalResult:
     samples_per_s: float
     generated_tokens: int
     visual_tokens: int  # per image, entering the language model
-    visual_tokens_kept: int  # per image, after compression (== visual_tokens without it)
+    visual_tokens_kept: int | float  # per image, after compression (== visual_tokens without it); a mean if the mode decides per image
     mode: str  # DiViCo mode, "none" for a plain model
     tau: float | None
     layer: int | None  # K, the layer where compression happens (None without compression)
@@ -207,6 +207,15 @@ class RouterWeights:
         return dict(zip(self.experts, (self.total / self.tokens).tolist(), strict=True))
 
 
+def kept_per_image(model: CompressedLlava, visual: int, measured: list[float]) -> int | float | None:
+    """The mode's own count of kept visual tokens per image or, for a mode that decides per image,
+    the mean `measured` (None when no sample had an image)."""
+    count = model.config.kept_tokens(visual)
+    if count is not None:
+        return count
+    return round(sum(measured) / len(measured), 2) if measured else None
+
+
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
              max_new_tokens: int = HELDOUT_MAX_NEW_TOKENS, max_samples: int | None = None, scorer: Scorer = exact_match,
              progress: bool = True, image_noise: float = 0.0, noise_seed: int = 0,
@@ -227,7 +236,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         samples=len(answers.rows), accuracy=scores.accuracy, chance=scores.chance, by_type=scores.by_type,
         tokens_per_s=answers.tokens / answers.seconds, samples_per_s=len(answers.rows) / answers.seconds,
         generated_tokens=answers.generated_tokens, visual_tokens=visual,
-        visual_tokens_kept=int(model.config.kept_tokens(visual)) if compresses else visual,
+        visual_tokens_kept=kept_per_image(model, visual, answers.visual_kept) if compresses else visual,
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
         tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,

@@ -84,11 +84,11 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
     path = part_path(predictions, *chunk) if chunk else predictions
     done = answered(path, questions, run, parts=chunk is None)
     todo = unanswered(mine, done)
-    log.info("%s: %d questions%s, %d answered before; mode %s, tau %s, %d of %d visual tokens kept", task, len(mine),
+    log.info("%s: %d questions%s, %d answered before; mode %s, tau %s, %s of %d visual tokens kept", task, len(mine),
              f" (chunk {chunk[0]} of {chunk[1]})" if chunk else "", len(mine) - len(todo), run["mode"], run["tau"],
              run["kept"], visual)
     todo = todo[:cfg.max_samples]  # None: all
-    seconds, generated = 0.0, 0
+    seconds, generated, measured = 0.0, 0, []
     if todo:
         model = load_model(cfg.model, **cfg.divico.given(), device=cfg.device)
         with appending(path) as append, noisy_images(model, cfg.image_noise, cfg.noise_seed):
@@ -102,9 +102,12 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
                     done[row["question_id"], row["prompt"]].append(row)
                 seconds += batch.seconds
                 generated += batch.generated_tokens
+                measured += [kept for kept in batch.visual_kept if kept is not None]
     summary = {"task": task, "model": str(cfg.model), **{k: v for k, v in run.items() if k != "model_id"},
                "visual_tokens": visual, "questions": len(mine), "answered_now": len(todo),
                "seconds": seconds, "generated_tokens": generated, "predictions": str(path), "tags": dict(cfg.tags)}
+    if run["kept"] is None and measured:  # a mode that decides per image: the mean over the answers made now
+        summary["kept"] = round(sum(measured) / len(measured), 2)
     missing = len(unanswered(mine, done))
     if missing:
         summary["missing"] = missing

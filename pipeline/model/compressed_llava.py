@@ -166,6 +166,18 @@ def _kept(keep: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, pos
             image_mask.gather(1, index) & valid)
 
 
+def question_vectors(embeddings: torch.Tensor, image_mask: torch.Tensor, attention_mask: torch.Tensor,
+                     queries: torch.Tensor) -> torch.Tensor:
+    """(B, d): each sample's question as the mean input embedding of its text between its last
+    image token and its query token (the end of the first instruction), both excluded and
+    included; zeros where there is none."""
+    positions = torch.arange(image_mask.shape[1], device=image_mask.device)
+    last_image = torch.where(image_mask, positions, -1).max(1).values
+    question = attention_mask & (positions > last_image[:, None]) & (positions <= queries[:, None])
+    weights = question.to(embeddings.dtype)
+    return (weights[..., None] * embeddings).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding (as GenerationMixin computes them): a left-padded
     sample gets the positions it would have alone."""
@@ -275,7 +287,8 @@ class CompressedLlava(nn.Module):
         mode = self.config.compression
         compress = mode.compresses and bool(image_mask.any())
         hidden, kept_before = self._embed(input_ids, image_mask, pixel_values, image_features,
-                                          keep_ratio if compress and mode.before_decoder else None)
+                                          keep_ratio if compress and mode.before_decoder else None,
+                                          question=(attention_mask, queries))
         targets = None
         if labels is not None:
             targets = torch.full_like(labels, IGNORE_INDEX)
@@ -416,10 +429,12 @@ class CompressedLlava(nn.Module):
         return 0 if self.config.compression.before_decoder else self.config.layer
 
     def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-               image_features: torch.Tensor | None, keep_ratio: float | torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               image_features: torch.Tensor | None, keep_ratio: float | torch.Tensor | None,
+               question: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The input embeddings, images in place; and for a mode that acts before the decoder
-        (`keep_ratio` given, None: config.tau), the (B, N) kept visual tokens it chose."""
+        (`keep_ratio` given, None: config.tau), the (B, N) kept visual tokens it chose.
+        `question`: (attention_mask, query positions), where a mode that reads it finds each
+        sample's question."""
         hidden = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
@@ -428,7 +443,9 @@ class CompressedLlava(nn.Module):
             if pixel_values is None:
                 raise ValueError(f"mode {self.config.mode!r} reads the vision tower: pass pixel_values, "
                                  "not image_features")
-            image_features, kept = self._compress_images(image_mask, pixel_values, keep_ratio)
+            questions = (question_vectors(hidden, image_mask, *question)
+                         if self.config.compression.reads_question else None)
+            image_features, kept = self._compress_images(image_mask, pixel_values, keep_ratio, questions)
         elif pixel_values is not None:
             vision_dtype = next(self.llava.model.vision_tower.parameters()).dtype
             features = self.llava.model.get_image_features(pixel_values=pixel_values.to(vision_dtype),
@@ -446,19 +463,25 @@ class CompressedLlava(nn.Module):
         return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype)), kept
 
     def _compress_images(self, image_mask: torch.Tensor, pixel_values: torch.Tensor,
-                         keep_ratio: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mode's compress_images on every image, each at its sample's rate: (the projected
-        features (num_images, N, d), the kept visual tokens (B, L) in sequence positions)."""
+                         keep_ratio: float | torch.Tensor | None, questions: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mode's compress_images on every image, each at its sample's rate and with its
+        sample's question (B, d): (the projected features (num_images, N, d), the kept visual
+        tokens (B, L) in sequence positions)."""
+        mode = self.config.compression
         run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
         images_per_sample = run_starts.sum(1)
         rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio, dtype=torch.float64,
                                 device=image_mask.device).expand(image_mask.shape[0])
-        tokens = image_tokens(self.llava, pixel_values)
-        keep, features = self.config.compression.compress_images(
-            tokens, rates.repeat_interleave(images_per_sample))
+        projector = self.llava.model.multi_modal_projector
+        tokens = image_tokens(self.llava, pixel_values, mode.attention_after_features)
+        if mode.reads_question:
+            tokens.question = questions.repeat_interleave(images_per_sample, dim=0)
+            tokens.projected = projector(tokens.features)
+        keep, features = mode.compress_images(tokens, rates.repeat_interleave(images_per_sample))
         kept = torch.zeros_like(image_mask)
         kept[image_mask] = keep.reshape(-1).to(image_mask.device)
-        return self.llava.model.multi_modal_projector(features.to(tokens.features.dtype)), kept
+        return projector(features.to(tokens.features.dtype)), kept
 
     @staticmethod
     def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

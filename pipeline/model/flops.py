@@ -76,14 +76,18 @@ def decoder_tokens(num_layers: int, layer: int, num_tokens: int, num_visual: int
 
 
 def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: DiViCoConfig,
-                  num_logits: int = 1) -> dict[str, int]:
+                  num_logits: int = 1, num_kept: int | None = None) -> dict[str, int]:
     """FLOPs of one sample's forward over `num_tokens` tokens, `num_visual` of them visual,
     by part; `num_logits` positions go through the lm_head (1 for a generation prefill,
-    all tokens in training)."""
+    all tokens in training). `num_kept`: the visual tokens kept, for a mode that decides its
+    count per image (measured); else the mode's own count."""
     if not config.compresses or num_visual == 0:
         parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
     else:
-        num_kept = config.kept_tokens(num_visual)
+        num_kept = config.kept_tokens(num_visual) if num_kept is None else num_kept
+        if num_kept is None:
+            raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps: "
+                             "pass the measured num_kept")
         short = num_tokens - num_visual + num_kept
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.

@@ -8,6 +8,9 @@ sequence. A mode says
     compresses       False: the unmodified model (nothing is selected or dropped)
     before_decoder   it acts on the vision side: compress_images() picks each image's patches
                      (and may rewrite their features) before the projector
+    attention_after_features  ... reading [CLS]'s attention in the vision layer after the
+                     feature layer (PruMerge's), not in the feature layer itself
+    reads_question   ... and reading the question: ImageTokens.question and .projected are filled
     reads_attention  its scores are the query token's attention in layer K-1 (query_attention_scores),
                      captured while that layer runs; the FLOP count charges them
     reads_keys       it reads layer K-1's keys (after RoPE) and layer K's input: select_at_layer()
@@ -21,7 +24,8 @@ sequence. A mode says
     later_stages()   further drops deeper in the decoder, [(layer, share of the visual tokens)]
     scoring_flops()  what choosing costs, in FLOPs (pipeline/model/flops.py's convention)
     kept_tokens()    how many of an image's N visual tokens go on: round(tau N) unless the method
-                     says otherwise (DeCo's pooled grid)
+                     says otherwise (DeCo's pooled grid); None when the method decides per image
+                     (Recoverable Compression as published): then the count is measured
 
 and CompressedLlava, DiViCo and the FLOP count ask the mode, never its name. A mode is chosen
 by name from pipeline/model/settings.py's MODES ("module:Class"): a new one is a class in a file
@@ -57,6 +61,8 @@ class CompressionMode:
 
     compresses = True
     before_decoder = False
+    attention_after_features = False
+    reads_question = False
     reads_attention = True
     reads_keys = False
     gap_encoder = False
@@ -67,7 +73,7 @@ class CompressionMode:
                      image_features: torch.Tensor | None) -> list[int] | None:
         return None
 
-    def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int:
+    def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int | None:
         return kept_count(num_visual, tau, counts) if self.compresses else num_visual
 
     def scores(self, attention: torch.Tensor | None, image_mask: torch.Tensor,

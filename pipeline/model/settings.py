@@ -31,6 +31,8 @@ MODES = {
     "dart": "pipeline.model.baselines.dart:DART",
     "divico_dart": "pipeline.model.baselines.dart:DiViCoOverDART",
     "pdrop": "pipeline.model.baselines.pdrop:PyramidDrop",
+    "recoverable": "pipeline.model.baselines.recoverable:RecoverableCompression",
+    "recoverable_budget": "pipeline.model.baselines.recoverable:RecoverableCompressionAtBudget",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
@@ -133,9 +135,9 @@ class DiViCoConfig:
             raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {tuple(MODES)}")
         return _mode(MODES[self.mode])
 
-    def kept_tokens(self, num_visual: int, tau: float | None = None) -> int:
+    def kept_tokens(self, num_visual: int, tau: float | None = None) -> int | None:
         """Of an image's `num_visual` tokens, how many the decoder's compressed layers see at
-        `tau` (config.tau when None)."""
+        `tau` (config.tau when None); None when the mode decides per image."""
         return self.compression.kept_tokens(num_visual, self.tau if tau is None else tau, self.counts)
 
     @property

@@ -23,18 +23,25 @@ class ImageTokens:
     """What the tower gives for n images of N patches each."""
 
     features: torch.Tensor  # (n, N, d_v): the feature layer's patch outputs, before the projector
-    query: torch.Tensor  # (n, d_v): the feature layer's [CLS] query projection
+    query: torch.Tensor  # (n, d_v): the attention layer's [CLS] query projection
     keys: torch.Tensor  # (n, N + 1, d_v): its key projections, [CLS] first
     heads: int
     scale: float  # the layer's attention scaling (head_dim ** -0.5)
+    # For a mode that reads the question (CompressionMode.reads_question), else None:
+    question: torch.Tensor | None = None  # (n, d): the question each image comes with, in the decoder's input space
+    projected: torch.Tensor | None = None  # (n, N, d): the patches through the projector
 
-    def cls_attention(self) -> torch.Tensor:
-        """(n, N) float32: [CLS]'s attention over the patches in the feature layer, averaged over
-        heads (the softmax runs over [CLS] and the patches, as in the layer itself)."""
+    def cls_attention(self, heads: int | None = None) -> torch.Tensor:
+        """(n, N) float32: [CLS]'s attention over the patches, averaged over heads (the softmax
+        runs over [CLS] and the patches, as in the layer itself). `heads`: split the width into
+        that many heads instead of the layer's own, scaled by the new head width (PruMerge reads
+        one head over the whole width)."""
         n, length, width = self.keys.shape
-        query = self.query.view(n, self.heads, 1, width // self.heads).float()
-        keys = self.keys.view(n, length, self.heads, width // self.heads).transpose(1, 2).float()
-        weights = (query @ keys.transpose(-1, -2) * self.scale).softmax(dim=-1)  # (n, H, 1, N + 1)
+        heads = self.heads if heads is None else heads
+        scale = self.scale if heads == self.heads else (width // heads) ** -0.5
+        query = self.query.view(n, heads, 1, width // heads).float()
+        keys = self.keys.view(n, length, heads, width // heads).transpose(1, 2).float()
+        weights = (query @ keys.transpose(-1, -2) * scale).softmax(dim=-1)  # (n, H, 1, N + 1)
         return weights[:, :, 0, 1:].mean(dim=1)
 
     def key_metric(self) -> torch.Tensor:
@@ -63,9 +70,11 @@ class _FeatureLayerCapture:
             hook.remove()
 
 
-def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> ImageTokens:
+def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tensor,
+                 attention_after_features: bool = False) -> ImageTokens:
     """Run the vision tower on `pixel_values` (n images) as get_image_features does, keeping
-    the feature layer's patch outputs and its [CLS] query and keys."""
+    the feature layer's patch outputs and the [CLS] query and keys of the feature layer or, with
+    `attention_after_features`, of the layer after it (whose input the features are)."""
     config = llava.config
     if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
         raise ValueError("the before-the-decoder modes read one CLIP feature layer with [CLS] removed "
@@ -79,7 +88,10 @@ def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tenso
     if not 1 <= index <= len(layers):
         raise ValueError(f"vision_feature_layer={layer} of a {len(layers)}-layer tower: the features are not "
                          "the output of an attention layer, so there is no [CLS] attention to read")
-    attention = layers[index - 1].self_attn
+    if attention_after_features and index == len(layers):
+        raise ValueError(f"vision_feature_layer={layer}: the last of {len(layers)} layers has no layer after it "
+                         "whose attention reads the features")
+    attention = layers[index if attention_after_features else index - 1].self_attn
     dtype = next(tower.parameters()).dtype
     with _FeatureLayerCapture(attention) as capture:
         outputs = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)

@@ -149,6 +149,17 @@ def prompt_inputs(llava: LlavaForConditionalGeneration, cfg: EfficiencyConfig, b
             **{name: value.to(cfg.device, getattr(torch, cfg.dtype)) for name, value in images.items()}}
 
 
+def kept_per_sample(wrapper: CompressedLlava, inputs: dict, visual: int) -> list[int]:
+    """Each sample's kept visual tokens: the mode's own count, or measured by a prefill for a
+    mode that decides per image."""
+    batch = inputs["input_ids"].shape[0]
+    count = wrapper.config.kept_tokens(visual) if wrapper.config.compresses else visual
+    if count is not None:
+        return [count] * batch
+    out = wrapper(**inputs, logits_to_keep=1)
+    return (out.compressed_attention_mask.sum(1) - (inputs["input_ids"].shape[1] - visual)).tolist()
+
+
 def answer(wrapper: CompressedLlava, inputs: dict, tokens: int) -> torch.Tensor:
     return wrapper.generate(**inputs, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0)
 
@@ -178,12 +189,13 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
         medians = round_robin_medians(steps + answers, warmup=cfg.warmup, repeats=cfg.repeats, device=cfg.device)
         for index, ((mode, tau), wrapper) in enumerate(zip(settings, wrappers)):
             prefill_ms, answer_ms = medians[index], medians[len(steps) + index]
-            analytic = batch * prefill_flops(geometry, num_tokens, visual, wrapper.config)["total"]
+            kept = kept_per_sample(wrapper, inputs, visual)
+            analytic = sum(prefill_flops(geometry, num_tokens, visual, wrapper.config, num_kept=k)["total"] for k in kept)
             counted = count_flops(llava, steps[index]) - vision_flops
             rows.append({
                 "batch": batch, "mode": mode, "tau": None if mode == "none" else tau, "layer": wrapper.config.layer,
                 "visual_tokens": visual,
-                "kept": wrapper.config.kept_tokens(visual),
+                "kept": kept[0] if len(set(kept)) == 1 else round(sum(kept) / len(kept), 1),
                 "flops": analytic, "flops_counted": counted, "flops_gap": counted / analytic - 1,
                 "prefill_ms": prefill_ms, "answer_ms": answer_ms,
                 # None where timing noise swallows the decode steps (answer_ms <= prefill_ms)
