@@ -181,7 +181,7 @@ def test_a100_scripts(tmp_path: Path) -> None:
         f"divico eval --task textvqa model={tmp_path}/divico-tau067/model data=/datasets/llava-eval/textvqa ")
     assert "data=/datasets/llava-eval/MME " in pipeline.stage("eval_base").tasks[2].command
     assert pipeline.stage("report").tasks[0].command == f"divico report accuracy {tmp_path}/eval --out {tmp_path}/report"
-    assert set(pipeline.stage("report").after) == {"eval_base", "eval_fastv", "eval_training_free", "eval_trained",
+    assert set(pipeline.stage("report").after) == {"eval_base", "eval_fastv", "eval_training_free", "eval_own_count", "eval_trained",
                                                    "eval_divico", "eval_moe"}
     assert cfg.divico.encoder == "moe" and cfg.moe.init_experts_from == [
         f"{tmp_path}/{name}/model" for name in ("divico-tau067", "divico-tau111", "divico-tau167")]
