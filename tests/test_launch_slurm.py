@@ -239,9 +239,9 @@ def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
     scripts = sorted((tmp_path / "slurm").glob("*.sbatch"))
     assert [p.name for p in scripts] == [
         "00-shards.sbatch", "01-eval_base.sbatch", "02-eval_fastv.sbatch", "03-eval_training_free.sbatch",
-        "04-divico.sbatch", "05-moe.sbatch", "06-baselines.sbatch", "07-divico_model.sbatch", "08-moe_model.sbatch",
-        "09-baselines_model.sbatch", "10-moe_warm.sbatch", "11-eval_trained.sbatch", "12-eval_divico.sbatch",
-        "13-eval_moe.sbatch", "14-report.sbatch"]
+        "04-eval_own_count.sbatch", "05-divico.sbatch", "06-moe.sbatch", "07-baselines.sbatch",
+        "08-divico_model.sbatch", "09-moe_model.sbatch", "10-baselines_model.sbatch", "11-moe_warm.sbatch",
+        "12-eval_trained.sbatch", "13-eval_divico.sbatch", "14-eval_moe.sbatch", "15-report.sbatch"]
     for script in scripts:
         check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
         assert check.returncode == 0 and "to start at" in check.stderr, (script, check.stderr)
@@ -249,6 +249,6 @@ def test_a100_scripts_pass_sbatch_test_only(tmp_path: Path) -> None:
     for override in ("stages.divico.resources.nodes=3",
                      "stages.divico.resources.gpus_per_node=5 stages.divico.resources.tasks_per_node=5"):
         launch("slurm", "--config", "configs/pipelines/a100.yaml", "--dry-run", f"root={tmp_path}", *override.split())
-        check = subprocess.run(["sbatch", "--test-only", str(tmp_path / "slurm/04-divico.sbatch")],
+        check = subprocess.run(["sbatch", "--test-only", str(tmp_path / "slurm/05-divico.sbatch")],
                                capture_output=True, text=True)
         assert check.returncode != 0 and "not available" in check.stderr, (override, check.stderr)
