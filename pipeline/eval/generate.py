@@ -51,6 +51,13 @@ class KeptVisualTokens:
     def reset(self) -> None:
         self.per_sample = None
 
+    def per_image(self, images: torch.Tensor) -> list[float | None]:
+        """Kept tokens per image of each sample, given its number of `images` (None where the
+        sample has no image or nothing was compressed)."""
+        if self.per_sample is None:
+            return [None] * len(images)
+        return [float(kept) / float(count) if count else None for kept, count in zip(self.per_sample, images)]
+
     def __enter__(self) -> KeptVisualTokens:
         self.handle = self.module.register_forward_hook(self._record) if self.module is not None else None
         return self
@@ -106,12 +113,10 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
                 generated = int((new_tokens != collator.pad_token_id).sum())
                 bar.update(len(batch_samples))
                 images = (batch["input_ids"] == collator.image_token_id).sum(1) / collator.num_visual_tokens
-                visual_kept = [float(k) / float(i) if kept.per_sample is not None and i else None
-                               for k, i in zip(kept.per_sample if kept.per_sample is not None else images, images)]
                 yield AnsweredBatch(
                     samples=batch_samples, tokens=batch["num_tokens"] + generated, generated_tokens=generated,
-                    seconds=seconds, visual_kept=visual_kept, texts=[collator.tokenizer.decode(row, skip_special_tokens=True).strip()
-                                            for row in new_tokens])
+                    seconds=seconds, visual_kept=kept.per_image(images),
+                    texts=[collator.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens])
     finally:
         model.train(was_training)
 
