@@ -23,12 +23,15 @@ def run_json(capsys: pytest.CaptureFixture, args: list[str]) -> dict:
 
 
 def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None:
-    figures = run_json(capsys, ["bench", "model", "--json", "--width", "128", "--layers", "4",
+    figures = run_json(capsys, ["bench", "model", "--json", "--width", "128", "--layers", "8",
                                 "--repeats", "1", "--warmup", "0"])
     setup, runs = figures["setup"], figures["runs"]
-    assert (setup["width"], setup["layers"], setup["layer_k"], setup["visual_tokens"]) == (128, 4, 2, 576)
-    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico", "moe")]
-    assert [(r["mode"], r["tau"]) for r in runs] == settings
+    assert (setup["width"], setup["layers"], setup["layer_k"], setup["visual_tokens"]) == (128, 8, 2, 576)
+    modes = ("fastv", "divico", "moe", "dart", "divico_dart", "pdrop")
+    assert [(r["mode"], r["tau"]) for r in runs] == [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in modes]
+    for run in runs[1:]:  # PyramidDrop's second stage (layer L/2 = 4) keeps tau^2 of the 576
+        later = [kept_count(576, run["tau"] ** 2)] if run["mode"] == "pdrop" else []
+        assert run["visual_kept"] == [576, kept_count(576, run["tau"]), *later], run
     measured = ("flops", "prefill_ms", "peak_mem_mib", "layer_floor_ratio", "flops_ratio", "time_ratio")
     for run in runs:
         for key in (*measured, "overhead_share", "theory_flops_ratio"):
@@ -43,7 +46,7 @@ def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None
         if run["mode"] == "moe":  # the single encoder's FLOPs, plus two more experts and the router
             divico = next(r for r in compressed if (r["mode"], r["tau"]) == ("divico", run["tau"]))
             kept = kept_count(576, run["tau"])
-            geometry = DecoderGeometry(hidden=128, intermediate=344, layers=4, heads=1, kv_heads=1, vocab=1)
+            geometry = DecoderGeometry(hidden=128, intermediate=344, layers=8, heads=1, kv_heads=1, vocab=1)
             extra = (encoder_flops(geometry, kept, DiViCoConfig(encoder="moe"))
                      - encoder_flops(geometry, kept, DiViCoConfig()))
             assert run["flops"] - divico["flops"] == extra > 0
@@ -54,7 +57,7 @@ def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None
     # The MoE stage's training compute against the three specialists, in tokens through the decoder.
     tokens = figures["training_tokens"]
     specialists, from_base = tokens["three specialists"], tokens["moe from base, log_uniform"]
-    assert specialists == sum(2 * 676 + 2 * (100 + kept_count(576, tau)) for tau in TAUS)
+    assert specialists == sum(2 * 676 + 6 * (100 + kept_count(576, tau)) for tau in TAUS)
     assert 0.3 < from_base / specialists < 0.4 < tokens["moe from base, all_centres"] / specialists
     assert tokens["moe warm-started (specialists + log_uniform)"] == pytest.approx(specialists + from_base)
 

@@ -158,7 +158,7 @@ def test_pyramiddrop_drops_in_stages_and_decodes_through_them(tiny_llava_dir):
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.model.compressed_llava import CompressedLlava
-    from pipeline.model.flops import DecoderGeometry, prefill_flops
+    from pipeline.model.flops import DecoderGeometry, layer_lengths, prefill_flops
     from pipeline.model.settings import DiViCoConfig
     from transformers import DynamicCache
 
@@ -190,6 +190,7 @@ def test_pyramiddrop_drops_in_stages_and_decodes_through_them(tiny_llava_dir):
                              wrapper.config)
     assert analytic["total"] == counter.get_total_flops()
     first, second = input_ids.shape[1], input_ids.shape[1] - 50  # the sequences each stage ranks
+    assert layer_lengths(4, first, 100, wrapper.config) == [first, second, second - 25, second - 25]
     assert analytic["scoring"] == 2 * llava.config.text_config.hidden_size * (first + second)
 
 

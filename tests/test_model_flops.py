@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.flops import DecoderGeometry, prefill_flops, theory_ratio
+from pipeline.model.flops import DecoderGeometry, layer_lengths, prefill_flops, theory_ratio
 from pipeline.model.settings import MODES, DiViCoConfig
 
 
@@ -89,7 +89,9 @@ def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_
 def test_theory_ratio_of_the_paper_geometry():
     llava_7b = DecoderGeometry(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
     # 100 text + 576 visual tokens, 64 kept, K = 2 (K = 1 or 3 give 0.262 / 0.309; 65 kept 0.287)
-    ratio = theory_ratio(llava_7b, num_tokens=676, num_visual=576, tau=1 / 9, layer=2)
+    lengths = layer_lengths(32, 676, 576, DiViCoConfig(mode="divico", tau=1 / 9, layer=2))
+    assert lengths == [676] * 2 + [164] * 30
+    ratio = theory_ratio(llava_7b, 676, lengths)
     assert ratio == pytest.approx(0.28535, abs=5e-5)
     # The full count adds the encoder (2 * 64 * 4 d^2), the scoring (2 * 676 * d) and the lm_head (2 d V).
     none = prefill_flops(llava_7b, 676, 576, DiViCoConfig(mode="none"))

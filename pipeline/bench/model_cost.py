@@ -4,24 +4,28 @@ A decoder with LLaVA-1.5-7B's geometry (pipeline.model.tiny.llava_7b_config: 32 
 dim 128, FFN width 11008/4096 of the hidden size, vocabulary 32002) at a width this machine
 can hold (random weights), fed a realistic prompt: 40 system tokens + 576 visual tokens + 60
 text tokens. The vision tower is the same for every mode, so it is left out: the projector's
-output is given as random image features. For none / fastv / divico at each tau, one prefill
-(the one that starts generation: KV cache filled, logits for the last position) is measured,
-and for the Mixture-of-Experts model (mode `moe`: three experts and a router) at each tau:
+output is given as random image features. For `none` and, at each tau, every mode that acts
+inside the decoder (BENCH_MODES: fastv, divico, the Mixture-of-Experts model `moe` with three
+experts and a router, dart, divico_dart, pdrop), one prefill (the one that starts generation:
+KV cache filled, logits for the last position) is measured:
 
+  visual_kept     the visual tokens the layers see, stage by stage (576 before layer K)
   flops           FLOPs counted by torch's FlopCounterMode on that forward (eager attention,
                   whose matmuls it counts on every device)
-  flops_ratio     against `none`; theory_flops_ratio: the paper's eqs. 10-11 (layers only)
+  flops_ratio     against `none`; theory_flops_ratio: the paper's eq. 10 at the sequence each
+                  layer sees (pipeline.model.flops.theory_ratio; layers only)
   prefill_ms      median wall time over --repeats runs after --warmup runs (torch.inference_mode)
   time_ratio      against `none`
   peak_mem_mib    peak memory of the tensors the prefill allocates (weights excluded):
                   torch.cuda.max_memory_allocated on CUDA, a tracking dispatch mode on CPU
-  overhead_share  median time of scoring (from layer K-1's own projections) + selection +
-                  gap encoder, run alone on the same shapes, / prefill_ms
+  overhead_share  median time of what the mode adds, run alone on the same shapes (scoring from
+                  layer K-1's own projections or DART's choice from its keys, selection, the gap
+                  encoder, PyramidDrop's later rankings), / prefill_ms
   layer_floor_ratio  the time ratio the decoder's own layers allow: one layer timed alone at
-                  the full and at the compressed length, (K t(N) + (L-K) t(N')) / (L t(N)).
-                  Where a short sequence cannot use the machine as well as a long one
-                  (weight traffic, per-op overhead), this sits above theory_flops_ratio;
-                  time_ratio - layer_floor_ratio is what the compression itself costs
+                  each length a layer sees, sum_l t(n_l) / (L t(N)). Where a short sequence
+                  cannot use the machine as well as a long one (weight traffic, per-op
+                  overhead), this sits above theory_flops_ratio; time_ratio - layer_floor_ratio
+                  is what the compression itself costs
 
 Targets (issue 3) at tau = 11.1%: 1 - flops_ratio within 1 point of 1 - theory_flops_ratio;
 time_ratio <= 0.30; overhead_share <= 3%.
@@ -54,8 +58,9 @@ from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from pipeline.contract import EXIT_BAD_INPUT, TAUS
 from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
-from pipeline.model.divico import ProjectionCapture, kept_count, query_attention_scores
-from pipeline.model.flops import DecoderGeometry, compressed_length, decoder_tokens, theory_ratio
+from pipeline.model.divico import ProjectionCapture, query_attention_scores, rotated_keys, select_visual_tokens
+from pipeline.model.flops import DecoderGeometry, decoder_tokens, layer_lengths, theory_ratio
+from pipeline.model.modes import LayerState
 from pipeline.model.settings import DiViCoConfig, MixtureSettings
 from pipeline.model.tiny import LLAVA_IMAGE_TOKEN_ID, llava_7b_config
 
@@ -204,23 +209,48 @@ def peak_mib(fn: Callable[[], Any], device: str) -> float:
 
 def _overhead_step(wrapper: CompressedLlava, inputs: dict, cfg: ModelBenchConfig):
     """A function running what compression adds, alone, on the prefill's shapes: scoring from
-    layer K-1's captured projections (the projections are the layer's own work), selection
-    and the gap encoder."""
-    parts = wrapper.decoder
-    input_ids = inputs["input_ids"]
-    hidden = torch.randn(*input_ids.shape, cfg.width, device=cfg.device, dtype=getattr(torch, cfg.dtype)) * 0.02
-    image_mask = input_ids == LLAVA_IMAGE_TOKEN_ID
-    attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    position_ids = torch.arange(input_ids.shape[1], device=cfg.device).expand_as(input_ids)
-    position_embeddings = parts.rotary_emb(hidden, position_ids)
-    layer = parts.layers[wrapper.config.layer - 1]
-    with ProjectionCapture(layer.self_attn, wrapper.query_positions(attention_mask, image_mask)) as captured:
-        layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
+    layer K-1's captured projections (the projections are the layer's own work) or the mode's
+    own choice from its keys (DART), selection, the gap encoder, and each later stage's ranking
+    (PyramidDrop) on the sequence that stage cuts."""
+    parts, mode = wrapper.decoder, wrapper.config.compression
+    dtype = getattr(torch, cfg.dtype)
+
+    def captured_layer(layer: int, image_mask: torch.Tensor):
+        """Layer `layer`'s own projections over random hidden states of image_mask's shape."""
+        hidden = torch.randn(*image_mask.shape, cfg.width, device=cfg.device, dtype=dtype) * 0.02
+        attention_mask = torch.ones_like(image_mask)
+        position_ids = torch.arange(image_mask.shape[1], device=cfg.device).expand_as(image_mask)
+        position_embeddings = parts.rotary_emb(hidden, position_ids)
+        queries = wrapper.query_positions(attention_mask, image_mask)
+        with ProjectionCapture(parts.layers[layer].self_attn, queries) as captured:
+            parts.layers[layer](hidden, attention_mask=None, position_embeddings=position_embeddings)
+        return captured, hidden, attention_mask, position_embeddings, queries
+
+    image_mask = inputs["input_ids"] == LLAVA_IMAGE_TOKEN_ID
+    captured, hidden, attention_mask, position_embeddings, queries = captured_layer(wrapper.config.layer - 1,
+                                                                                    image_mask)
+    visual = image_mask.sum(1)
+    rates = torch.full((cfg.batch,), wrapper.config.tau, dtype=torch.float64, device=cfg.device)
+    stages = []
+    for stage, rate in mode.later_stages(cfg.layers, wrapper.config.layer, wrapper.config.tau):
+        num_tokens = layer_lengths(cfg.layers, image_mask.shape[1], cfg.visual_tokens, wrapper.config)[stage - 1]
+        stage_mask = torch.zeros(cfg.batch, num_tokens, dtype=torch.bool, device=cfg.device)
+        stage_mask[:, cfg.system_tokens:num_tokens - cfg.text_tokens] = True
+        stages.append((rate, stage_mask, *captured_layer(stage - 1, stage_mask)))
 
     def step():
-        scores = query_attention_scores(captured, position_embeddings, attention_mask)
-        keep_visual = wrapper.divico.select(scores, image_mask)
-        wrapper.divico(hidden, image_mask, keep_visual)
+        scores = (query_attention_scores(captured, position_embeddings, attention_mask) if mode.reads_attention
+                  else None)
+        if mode.reads_keys:
+            state = LayerState(hidden=hidden, keys=rotated_keys(captured, position_embeddings), image_mask=image_mask,
+                               attention_mask=attention_mask, query_positions=queries, norm=parts.norm)
+            keep_visual = mode.select_at_layer(state, rates)
+        else:
+            keep_visual = wrapper.divico.select(scores, image_mask)
+        wrapper.divico(hidden, image_mask, keep_visual, None, wrapper.divico.pooled(scores, image_mask, keep_visual))
+        for rate, stage_mask, stage_captured, _, stage_attention, stage_embeddings, _ in stages:
+            stage_scores = query_attention_scores(stage_captured, stage_embeddings, stage_attention)
+            select_visual_tokens(stage_scores, stage_mask, rate, of=visual)
 
     return step
 
@@ -258,39 +288,42 @@ def _layer_step(model: LlavaForConditionalGeneration, cfg: ModelBenchConfig, len
     return lambda: layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
 
 
+# The rows after `none`, at each tau: the modes that act inside the decoder, whose cost a prefill
+# from the projector's output shows (before-decoder modes act in the vision tower, which this
+# bench leaves out: `divico report efficiency --tower` times them).
+BENCH_MODES = ("fastv", "divico", "moe", "dart", "divico_dart", "pdrop")
+
+
 def run_bench(cfg: ModelBenchConfig) -> dict:
     cfg.validate()
     model = build_random_llava(cfg)
     inputs = build_inputs(cfg, model)
     num_tokens = inputs["input_ids"].shape[1]
     geometry = DecoderGeometry.from_config(model.config.text_config)
-    geometry_ratio = {tau: theory_ratio(geometry, num_tokens, cfg.visual_tokens, tau, cfg.layer)
-                      for tau in TAUS}
-    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in ("fastv", "divico", "moe")]
+    settings = [("none", 1.0)] + [(mode, tau) for tau in TAUS for mode in BENCH_MODES]
     wrappers = [CompressedLlava(model, bench_config(mode, tau, cfg.layer)).eval() for mode, tau in settings]
+    lengths = [layer_lengths(cfg.layers, num_tokens, cfg.visual_tokens, w.config) for w in wrappers]
     with torch.inference_mode():
-        # One interleaved timing loop: prefills; scoring + encoder for the compressing modes; and
-        # one decoder layer at the full and at each compressed length, for the layer floor.
-        short = {tau: compressed_length(num_tokens, cfg.visual_tokens, tau) for tau in TAUS}
-        lengths = [num_tokens, *short.values()]
+        # One interleaved timing loop: prefills; what each compressing mode adds; and one decoder
+        # layer at every sequence length a layer sees, for the layer floor.
+        distinct = sorted({n for row in lengths for n in row}, reverse=True)
         prefills = [lambda w=w: prefill(w, inputs) for w in wrappers]
         overheads = [_overhead_step(w, inputs, cfg) for w in wrappers[1:]]
-        layer_steps = [_layer_step(model, cfg, n) for n in lengths]
+        layer_steps = [_layer_step(model, cfg, n) for n in distinct]
         medians = round_robin_medians(prefills + overheads + layer_steps, warmup=cfg.warmup, repeats=cfg.repeats,
                                       device=cfg.device)
         prefill_ms, medians = medians[:len(prefills)], medians[len(prefills):]
         overhead_ms = [0.0] + medians[:len(overheads)]  # `none` adds nothing
-        layer_ms = dict(zip(lengths, medians[len(overheads):]))
+        layer_ms = dict(zip(distinct, medians[len(overheads):]))
         runs = []
-        for (mode, tau), wrapper, ms, extra_ms in zip(settings, wrappers, prefill_ms, overhead_ms):
-            kept_length = short[tau] if mode != "none" else num_tokens
-            layer_floor = (cfg.layer * layer_ms[num_tokens] + (cfg.layers - cfg.layer) * layer_ms[kept_length]) / (
-                cfg.layers * layer_ms[num_tokens])
+        for (mode, tau), wrapper, row, ms, extra_ms in zip(settings, wrappers, lengths, prefill_ms, overhead_ms):
             step = partial(prefill, wrapper, inputs)
             runs.append({"mode": mode, "tau": tau, "flops": count_flops(model, step), "prefill_ms": ms,
+                         "visual_kept": [n - num_tokens + cfg.visual_tokens for n in dict.fromkeys(row)],
                          "peak_mem_mib": peak_mib(step, cfg.device),
-                         "overhead_share": extra_ms / ms, "layer_floor_ratio": layer_floor,
-                         "theory_flops_ratio": geometry_ratio[tau] if mode != "none" else 1.0})
+                         "overhead_share": extra_ms / ms,
+                         "layer_floor_ratio": sum(layer_ms[n] for n in row) / (cfg.layers * layer_ms[num_tokens]),
+                         "theory_flops_ratio": theory_ratio(geometry, num_tokens, row)})
     base = runs[0]
     for run in runs:
         run["flops_ratio"] = run["flops"] / base["flops"]
@@ -309,18 +342,16 @@ def print_report(figures: dict) -> None:
     table = Table(title=f"divico bench model: LLaVA-1.5-7B geometry at width {s['width']} ({s['layers']} layers, "
                         f"K={s['layer_k']}), {s['tokens']} tokens ({s['visual_tokens']} visual), batch {s['batch']}, "
                         f"{s['device']} {s['dtype']}, median of {s['repeats']}")
-    for column in ("mode", "tau", "kept", "GFLOPs", "FLOPs ratio", "theory", "prefill ms", "time ratio",
-                   "layer floor", "peak MiB", "scoring+encoder"):
+    for column in ("mode", "tau", "visual by stage", "GFLOPs", "FLOPs ratio", "theory", "prefill ms", "time ratio",
+                   "layer floor", "peak MiB", "overhead"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for r in figures["runs"]:
-        kept = "all" if r["mode"] == "none" else str(kept_count(s["visual_tokens"], r["tau"]))
-        table.add_row(r["mode"], f"{r['tau']:.1%}", kept, f"{r['flops'] / 1e9:,.1f}", f"{r['flops_ratio']:.3f}",
-                      f"{r['theory_flops_ratio']:.3f}", f"{r['prefill_ms']:,.1f}", f"{r['time_ratio']:.3f}",
-                      f"{r['layer_floor_ratio']:.3f}", f"{r['peak_mem_mib']:,.1f}", f"{r['overhead_share']:.2%}")
+        table.add_row(r["mode"], f"{r['tau']:.1%}", "/".join(map(str, r["visual_kept"])), f"{r['flops'] / 1e9:,.1f}",
+                      f"{r['flops_ratio']:.3f}", f"{r['theory_flops_ratio']:.3f}", f"{r['prefill_ms']:,.1f}",
+                      f"{r['time_ratio']:.3f}", f"{r['layer_floor_ratio']:.3f}", f"{r['peak_mem_mib']:,.1f}", f"{r['overhead_share']:.2%}")
     console = Console(width=max(Console().width, 130))
     console.print(table)
-    console.print("targets at tau 11.1%: reduction within 1 point of theory, time ratio <= 0.30, "
-                    "scoring+encoder <= 3%")
+    console.print("targets at tau 11.1%: reduction within 1 point of theory, time ratio <= 0.30, overhead <= 3%")
     training = figures["training_tokens"]
     table = Table(title="training compute for models at every tau: tokens through the decoder per sample")
     for column in ("way", "token-layers", "vs the three specialists"):
@@ -332,8 +363,8 @@ def print_report(figures: dict) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none / fastv / divico / moe at "
-                                                 "each tau; the MoE stage's training compute")
+    parser = subparsers.add_parser("model", help="prefill FLOPs, time and memory: none and the modes acting inside the "
+                                                 "decoder at each tau; the MoE stage's training compute")
     parser.add_argument("--width", type=int, default=512, help="hidden size (multiple of 128; 4096 = LLaVA-1.5-7B)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

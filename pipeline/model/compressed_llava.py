@@ -66,10 +66,9 @@ from pipeline.contract import (
 from pipeline.model.divico import (
     DiViCo,
     ProjectionCapture,
-    kept_count,
     query_attention_scores,
     rotated_keys,
-    score_ranks,
+    select_visual_tokens,
 )
 from pipeline.model.modes import LayerState
 from pipeline.model.settings import DiViCoConfig
@@ -363,8 +362,7 @@ class CompressedLlava(nn.Module):
                         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                                        **{CACHE_ARG: past_key_values}, use_cache=use_cache)
                 scores = query_attention_scores(capture, position_embeddings, kept_mask)
-                keep_visual = image_mask & (score_ranks(scores, image_mask, descending=True)
-                                            < kept_count(visual, rate)[:, None])
+                keep_visual = select_visual_tokens(scores, image_mask, rate, of=visual)
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)

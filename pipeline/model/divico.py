@@ -262,10 +262,12 @@ def random_scores(image_mask: torch.Tensor, sample_seeds: Sequence[int]) -> torc
 
 
 def select_visual_tokens(scores: torch.Tensor, image_mask: torch.Tensor, tau: float | torch.Tensor,
-                         counts: str = "project") -> torch.Tensor:
+                         counts: str = "project", of: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) bool: the top kept_count(N_i, tau, counts) visual tokens of each sample by score
-    (ties go to the earlier token, so selection is deterministic); tau a float or one per sample (B,)."""
-    kept = kept_count(image_mask.sum(1), tau, counts)
+    (ties go to the earlier token, so selection is deterministic); tau a float or one per sample (B,).
+    N_i: the visual tokens in `image_mask`, or `of` (B,) where tau is a share of an earlier count
+    (PyramidDrop's later stages)."""
+    kept = kept_count(image_mask.sum(1) if of is None else of, tau, counts)
     return image_mask & (score_ranks(scores, image_mask, descending=True) < kept[:, None])
 
 

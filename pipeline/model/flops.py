@@ -75,46 +75,60 @@ def decoder_tokens(num_layers: int, layer: int, num_tokens: int, num_visual: int
                                                            for tau in taus)
 
 
+def _visual_kept(config: DiViCoConfig, num_visual: int, num_kept: int | None) -> int:
+    num_kept = config.kept_tokens(num_visual) if num_kept is None else num_kept
+    if num_kept is None:
+        raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps: "
+                         "pass the measured num_kept")
+    return num_kept
+
+
+def layer_lengths(num_layers: int, num_tokens: int, num_visual: int, config: DiViCoConfig,
+                  num_kept: int | None = None) -> list[int]:
+    """The sequence each of the `num_layers` decoder layers sees, for one sample of `num_tokens`
+    tokens, `num_visual` of them visual (`num_kept` as in prefill_flops): the whole one before
+    layer K, the text and kept visual tokens from K on (from the first layer for a mode acting
+    before the decoder), shorter again after each later stage (PyramidDrop)."""
+    if not config.compresses or num_visual == 0:
+        return [num_tokens] * num_layers
+    split = 0 if config.compression.before_decoder else config.layer
+    lengths = [num_tokens] * split
+    short, start = num_tokens - num_visual + _visual_kept(config, num_visual, num_kept), split
+    for stage, rate in config.compression.later_stages(num_layers, split, config.tau):
+        lengths += [short] * (stage - start)
+        short, start = num_tokens - num_visual + kept_count(num_visual, rate), stage
+    return lengths + [short] * (num_layers - start)
+
+
 def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: DiViCoConfig,
                   num_logits: int = 1, num_kept: int | None = None) -> dict[str, int]:
     """FLOPs of one sample's forward over `num_tokens` tokens, `num_visual` of them visual,
     by part; `num_logits` positions go through the lm_head (1 for a generation prefill,
     all tokens in training). `num_kept`: the visual tokens kept, for a mode that decides its
     count per image (measured); else the mode's own count."""
-    if not config.compresses or num_visual == 0:
-        parts = {"layers": g.layers * layer_flops(g, num_tokens), "scoring": 0, "encoder": 0}
-    else:
-        num_kept = config.kept_tokens(num_visual) if num_kept is None else num_kept
-        if num_kept is None:
-            raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps: "
-                             "pass the measured num_kept")
-        short = num_tokens - num_visual + num_kept
+    lengths = layer_lengths(g.layers, num_tokens, num_visual, config, num_kept)
+    parts = {"layers": sum(layer_flops(g, n) for n in lengths), "scoring": 0, "encoder": 0}
+    if config.compresses and num_visual:
+        num_kept = _visual_kept(config, num_visual, num_kept)
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.
-        split = 0 if config.compression.before_decoder else config.layer
-        layers = split * layer_flops(g, num_tokens)
-        scoring = config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept)
-        start = split
+        parts["scoring"] = config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept)
         # Further drops (PyramidDrop): each stage's attention row over the sequence it cuts.
-        for stage, rate in config.compression.later_stages(g.layers, split, config.tau):
-            layers += (stage - start) * layer_flops(g, short)
-            scoring += 2 * short * g.hidden
-            short, start = num_tokens - num_visual + kept_count(num_visual, rate), stage
-        parts = {
-            "layers": layers + (g.layers - start) * layer_flops(g, short),
-            "scoring": scoring,
-            "encoder": encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0,
-        }
-        num_logits = min(num_logits, short)
+        split = 0 if config.compression.before_decoder else config.layer
+        parts["scoring"] += sum(2 * lengths[stage - 1] * g.hidden
+                                for stage, _ in config.compression.later_stages(g.layers, split, config.tau))
+        parts["encoder"] = encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0
+        num_logits = min(num_logits, lengths[-1])
     parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
     parts["total"] = sum(parts.values())
     return parts
 
 
-def theory_ratio(g: DecoderGeometry, num_tokens: int, num_visual: int, tau: float, layer: int) -> float:
-    """The decoder layers' FLOPs with DiViCo over those without, from eq. 10's per-layer count
-    with two changes: it is applied to the whole sequence (text tokens included; the paper
-    writes it for the N_i visual tokens) and Llama's gated FFN counts 3 n d m, not 2 n d m:
+def theory_ratio(g: DecoderGeometry, num_tokens: int, lengths: list[int]) -> float:
+    """The decoder layers' FLOPs at the per-layer sequence `lengths` (layer_lengths) over those
+    at `num_tokens` in every layer, from eq. 10's per-layer count with two changes: it is applied
+    to the whole sequence (text tokens included; the paper writes it for the N_i visual tokens)
+    and Llama's gated FFN counts 3 n d m, not 2 n d m. For DiViCo:
     (K f(N) + (L-K) f(N - N_i + N_i')) / (L f(N)), f(n) = 4 n d^2 + 2 n^2 d + 3 n d m.
     Not the paper's eqs. 11-15, which drop the text tokens and approximate the ratio by
     1 - tau; no gap encoder, scoring or lm_head here (prefill_flops counts those)."""
@@ -123,5 +137,4 @@ def theory_ratio(g: DecoderGeometry, num_tokens: int, num_visual: int, tau: floa
     def f(n: int) -> int:
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
-    short = compressed_length(num_tokens, num_visual, tau)
-    return (layer * f(num_tokens) + (g.layers - layer) * f(short)) / (g.layers * f(num_tokens))
+    return sum(f(n) for n in lengths) / (len(lengths) * f(num_tokens))
