@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
@@ -30,6 +33,9 @@ class ImageTokens:
     # For a mode that reads the question (CompressionMode.reads_question), else None:
     question: torch.Tensor | None = None  # (n, d): the question each image comes with, in the decoder's input space
     projected: torch.Tensor | None = None  # (n, N, d): the patches through the projector
+    # After a merge in the tower (image_tokens' `merge`): the slots that hold a token; the
+    # others' rows of features and keys are zero and get no attention.
+    present: torch.Tensor | None = None  # (n, N) bool
 
     def cls_attention(self, heads: int | None = None) -> torch.Tensor:
         """(n, N) float32: [CLS]'s attention over the patches, averaged over heads (the softmax
@@ -41,7 +47,10 @@ class ImageTokens:
         scale = self.scale if heads == self.heads else (width // heads) ** -0.5
         query = self.query.view(n, heads, 1, width // heads).float()
         keys = self.keys.view(n, length, heads, width // heads).transpose(1, 2).float()
-        weights = (query @ keys.transpose(-1, -2) * scale).softmax(dim=-1)  # (n, H, 1, N + 1)
+        logits = query @ keys.transpose(-1, -2) * scale  # (n, H, 1, N + 1)
+        if self.present is not None:
+            logits = logits.masked_fill(~F.pad(self.present, (1, 0), value=True)[:, None, None], float("-inf"))
+        weights = logits.softmax(dim=-1)
         return weights[:, :, 0, 1:].mean(dim=1)
 
     def key_metric(self) -> torch.Tensor:
@@ -71,17 +80,20 @@ class _FeatureLayerCapture:
 
 
 def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tensor,
-                 attention_after_features: bool = False) -> ImageTokens:
+                 attention_after_features: bool = False, merge: Merge | None = None) -> ImageTokens:
     """Run the vision tower on `pixel_values` (n images) as get_image_features does, keeping
     the feature layer's patch outputs and the [CLS] query and keys of the feature layer or, with
-    `attention_after_features`, of the layer after it (whose input the features are)."""
+    `attention_after_features`, of the layer after it (whose input the features are). `merge`:
+    applied to the patches after the first layer (MustDrop's tower stage), the later layers then
+    run on each image's present tokens only."""
     config = llava.config
     if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
         raise ValueError("the before-the-decoder modes read one CLIP feature layer with [CLS] removed "
                          f"(vision_feature_layer={config.vision_feature_layer!r}, "
                          f"vision_feature_select_strategy={config.vision_feature_select_strategy!r})")
     tower = llava.model.vision_tower
-    layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 drops the vision_model level
+    vision = getattr(tower, "vision_model", tower)  # transformers 5 drops the vision_model level
+    layers = vision.encoder.layers
     # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings).
     layer = config.vision_feature_layer
     index = layer if layer >= 0 else len(layers) + 1 + layer
@@ -91,10 +103,52 @@ def image_tokens(llava: LlavaForConditionalGeneration, pixel_values: torch.Tenso
     if attention_after_features and index == len(layers):
         raise ValueError(f"vision_feature_layer={layer}: the last of {len(layers)} layers has no layer after it "
                          "whose attention reads the features")
-    attention = layers[index if attention_after_features else index - 1].self_attn
+    attention_index = index if attention_after_features else index - 1
+    if merge is not None and attention_index == 0:
+        raise ValueError("a merge after the first vision layer leaves no later layer whose [CLS] attention "
+                         "reads the merged tokens")
+    attention = layers[attention_index].self_attn
     dtype = next(tower.parameters()).dtype
     with _FeatureLayerCapture(attention) as capture:
-        outputs = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
-    features = outputs.hidden_states[layer][:, 1:]
-    return ImageTokens(features=features, query=capture.query, keys=capture.keys,
-                       heads=attention.num_heads, scale=attention.scale)
+        if merge is None:
+            outputs = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+            features, keys, present = outputs.hidden_states[layer][:, 1:], capture.keys, None
+        else:
+            features, keys, present = _merged_tower(vision, pixel_values.to(dtype), merge, index, attention_index,
+                                                    capture)
+    return ImageTokens(features=features, query=capture.query, keys=keys, heads=attention.num_heads,
+                       scale=attention.scale, present=present)
+
+
+# (patches (n, N, d)) -> (tokens (n, N, d), present (n, N) bool): see image_tokens
+Merge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _merged_tower(vision: nn.Module, pixel_values: torch.Tensor, merge: Merge, feature_index: int,
+                  attention_index: int, capture: _FeatureLayerCapture
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tower's forward with `merge` after its first layer, up to the layer `capture` reads:
+    (features (n, N, d) and the captured keys (n, N + 1, d) back in their slots, present (n, N))."""
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    mask = features = None
+    for index, encoder_layer in enumerate(vision.encoder.layers[:attention_index + 1]):
+        hidden = encoder_layer(hidden, mask)
+        if index == 0:
+            tokens, present = merge(hidden[:, 1:])
+            # each image's present tokens first, in slot order; the batch padded to the longest
+            order = (~present).to(torch.uint8).argsort(dim=1, stable=True)[:, :int(present.sum(1).max())]
+            hidden = torch.cat([hidden[:, :1], tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))], 1)
+            valid = F.pad(present.gather(1, order), (1, 0), value=True)
+            mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~valid, torch.finfo(hidden.dtype).min)[:, None, None]
+        if index + 1 == feature_index:
+            features = hidden[:, 1:]
+
+    def in_slots(rows: torch.Tensor) -> torch.Tensor:
+        """(n, M, d) in `order` -> (n, N, d) in the slots, zero where absent."""
+        slots = torch.zeros(*present.shape, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        slots = slots.scatter(1, order[..., None].expand(-1, -1, rows.shape[-1]), rows)
+        return slots * present[..., None]
+
+    keys = torch.cat([capture.keys[:, :1], in_slots(capture.keys[:, 1:])], dim=1)
+    return in_slots(features), keys, present
