@@ -66,9 +66,10 @@ def test_sequence_shrinks_by_the_dropped_visual_tokens(llava, processor, mode):
     image_token_id = llava.config.image_token_id
     lengths = out.compressed_attention_mask.sum(1)
     # 100 visual tokens -> 11 kept (DeCo: its 3 x 3 pooled grid; Recoverable Compression as
-    # published: its own count per image); the text-only sample passes unchanged
+    # published and MustDrop's tower merge: their own count per image); the text-only sample
+    # passes unchanged
     kept = wrapper.config.kept_tokens(100)
-    assert kept == {"deco": 9, "recoverable": None}.get(mode, 11)
+    assert kept == {"deco": 9, "recoverable": None, "mustdrop": None, "mustdrop_budget": None}.get(mode, 11)
     visual_kept = []
     for i in range(3):
         positions = out.compressed_positions[i][out.compressed_attention_mask[i]]

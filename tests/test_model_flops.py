@@ -67,10 +67,13 @@ def test_analytic_flops_match_flop_counter(eager_llava, mode, logits):
 
 @pytest.mark.parametrize("mode", VISION_MODES)
 def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_dir, mode):
-    """Counted per decoder layer: every layer runs on the short sequence; the vision side (tower,
-    [CLS] row, merge, projector) is not part of the analytic count."""
+    """Counted per decoder layer: every layer runs on the short sequence (shorter again after a
+    later stage, MustDrop's); the vision side (tower, [CLS] row, merge, projector) is not part of
+    the analytic count. Counts a mode decides per image are measured, cut by cut."""
     from model_helpers import prompts_batch
     from transformers import AutoProcessor
+
+    from pipeline.model.vision import image_tokens
 
     batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True])
     wrapper = CompressedLlava(eager_llava, DiViCoConfig(mode=mode, tau=1 / 9))
@@ -78,12 +81,27 @@ def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_
     with torch.no_grad(), counter:
         out = wrapper(**batch, logits_to_keep=1)
     geometry = DecoderGeometry.from_config(eager_llava.config.text_config)
-    kept = int(out.compressed_attention_mask.sum()) - (batch["input_ids"].shape[1] - 100)
-    assert wrapper.config.kept_tokens(100) in (kept, None)  # None: the mode decides per image
-    analytic = prefill_flops(geometry, batch["input_ids"].shape[1], 100, wrapper.config, num_kept=kept)
+    num_tokens = batch["input_ids"].shape[1]
+    counts = [int(mask.sum()) - (num_tokens - 100) for _, mask in out.cache_groups]
+    assert wrapper.config.kept_tokens(100) in (counts[0], None)  # None: the mode decides per image
+    image = (batch["input_ids"][0] == eager_llava.config.image_token_id).nonzero()
+    text_rows = num_tokens - 1 - int(image.max())  # after the image, up to the query (the last token)
+    analytic = prefill_flops(geometry, num_tokens, 100, wrapper.config, num_kept=counts, text_rows=text_rows)
     counted = _counted_parts(counter, geometry.layers)
     assert (analytic["layers"], analytic["lm_head"]) == (counted["layers"], counted["lm_head"])
-    assert analytic["scoring"] == analytic["encoder"] == 0
+    assert analytic["encoder"] == 0
+    mode_ = wrapper.config.compression
+    if not mode_.later_stages(geometry.layers, 0, wrapper.config.tau):
+        assert analytic["scoring"] == 0
+        return
+    # The later stages' scoring: what is counted outside the decoder's modules less the vision side
+    # (the tower, the mode's choice on it, the projector), run again alone.
+    with torch.no_grad(), FlopCounterMode(display=False) as vision:
+        tokens = image_tokens(eager_llava, batch["pixel_values"], mode_.attention_after_features, mode_.tower_merge)
+        _, features = mode_.compress_images(tokens, torch.tensor([1 / 9]))
+        eager_llava.model.multi_modal_projector(features)
+    assert len(counts) == 1 + len(mode_.later_stages(geometry.layers, 0, wrapper.config.tau))
+    assert analytic["scoring"] == counted["scoring"] - vision.get_total_flops() > 0
 
 
 def test_theory_ratio_of_the_paper_geometry():

@@ -68,9 +68,8 @@ from pipeline.model.divico import (
     ProjectionCapture,
     query_attention_scores,
     rotated_keys,
-    select_visual_tokens,
 )
-from pipeline.model.modes import LayerState
+from pipeline.model.modes import LayerState, StageState
 from pipeline.model.settings import DiViCoConfig
 from pipeline.model.vision import image_tokens
 
@@ -163,6 +162,17 @@ def _kept(keep: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, pos
             position_ids.gather(1, index), tuple(_gather_tokens(x, index) for x in position_embeddings),
             None if targets is None else targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX),
             image_mask.gather(1, index) & valid)
+
+
+def text_rows(positions: torch.Tensor, attention_mask: torch.Tensor, last_image: torch.Tensor,
+              queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the text after each sample's last image token up to its query, in a sequence
+    whose tokens sit at input `positions` (B, N): (index (B, Q), valid (B, Q)); padding rows
+    point at the query."""
+    index, valid = right_aligned_gather_index(attention_mask & (positions > last_image[:, None])
+                                              & (positions <= queries[:, None]))
+    query = (positions == queries[:, None]).long().argmax(1)
+    return torch.where(valid, index, query[:, None]), valid
 
 
 def question_vectors(embeddings: torch.Tensor, image_mask: torch.Tensor, attention_mask: torch.Tensor,
@@ -285,7 +295,7 @@ class CompressedLlava(nn.Module):
 
         mode = self.config.compression
         compress = mode.compresses and bool(image_mask.any())
-        hidden, kept_before = self._embed(input_ids, image_mask, pixel_values, image_features,
+        hidden, kept_before, protected = self._embed(input_ids, image_mask, pixel_values, image_features,
                                           keep_ratio if compress and mode.before_decoder else None,
                                           question=(attention_mask, queries))
         targets = None
@@ -346,6 +356,7 @@ class CompressedLlava(nn.Module):
             # compressed sequence as long as the input.
             visual = image_mask.sum(1)
             every_position = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            last_image = torch.where(image_mask, every_position, -1).amax(1)  # for reads_text_rows stages
             kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                 attention_mask & (~image_mask | keep_visual), hidden, every_position, position_ids,
                 position_embeddings, targets, image_mask)
@@ -353,16 +364,20 @@ class CompressedLlava(nn.Module):
                                       **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
                                       layer_idx=split)
             cache_groups.append((split, kept_mask))
-            # Further drops (PyramidDrop): at each stage layer s, the visual tokens left are ranked
-            # by the query's attention in layer s - 1 and cut to their share of the original count.
+            # Further drops (PyramidDrop, MustDrop): at each stage layer s, the visual tokens left
+            # are ranked by the attention of the query (or of the text rows) in layer s - 1.
             for stage, rate in mode.later_stages(len(parts.layers), split, self.config.tau):
                 stage_queries = (kept_positions == queries[:, None]).long().argmax(1)
-                with ProjectionCapture(parts.layers[stage - 1].self_attn, stage_queries) as capture:
+                rows, row_mask = (text_rows(kept_positions, kept_mask, last_image, queries) if mode.reads_text_rows
+                                  else (stage_queries, None))
+                with ProjectionCapture(parts.layers[stage - 1].self_attn, rows) as capture:
                     for layer in parts.layers[start:stage]:
                         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                                        **{CACHE_ARG: past_key_values}, use_cache=use_cache)
-                scores = query_attention_scores(capture, position_embeddings, kept_mask)
-                keep_visual = select_visual_tokens(scores, image_mask, rate, of=visual)
+                keep_visual = mode.keep_at_stage(StageState(
+                    attention=query_attention_scores(capture, position_embeddings, kept_mask), rows=row_mask,
+                    image_mask=image_mask, visual=visual, rate=rate,
+                    protected=None if protected is None else protected.gather(1, kept_positions.clamp(min=0)) & kept_mask))
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)
@@ -428,22 +443,24 @@ class CompressedLlava(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                image_features: torch.Tensor | None, keep_ratio: float | torch.Tensor | None,
-               question: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+               question: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The input embeddings, images in place; and for a mode that acts before the decoder
-        (`keep_ratio` given, None: config.tau), the (B, N) kept visual tokens it chose.
+        (`keep_ratio` given, None: config.tau), the (B, N) kept visual tokens it chose and those
+        no later stage may drop (None if it names none).
         `question`: (attention_mask, query positions), where a mode that reads it finds each
         sample's question."""
         hidden = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass pixel_values or image_features, not both")
-        kept = None
+        kept = protected = None
         if self.config.compression.before_decoder and bool(image_mask.any()):
             if pixel_values is None:
                 raise ValueError(f"mode {self.config.mode!r} reads the vision tower: pass pixel_values, "
                                  "not image_features")
             questions = (question_vectors(hidden, image_mask, *question)
                          if self.config.compression.reads_question else None)
-            image_features, kept = self._compress_images(image_mask, pixel_values, keep_ratio, questions)
+            image_features, kept, protected = self._compress_images(image_mask, pixel_values, keep_ratio, questions)
         elif pixel_values is not None:
             vision_dtype = next(self.llava.model.vision_tower.parameters()).dtype
             features = self.llava.model.get_image_features(pixel_values=pixel_values.to(vision_dtype),
@@ -453,33 +470,37 @@ class CompressedLlava(nn.Module):
         if image_features is None:
             if num_image_tokens:
                 raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given")
-            return hidden, None
+            return hidden, None, None
         image_features = image_features.reshape(-1, hidden.shape[-1])
         if image_features.shape[0] != num_image_tokens:
             raise ValueError(f"input_ids hold {num_image_tokens} image tokens but the images give "
                              f"{image_features.shape[0]} feature vectors")
-        return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype)), kept
+        return hidden.masked_scatter(image_mask.unsqueeze(-1), image_features.to(hidden.dtype)), kept, protected
 
     def _compress_images(self, image_mask: torch.Tensor, pixel_values: torch.Tensor,
                          keep_ratio: float | torch.Tensor | None, questions: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The mode's compress_images on every image, each at its sample's rate and with its
         sample's question (B, d): (the projected features (num_images, N, d), the kept visual
-        tokens (B, L) in sequence positions)."""
+        tokens (B, L) in sequence positions, the protected ones (B, L) or None)."""
         mode = self.config.compression
         run_starts = image_mask & ~F.pad(image_mask[:, :-1], (1, 0))
         images_per_sample = run_starts.sum(1)
         rates = torch.as_tensor(self.config.tau if keep_ratio is None else keep_ratio, dtype=torch.float64,
                                 device=image_mask.device).expand(image_mask.shape[0])
         projector = self.llava.model.multi_modal_projector
-        tokens = image_tokens(self.llava, pixel_values, mode.attention_after_features)
+        tokens = image_tokens(self.llava, pixel_values, mode.attention_after_features, mode.tower_merge)
         if mode.reads_question:
             tokens.question = questions.repeat_interleave(images_per_sample, dim=0)
             tokens.projected = projector(tokens.features)
         keep, features = mode.compress_images(tokens, rates.repeat_interleave(images_per_sample))
         kept = torch.zeros_like(image_mask)
         kept[image_mask] = keep.reshape(-1).to(image_mask.device)
-        return projector(features.to(tokens.features.dtype)), kept
+        protected = None
+        if tokens.protected is not None:
+            protected = torch.zeros_like(image_mask)
+            protected[image_mask] = tokens.protected.reshape(-1).to(image_mask.device)
+        return projector(features.to(tokens.features.dtype)), kept, protected
 
     @staticmethod
     def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -170,12 +170,13 @@ class ProjectionCapture:
 
     def __init__(self, attention: nn.Module, query_positions: torch.Tensor) -> None:
         self.attention, self.query_positions = attention, query_positions
-        self.query: torch.Tensor | None = None  # (B, H * head_dim) before RoPE
+        self.query: torch.Tensor | None = None  # (B, H * head_dim), or (B, Q, H * head_dim), before RoPE
         self.keys: torch.Tensor | None = None  # (B, N, H_kv * head_dim) before RoPE
         self._hooks: list = []
 
     def _keep_query_rows(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        rows = torch.arange(output.shape[0], device=output.device)
+        # query_positions (B,): one row per sample; (B, Q): Q rows per sample
+        rows = torch.arange(output.shape[0], device=output.device).view(-1, *[1] * (self.query_positions.dim() - 1))
         self.query = output.detach()[rows, self.query_positions.to(output.device)]
 
     def _keep_keys(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -205,7 +206,8 @@ def query_attention_scores(
     RoPE is applied with the model's (cos, sin), key heads shared across query groups (GQA).
     Only one query row per sample is formed: O(N d) memory, no H x N x N matrix, and no
     dependence on the attention implementation. Keys after the query or padded
-    (attention_mask == 0) get zero weight. Returns (B, N) float32 scores.
+    (attention_mask == 0) get zero weight. Returns (B, N) float32 scores; where the capture's
+    query_positions are (B, Q), the attention of each of those rows: (B, Q, N).
     """
     attn, query_positions = captured.attention, captured.query_positions
     if captured.query is None or captured.keys is None:
@@ -213,21 +215,22 @@ def query_attention_scores(
     batch, length, _ = captured.keys.shape
     head_dim = attn.head_dim
     rows = torch.arange(batch, device=captured.keys.device)
-    query_positions = query_positions.to(rows.device)
+    positions = query_positions.to(rows.device).view(batch, -1)  # (B, Q)
     cos, sin = position_embeddings
 
-    query = captured.query.view(batch, -1, head_dim)  # (B, H, hd)
-    cos_q, sin_q = cos[rows, query_positions].unsqueeze(1), sin[rows, query_positions].unsqueeze(1)
+    query = captured.query.view(batch, positions.shape[1], -1, head_dim)  # (B, Q, H, hd)
+    cos_q, sin_q = cos[rows[:, None], positions].unsqueeze(2), sin[rows[:, None], positions].unsqueeze(2)
     query = query * cos_q + rotate_half(query) * sin_q
     keys = captured.keys.view(batch, length, -1, head_dim)  # (B, N, H_kv, hd)
     keys = keys * cos.unsqueeze(2) + rotate_half(keys) * sin.unsqueeze(2)
 
     num_kv_heads = keys.shape[2]
-    query = query.view(batch, num_kv_heads, -1, head_dim)  # head h uses key head h // groups
-    logits = torch.einsum("bkgd,bnkd->bkgn", query.float(), keys.float()) * attn.scaling
-    visible = (torch.arange(length, device=rows.device) <= query_positions[:, None]) & attention_mask.bool()
-    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=(1, 2))
+    query = query.view(batch, positions.shape[1], num_kv_heads, -1, head_dim)  # head h uses key head h // groups
+    logits = torch.einsum("bqkgd,bnkd->bqkgn", query.float(), keys.float()) * attn.scaling
+    visible = (torch.arange(length, device=rows.device) <= positions[..., None]) & attention_mask.bool()[:, None]
+    logits = logits.masked_fill(~visible[:, :, None, None, :], float("-inf"))
+    scores = logits.softmax(dim=-1).mean(dim=(2, 3))
+    return scores if query_positions.dim() == 2 else scores[:, 0]
 
 
 @torch.no_grad()

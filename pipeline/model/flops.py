@@ -16,6 +16,7 @@ counted (nor by FlopCounterMode); the vision tower is the same for every mode an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.model.divico import kept_count
@@ -75,49 +76,67 @@ def decoder_tokens(num_layers: int, layer: int, num_tokens: int, num_visual: int
                                                            for tau in taus)
 
 
-def _visual_kept(config: DiViCoConfig, num_visual: int, num_kept: int | None) -> int:
-    num_kept = config.kept_tokens(num_visual) if num_kept is None else num_kept
-    if num_kept is None:
-        raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps: "
-                         "pass the measured num_kept")
-    return num_kept
+def visual_counts(num_layers: int, num_visual: int, config: DiViCoConfig,
+                  num_kept: int | Sequence[int] | None = None) -> list[int]:
+    """The visual tokens left after each cut of a compressing mode: the first (at layer K, or
+    before the decoder), then each later stage. `num_kept`: the measured counts, a prefix of
+    them, or the first alone (an int), for a mode that decides them per image; the rest are the
+    mode's own."""
+    measured = [] if num_kept is None else [num_kept] if isinstance(num_kept, int) else list(num_kept)
+    mode = config.compression
+    split = 0 if mode.before_decoder else config.layer
+    own = [config.kept_tokens(num_visual)] + [mode.stage_kept(num_visual, rate)
+                                              for _, rate in mode.later_stages(num_layers, split, config.tau)]
+    counts = measured + own[len(measured):]
+    if None in counts:
+        raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps at cut "
+                         f"{counts.index(None) + 1} of {len(counts)}: pass the measured counts (num_kept)")
+    return counts
 
 
 def layer_lengths(num_layers: int, num_tokens: int, num_visual: int, config: DiViCoConfig,
-                  num_kept: int | None = None) -> list[int]:
+                  num_kept: int | Sequence[int] | None = None) -> list[int]:
     """The sequence each of the `num_layers` decoder layers sees, for one sample of `num_tokens`
-    tokens, `num_visual` of them visual (`num_kept` as in prefill_flops): the whole one before
+    tokens, `num_visual` of them visual (`num_kept` as in visual_counts): the whole one before
     layer K, the text and kept visual tokens from K on (from the first layer for a mode acting
-    before the decoder), shorter again after each later stage (PyramidDrop)."""
+    before the decoder), shorter again after each later stage (PyramidDrop, MustDrop)."""
     if not config.compresses or num_visual == 0:
         return [num_tokens] * num_layers
     split = 0 if config.compression.before_decoder else config.layer
+    counts = visual_counts(num_layers, num_visual, config, num_kept)
+    stages = [split] + [stage for stage, _ in config.compression.later_stages(num_layers, split, config.tau)]
     lengths = [num_tokens] * split
-    short, start = num_tokens - num_visual + _visual_kept(config, num_visual, num_kept), split
-    for stage, rate in config.compression.later_stages(num_layers, split, config.tau):
-        lengths += [short] * (stage - start)
-        short, start = num_tokens - num_visual + kept_count(num_visual, rate), stage
-    return lengths + [short] * (num_layers - start)
+    for start, end, count in zip(stages, [*stages[1:], num_layers], counts):
+        lengths += [num_tokens - num_visual + count] * (end - start)
+    return lengths
 
 
 def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: DiViCoConfig,
-                  num_logits: int = 1, num_kept: int | None = None) -> dict[str, int]:
+                  num_logits: int = 1, num_kept: int | Sequence[int] | None = None,
+                  text_rows: int | None = None) -> dict[str, int]:
     """FLOPs of one sample's forward over `num_tokens` tokens, `num_visual` of them visual,
     by part; `num_logits` positions go through the lm_head (1 for a generation prefill,
-    all tokens in training). `num_kept`: the visual tokens kept, for a mode that decides its
-    count per image (measured); else the mode's own count."""
+    all tokens in training). `num_kept`: the visual tokens kept, measured, for a mode that
+    decides its counts per image (visual_counts); else the mode's own. `text_rows`: for a mode
+    whose later stages rank by the text rows' attention (reads_text_rows), how many rows (the
+    text after the image up to the query)."""
     lengths = layer_lengths(g.layers, num_tokens, num_visual, config, num_kept)
     parts = {"layers": sum(layer_flops(g, n) for n in lengths), "scoring": 0, "encoder": 0}
     if config.compresses and num_visual:
-        num_kept = _visual_kept(config, num_visual, num_kept)
+        mode = config.compression
+        first = visual_counts(g.layers, num_visual, config, num_kept)[0]
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.
-        parts["scoring"] = config.compression.scoring_flops(g.hidden, num_tokens, num_visual, num_kept)
-        # Further drops (PyramidDrop): each stage's attention row over the sequence it cuts.
-        split = 0 if config.compression.before_decoder else config.layer
-        parts["scoring"] += sum(2 * lengths[stage - 1] * g.hidden
-                                for stage, _ in config.compression.later_stages(g.layers, split, config.tau))
-        parts["encoder"] = encoder_flops(g, num_kept, config) if config.uses_gap_encoder else 0
+        parts["scoring"] = mode.scoring_flops(g.hidden, num_tokens, num_visual, first)
+        # Further drops: each stage's attention rows (the query's, or the text's) over the
+        # sequence it cuts.
+        if mode.reads_text_rows and text_rows is None:
+            raise ValueError(f"mode {config.mode!r} ranks by the attention of the text rows: pass text_rows")
+        rows = text_rows if mode.reads_text_rows else 1
+        split = 0 if mode.before_decoder else config.layer
+        parts["scoring"] += sum(2 * rows * lengths[stage - 1] * g.hidden
+                                for stage, _ in mode.later_stages(g.layers, split, config.tau))
+        parts["encoder"] = encoder_flops(g, first, config) if config.uses_gap_encoder else 0
         num_logits = min(num_logits, lengths[-1])
     parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
     parts["total"] = sum(parts.values())

@@ -10,6 +10,8 @@ sequence. A mode says
                      (and may rewrite their features) before the projector
     attention_after_features  ... reading [CLS]'s attention in the vision layer after the
                      feature layer (PruMerge's), not in the feature layer itself
+    tower_merge      ... merging patches after the first vision layer: a function (patches
+                     (n, N, d)) -> (tokens (n, N, d), present (n, N) bool), see vision.image_tokens
     reads_question   ... and reading the question: ImageTokens.question and .projected are filled
     reads_attention  its scores are the query token's attention in layer K-1 (query_attention_scores),
                      captured while that layer runs; the FLOP count charges them
@@ -22,7 +24,13 @@ sequence. A mode says
     compress_images()  before_decoder modes: each image's kept patches and their features
     select_at_layer()  reads_keys modes: the kept visual tokens, chosen by the mode itself
     later_stages()   further drops deeper in the decoder, [(layer, share of the visual tokens)]
+    stage_kept()     how many such a drop leaves (None: the method decides per image)
+    keep_at_stage()  what such a drop keeps (default: the share of the original count the query
+                     attends to most in the layer before)
+    reads_text_rows  ... ranking by the attention of every text token after the image up to the
+                     query (StageState.attention is (B, Q, N)), not the query's alone
     scoring_flops()  what choosing costs, in FLOPs (pipeline/model/flops.py's convention)
+    tau_problem()    why the mode cannot run at a tau (a method published at a few budgets), or None
     kept_tokens()    how many of an image's N visual tokens go on: round(tau N) unless the method
                      says otherwise (DeCo's pooled grid); None when the method decides per image
                      (Recoverable Compression as published): then the count is measured
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.divico import image_seed, kept_count, random_scores
+from pipeline.model.divico import image_seed, kept_count, random_scores, select_visual_tokens
 from pipeline.model.vision import ImageTokens
 
 
@@ -56,21 +64,40 @@ class LayerState:
     norm: torch.nn.Module  # the decoder's final norm
 
 
+@dataclass
+class StageState:
+    """What a later stage's drop (CompressionMode.later_stages) sees, for B samples of the N
+    positions left after the drops before it."""
+
+    # (B, N): the query's attention in the layer before the stage; (B, Q, N): each text row's (reads_text_rows)
+    attention: torch.Tensor
+    rows: torch.Tensor | None  # (B, Q) bool: the rows of `attention` that are text rows, not padding (reads_text_rows)
+    image_mask: torch.Tensor  # (B, N) bool: the visual tokens left
+    visual: torch.Tensor  # (B,): each sample's visual tokens before the first drop
+    rate: float  # the stage's share of `visual`
+    protected: torch.Tensor | None  # (B, N) bool: tokens no stage may drop (ImageTokens.protected), if any
+
+
 class CompressionMode:
     """Keep the visual tokens the query attends to most in layer K-1; add nothing."""
 
     compresses = True
     before_decoder = False
     attention_after_features = False
+    tower_merge = None
     reads_question = False
     reads_attention = True
     reads_keys = False
+    reads_text_rows = False
     gap_encoder = False
     variational = False
     trainable = True
 
     def sample_seeds(self, seed: int, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                      image_features: torch.Tensor | None) -> list[int] | None:
+        return None
+
+    def tau_problem(self, tau: float) -> str | None:
         return None
 
     def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int | None:
@@ -91,6 +118,15 @@ class CompressionMode:
         again by the query's attention in the layer before and cut to a share of their original
         count, ascending: none unless the method drops in stages."""
         return []
+
+    def stage_kept(self, num_visual: int, rate: float) -> int | None:
+        """How many of an image's `num_visual` visual tokens a later stage at `rate` leaves; None
+        when the method decides per image (then the count is measured)."""
+        return kept_count(num_visual, rate)
+
+    def keep_at_stage(self, state: StageState) -> torch.Tensor:
+        """(B, N) bool: the visual tokens a later stage keeps."""
+        return select_visual_tokens(state.attention, state.image_mask, state.rate, of=state.visual)
 
     def scoring_flops(self, hidden: int, num_tokens: int, num_visual: int, num_kept: int) -> int:
         """FLOPs of choosing, for one sample: one row of attention scores (2 N d) when the mode

@@ -33,6 +33,8 @@ MODES = {
     "pdrop": "pipeline.model.baselines.pdrop:PyramidDrop",
     "recoverable": "pipeline.model.baselines.recoverable:RecoverableCompression",
     "recoverable_budget": "pipeline.model.baselines.recoverable:RecoverableCompressionAtBudget",
+    "mustdrop": "pipeline.model.baselines.mustdrop:MustDrop",
+    "mustdrop_budget": "pipeline.model.baselines.mustdrop:MustDropAtBudget",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")
@@ -113,6 +115,8 @@ class DiViCoConfig:
                 raise ValueError(f"{prefix}{name}={getattr(self, name)!r}: expected one of {choices}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"{prefix}tau={self.tau}: the kept fraction must be in (0, 1]")
+        if (problem := self.compression.tau_problem(self.tau)) is not None:
+            raise ValueError(f"{prefix}tau={self.tau}: {problem}")
         if self.beta < 0:
             raise ValueError(f"{prefix}beta={self.beta}: must be >= 0")
         if self.sigma0 <= 0:

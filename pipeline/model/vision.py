@@ -36,6 +36,8 @@ class ImageTokens:
     # After a merge in the tower (image_tokens' `merge`): the slots that hold a token; the
     # others' rows of features and keys are zero and get no attention.
     present: torch.Tensor | None = None  # (n, N) bool
+    # Set by a mode's compress_images: the patches no later stage may drop (MustDrop's key set).
+    protected: torch.Tensor | None = None  # (n, N) bool
 
     def cls_attention(self, heads: int | None = None) -> torch.Tensor:
         """(n, N) float32: [CLS]'s attention over the patches, averaged over heads (the softmax

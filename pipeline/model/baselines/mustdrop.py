@@ -33,11 +33,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.divico import score_ranks
+from pipeline.model.divico import kept_count, score_ranks
+from pipeline.model.modes import CompressionMode, StageState
+from pipeline.model.vision import ImageTokens
 
 WINDOW = 3  # the side of a merge window, in patches
 MERGE_THRESHOLD = 0.8  # the mean pairwise cosine similarity at which a window merges
 KEY_SHARE = 0.08  # the share of the tower's tokens the key set holds
+# The decoder layers (0-indexed, of 32) whose attention the filter reads; the drop takes effect
+# from the next layer. Other depths scale them: round(l x L / 32).
+FILTER_LAYERS = (2, 6, 10, 14)
+REFERENCE_DEPTH = 32
+# (gamma, alpha) by budget, of 576 tokens: the official TextVQA scripts (textvqa_*.sh). Other
+# benchmarks' scripts differ (VizWiz at 64: 0.005, 0.001); these are the ones used everywhere here.
+PUBLISHED_THRESHOLDS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}
+PUBLISHED_GRID = 576
 
 
 def window_slots(side: int, window: int = WINDOW) -> torch.Tensor:
@@ -59,12 +69,15 @@ def window_similarity(patches: torch.Tensor, slots: torch.Tensor) -> torch.Tenso
     return (pairs.sum((-1, -2)) - pairs.diagonal(dim1=-2, dim2=-1).sum(-1)) / (k * (k - 1))
 
 
-def merge_windows(patches: torch.Tensor, side: int, window: int = WINDOW,
+def merge_windows(patches: torch.Tensor, side: int | None = None, window: int = WINDOW,
                   threshold: float = MERGE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tower stage's merge on n images of side x side patches (n, N, d): (tokens (n, N, d),
-    present (n, N) bool). A merged window's mean is in the slot of its last patch, its other
-    slots are absent; every other patch is unchanged. (All sizes are 1 after the first layer, so
-    the official size-weighted mean is the plain mean.)"""
+    """The tower stage's merge on n images of side x side patches (n, N, d) (side: sqrt N unless
+    given): (tokens (n, N, d), present (n, N) bool). A merged window's mean is in the slot of its
+    last patch, its other slots are absent; every other patch is unchanged. (All sizes are 1
+    after the first layer, so the official size-weighted mean is the plain mean.)"""
+    side = math.isqrt(patches.shape[1]) if side is None else side
+    if side * side != patches.shape[1]:
+        raise ValueError(f"MustDrop's window merge needs a square patch grid: {patches.shape[1]} patches")
     slots = window_slots(side, window).to(patches.device)
     merging = window_similarity(patches, slots) >= threshold  # (n, W)
     image, which = merging.nonzero(as_tuple=True)
@@ -82,3 +95,80 @@ def key_set(cls_attention: torch.Tensor, present: torch.Tensor, share: float = K
     attends to most (`cls_attention` (n, N); ties to the earlier slot)."""
     counts = torch.tensor([math.ceil(share * int(m)) for m in present.sum(1)], device=present.device)
     return present & (score_ranks(cls_attention, present, descending=True) < counts[:, None])
+
+
+def dual_attention_filter(attention: torch.Tensor, rows: torch.Tensor, image_mask: torch.Tensor, gamma: float,
+                          alpha: float) -> torch.Tensor:
+    """(B, N) bool: the visual tokens the filter keeps. attention (B, Q, N): each text row's
+    attention (mean over heads); rows (B, Q) bool: which rows are real. A visual token is dropped
+    only if both the attention all text rows pay it is below gamma x the attention they pay all
+    visual tokens, and the most any one row pays it is below alpha."""
+    text = attention.float() * rows[..., None]
+    column = text.sum(1)
+    total = (column * image_mask).sum(1, keepdim=True)
+    dropped = (column < gamma * total) & (text.amax(1) < alpha)
+    return image_mask & ~dropped
+
+
+def filter_layers(num_layers: int) -> list[int]:
+    """FILTER_LAYERS scaled to a decoder of `num_layers`, distinct, each before the last layer."""
+    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in FILTER_LAYERS)
+    return sorted({layer for layer in scaled if layer < num_layers - 1})
+
+
+def published_budget(tau: float) -> int | None:
+    """The published budget (of PUBLISHED_GRID tokens) a tau names, within rounding, or None."""
+    budget = round(tau * PUBLISHED_GRID)
+    return budget if budget in PUBLISHED_THRESHOLDS and abs(tau * PUBLISHED_GRID - budget) < 0.01 else None
+
+
+class MustDrop(CompressionMode):
+    """mustdrop: as published, the filter's thresholds at the budget tau names (192, 128 or 64 of
+    576 tokens); every count after the tower is the image's own."""
+
+    before_decoder = True
+    attention_after_features = True
+    tower_merge = staticmethod(merge_windows)
+    reads_attention = False
+    reads_text_rows = True
+    trainable = False
+    at_budget = False
+
+    def tau_problem(self, tau: float) -> str | None:
+        if self.at_budget or published_budget(tau) is not None:
+            return None
+        taus = ", ".join(f"{budget}/{PUBLISHED_GRID}" for budget in PUBLISHED_THRESHOLDS)
+        return f"MustDrop's thresholds are published for tau = {taus} only; mustdrop_budget runs at any tau"
+
+    def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int | None:
+        return None  # what the window merge leaves, per image
+
+    def compress_images(self, tokens: ImageTokens, keep_ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens.protected = key_set(tokens.cls_attention(), tokens.present)
+        return tokens.present, tokens.features
+
+    def later_stages(self, num_layers: int, layer: int, tau: float) -> list[tuple[int, float]]:
+        stages = [(filtered + 1, tau) for filtered in filter_layers(num_layers) if filtered + 1 > layer]
+        return stages[:1] if self.at_budget else stages
+
+    def stage_kept(self, num_visual: int, rate: float) -> int | None:
+        return kept_count(num_visual, rate) if self.at_budget else None
+
+    def keep_at_stage(self, state: StageState) -> torch.Tensor:
+        protected = state.protected & state.image_mask
+        gamma, alpha = PUBLISHED_THRESHOLDS[published_budget(state.rate)]
+        return dual_attention_filter(state.attention, state.rows, state.image_mask, gamma, alpha) | protected
+
+
+class MustDropAtBudget(MustDrop):
+    """mustdrop_budget: one filter, after the first filter layer, keeping round(tau N) tokens: the
+    key set first, then the most attended to by the text rows (the filter's first criterion)."""
+
+    at_budget = True
+
+    def keep_at_stage(self, state: StageState) -> torch.Tensor:
+        text = state.attention.float() * state.rows[..., None]
+        column = text.sum(1)
+        scores = column + state.protected * (column.amax(1, keepdim=True) + 1)  # the key set ranks first
+        kept = kept_count(state.visual, state.rate)
+        return state.image_mask & (score_ranks(scores, state.image_mask, descending=True) < kept[:, None])
