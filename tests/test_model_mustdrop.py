@@ -6,12 +6,27 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from model_helpers import load_llava, prompts_batch
+from model_helpers import QUESTIONS, image, load_llava, prompt, prompts_batch, split_samples
+from PIL import Image
 from transformers import AutoProcessor
 
-from pipeline.model.baselines.mustdrop import key_set, merge_windows, window_similarity, window_slots
+from pipeline.model.baselines.mustdrop import (
+    MustDrop,
+    MustDropAtBudget,
+    dual_attention_filter,
+    filter_layers,
+    key_set,
+    merge_windows,
+    window_similarity,
+    window_slots,
+)
+from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.modes import StageState
+from pipeline.model.settings import DiViCoConfig
+from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 from pipeline.model.vision import image_tokens
 
 
@@ -98,3 +113,102 @@ def test_a_merge_needs_a_later_layer_to_read(tiny_llava_dir):
     batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True])
     with pytest.raises(ValueError, match="no later layer"):
         image_tokens(llava, batch["pixel_values"], merge=lambda patches: merge_windows(patches, 10))
+
+
+def test_the_dual_filter_drops_only_what_both_conditions_drop():
+    """gamma 0.05, alpha 0.015; four text rows and a padding row over four visual tokens and one
+    text token. Token 1 is kept by its total attention alone, token 2 by one row's alone."""
+    attention = torch.tensor([[
+        [0.2, 0.014, 0.02, 0.001, 0.5],
+        [0.2, 0.014, 0.0, 0.001, 0.5],
+        [0.2, 0.014, 0.0, 0.001, 0.5],
+        [0.2, 0.014, 0.0, 0.001, 0.5],
+        [0.0, 0.0, 0.0, 0.9, 0.0],  # padding: not a text row
+    ]])
+    rows = torch.tensor([[True, True, True, True, False]])
+    image_mask = torch.tensor([[True, True, True, True, False]])
+    # totals over the text rows: 0.8, 0.056, 0.02, 0.004 (visual: 0.88, so gamma x total = 0.044)
+    keep = dual_attention_filter(attention, rows, image_mask, gamma=0.05, alpha=0.015)
+    assert keep.tolist() == [[True, True, True, False, False]]
+    # either threshold lower keeps token 3 too; both higher drop tokens 1 and 2
+    assert dual_attention_filter(attention, rows, image_mask, gamma=0.004, alpha=0.015)[0, 3]
+    assert dual_attention_filter(attention, rows, image_mask, gamma=0.05, alpha=0.001)[0, 3]
+    assert dual_attention_filter(attention, rows, image_mask, gamma=0.07, alpha=0.03).tolist() == [
+        [True, False, False, False, False]]
+
+
+def test_the_budget_keeps_the_key_set_first():
+    attention = torch.tensor([[[0.5, 0.3, 0.1, 0.05, 0.01, 0.0]]])
+    state = StageState(attention=attention, rows=torch.tensor([[True]]), image_mask=torch.ones(1, 6, dtype=torch.bool),
+                       visual=torch.tensor([6]), rate=0.5, protected=torch.tensor([[False] * 4 + [True, False]]))
+    assert MustDropAtBudget().keep_at_stage(state).tolist() == [[True, True, False, False, True, False]]
+    published = MustDrop().keep_at_stage(StageState(**{**state.__dict__, "rate": 1 / 9}))
+    assert published[0, 4]  # the key set survives a filter that would drop it (gamma 0.011, alpha 0.01)
+    assert published.tolist() == [[True, True, True, True, True, False]]
+
+
+def test_the_filter_layers_scale_with_the_depth():
+    assert filter_layers(32) == [2, 6, 10, 14]
+    assert filter_layers(40) == [2, 8, 12, 18]  # round(l x 40 / 32), half to even
+    assert filter_layers(4) == [0, 1, 2]
+    assert MustDrop().later_stages(32, 0, 1 / 9) == [(3, 1 / 9), (7, 1 / 9), (11, 1 / 9), (15, 1 / 9)]
+    assert MustDropAtBudget().later_stages(32, 0, 1 / 9) == [(3, 1 / 9)]
+
+
+def test_the_published_mode_runs_at_its_published_budgets_only():
+    for tau in (1 / 3, 2 / 9, 1 / 9, 0.1111111):
+        DiViCoConfig(mode="mustdrop", tau=tau).validate()
+    with pytest.raises(ValueError, match=r"divico.tau=0.1666.*mustdrop_budget"):
+        DiViCoConfig(mode="mustdrop", tau=0.1666667).validate(prefix="divico.")
+    DiViCoConfig(mode="mustdrop_budget", tau=0.1666667).validate()
+
+
+def half_flat(seed: int) -> Image.Image:
+    """Noise below, one flat grey above: the tiny tower's 10 x 10 grid has six 3 x 3 windows in
+    the top six patch rows, which merge (mean similarity ~0.92 after the first layer; the noisy
+    ones ~0.2)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (140, 140, 3), dtype=np.uint8)
+    pixels[:84] = 120
+    return Image.fromarray(pixels)
+
+
+def test_mustdrop_in_the_model_merges_filters_and_keeps_the_key_set(tiny_llava_dir):
+    """A half-flat image enters the decoder as 100 - 6 x 8 = 52 tokens; the key set is in every
+    stage's sequence; in a batch beside a noise image (no merge, so the tower pads) and a
+    text-only sample, each sample's logits are its own."""
+    llava = load_llava(tiny_llava_dir, "sdpa")
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    processor.tokenizer.padding_side = "left"
+    texts = [prompt(QUESTIONS[0], True), prompt(QUESTIONS[1], True), prompt(QUESTIONS[2], False)]
+    batch = processor(images=[half_flat(0), image(1)], text=texts, return_tensors="pt", padding=True)
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="mustdrop", tau=1 / 9))
+    with torch.no_grad():
+        out = wrapper(**batch)
+        alone = [wrapper(**sample).logits[:, -1] for sample in split_samples(batch, llava.config.image_token_id)]
+    torch.testing.assert_close(out.logits[:, -1], torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+    image_id = llava.config.image_token_id
+    slots = (batch["input_ids"][0] == image_id).nonzero().flatten()
+    tokens = image_tokens(llava, batch["pixel_values"][:1], attention_after_features=True, merge=merge_windows)
+    keys = slots[key_set(tokens.cls_attention(), tokens.present)[0]]
+    assert tokens.present.sum() == 52 and len(keys) == math.ceil(0.08 * 52)
+    assert [first for first, _ in out.cache_groups] == [0, 1, 2, 3]
+    text = int(batch["attention_mask"][0].sum()) - 100
+    visual_by_stage = [int(mask[0].sum()) - text for _, mask in out.cache_groups]
+    assert visual_by_stage[0] == 52 and visual_by_stage == sorted(visual_by_stage, reverse=True)
+    final = out.compressed_positions[0][out.compressed_attention_mask[0]]
+    assert torch.isin(keys, final).all()
+
+
+def test_mustdrop_at_the_13b_depth(tmp_path):
+    """40 decoder layers: the filters after layers 2, 8, 12 and 18; the cached generation equals
+    the recomputed one."""
+    directory = save_tiny_llava(tmp_path / "deep", TinyLlavaConfig(layers=40, hidden=64, intermediate=128))
+    llava = load_llava(directory, "sdpa")
+    batch = prompts_batch(AutoProcessor.from_pretrained(directory), [True, False, True])
+    wrapper = CompressedLlava(llava, DiViCoConfig(mode="mustdrop", tau=1 / 9))
+    with torch.no_grad():
+        out = wrapper(**batch)
+    assert [first for first, _ in out.cache_groups] == [0, 3, 9, 13, 19]
+    cached = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(cached, wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))
