@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_helpers import QUESTIONS, image, load_llava, prompt, prompts_batch, split_samples
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, DynamicCache
 
 from pipeline.model.baselines.mustdrop import (
     MustDrop,
@@ -201,14 +201,22 @@ def test_mustdrop_in_the_model_merges_filters_and_keeps_the_key_set(tiny_llava_d
 
 
 def test_mustdrop_at_the_13b_depth(tmp_path):
-    """40 decoder layers: the filters after layers 2, 8, 12 and 18; the cached generation equals
-    the recomputed one."""
+    """40 decoder layers: the filters after layers 2, 8, 12 and 18; after a cached prefill,
+    layers 0-1 hold the tower's tokens and layers 2-39 the last filter's (every layer of all 40);
+    the cached generation equals the recomputed one."""
     directory = save_tiny_llava(tmp_path / "deep", TinyLlavaConfig(layers=40, hidden=64, intermediate=128))
     llava = load_llava(directory, "sdpa")
     batch = prompts_batch(AutoProcessor.from_pretrained(directory), [True, False, True])
     wrapper = CompressedLlava(llava, DiViCoConfig(mode="mustdrop", tau=1 / 9))
     with torch.no_grad():
         out = wrapper(**batch)
+        cache = DynamicCache(config=wrapper.decoder.config)
+        cut = wrapper(**batch, past_key_values=cache, logits_to_keep=1)
     assert [first for first, _ in out.cache_groups] == [0, 3, 9, 13, 19]
+    assert [first for first, _ in cut.cache_groups] == [0, 2]
+    tower, final = out.cache_groups[0][1].shape[1], out.compressed_attention_mask.shape[1]
+    assert final < tower
+    assert [cache.get_seq_length(layer) for layer in range(40)] == [tower] * 2 + [final] * 38
+    torch.testing.assert_close(cut.logits[:, -1], out.logits[:, -1])
     cached = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[])
     assert torch.equal(cached, wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))

@@ -164,6 +164,28 @@ def _kept(keep: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, pos
             image_mask.gather(1, index) & valid)
 
 
+def _hide_from_answers(positions: torch.Tensor, queries: torch.Tensor, hidden: torch.Tensor):
+    """A mask function (transformers' and_mask_function) for a sequence of input `positions`
+    (B, N'): tokens after their sample's query do not see the input positions `hidden` (B, N)."""
+    def visible(batch_idx, head_idx, q_idx, kv_idx):
+        after_query = positions[batch_idx, q_idx] > queries[batch_idx]
+        return ~(after_query & hidden[batch_idx, positions[batch_idx, kv_idx].clamp(min=0)])
+    return visible
+
+
+def _cut_cache(cache: Cache, layers: range, groups: list[tuple[int, torch.Tensor]],
+               group_positions: list[torch.Tensor], final_positions: torch.Tensor) -> None:
+    """Each layer in `layers` keeps, of its cache, the entries at `final_positions` (B, N') (input
+    positions, -1 at padding), in that order; its group's cache holds `group_positions`."""
+    firsts = [first for first, _ in groups]
+    for layer in layers:
+        held = group_positions[bisect.bisect_right(firsts, layer) - 1]
+        index = (held[:, None, :] == final_positions[:, :, None]).long().argmax(-1)  # (B, N')
+        entry = cache.layers[layer]
+        gather = index[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
+        entry.keys, entry.values = entry.keys.gather(2, gather), entry.values.gather(2, gather)
+
+
 def text_rows(positions: torch.Tensor, attention_mask: torch.Tensor, last_image: torch.Tensor,
               queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of the text after each sample's last image token up to its query, in a sequence
@@ -284,9 +306,13 @@ class CompressedLlava(nn.Module):
         keep_ratio: float | torch.Tensor | None = None,
         branch_rates: tuple[float, ...] | None = None,
         aux_weights: dict[str, float] | None = None,
+        answers_miss: torch.Tensor | None = None,
     ) -> CompressedLlavaOutput:
         """forward() with the selection query of each sample given (`queries` (B,)): generation
-        keeps its prompt's query while it recomputes the longer sequence."""
+        keeps its prompt's query while it recomputes the longer sequence. `answers_miss` (B, N)
+        bool: for a mode that cuts the cache (cuts_cache), the visual tokens the cut leaves out;
+        the tokens after the query then do not see them in the cut layers, as in decoding from
+        the cut cache (the uncached reference of generate())."""
         parts = self.decoder
         position_ids = (positions_from_mask(attention_mask) if position_ids is None
                         else position_ids.expand_as(input_ids))
@@ -296,18 +322,39 @@ class CompressedLlava(nn.Module):
         mode = self.config.compression
         compress = mode.compresses and bool(image_mask.any())
         hidden, kept_before, protected = self._embed(input_ids, image_mask, pixel_values, image_features,
-                                          keep_ratio if compress and mode.before_decoder else None,
-                                          question=(attention_mask, queries))
+                                                     keep_ratio if compress and mode.before_decoder else None,
+                                                     question=(attention_mask, queries))
         targets = None
         if labels is not None:
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
 
         split = self.split if compress else len(parts.layers)
+        stages = mode.later_stages(len(parts.layers), split, self.config.tau) if compress else []
+        # MustDrop's cache stage: layers from the first filter's to the last stage's keep only
+        # the visual tokens that survive the last filter, once the prefill is done.
+        cut = range(stages[0][0] - 1, stages[-1][0]) if mode.cuts_cache and stages else range(0)
         position_embeddings = parts.rotary_emb(hidden, position_ids)
-        mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  **{CACHE_ARG: past_key_values}, position_ids=position_ids)
         use_cache = past_key_values is not None
+        every_position = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+
+        def masks(kept_mask: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor, first: int):
+            """The 4D masks of the layers from `first` on: (any layer's, a cut layer's)."""
+            made = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
+                                       **{CACHE_ARG: past_key_values}, position_ids=position_ids, layer_idx=first,
+                                       and_mask_function=and_mask)
+                    for and_mask in (None, None if answers_miss is None
+                                     else _hide_from_answers(positions, queries, answers_miss))]
+            return made[0], made[1] if made[1] is not None else made[0]
+
+        def run(hidden: torch.Tensor, first: int, last: int, layer_masks: tuple) -> torch.Tensor:
+            for index in range(first, last):
+                hidden = parts.layers[index](hidden, attention_mask=layer_masks[index in cut],
+                                             position_embeddings=position_embeddings,
+                                             **{CACHE_ARG: past_key_values}, use_cache=use_cache)
+            return hidden
+
+        layer_masks = masks(attention_mask, every_position, position_ids, 0)
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
         scoring = compress and mode.reads_attention
         capture = (ProjectionCapture(parts.layers[split - 1].self_attn, queries)
@@ -315,15 +362,14 @@ class CompressedLlava(nn.Module):
         # Layers get no position_ids: RoPE comes from position_embeddings, and flash-attention
         # would read the gaps left by dropping as packed sequences.
         with capture:
-            for layer in parts.layers[:split]:
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                               **{CACHE_ARG: past_key_values}, use_cache=use_cache)
+            hidden = run(hidden, 0, split, layer_masks)
 
         kl = hidden.new_zeros((), dtype=torch.float32)
         gap_stats, aux_losses, routing = None, {}, None
         kept_mask = attention_mask
-        kept_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        kept_positions = every_position
         cache_groups = [] if split == 0 else [(0, attention_mask)]
+        group_positions = [] if split == 0 else [every_position]  # the input positions each group's cache holds
         start = split
         if compress:
             scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
@@ -360,20 +406,17 @@ class CompressedLlava(nn.Module):
             kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                 attention_mask & (~image_mask | keep_visual), hidden, every_position, position_ids,
                 position_embeddings, targets, image_mask)
-            mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
-                                      **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
-                                      layer_idx=split)
+            layer_masks = masks(kept_mask, kept_positions, kept_position_ids, split)
             cache_groups.append((split, kept_mask))
+            group_positions.append(kept_positions)
             # Further drops (PyramidDrop, MustDrop): at each stage layer s, the visual tokens left
             # are ranked by the attention of the query (or of the text rows) in layer s - 1.
-            for stage, rate in mode.later_stages(len(parts.layers), split, self.config.tau):
+            for stage, rate in stages:
                 stage_queries = (kept_positions == queries[:, None]).long().argmax(1)
                 rows, row_mask = (text_rows(kept_positions, kept_mask, last_image, queries) if mode.reads_text_rows
                                   else (stage_queries, None))
                 with ProjectionCapture(parts.layers[stage - 1].self_attn, rows) as capture:
-                    for layer in parts.layers[start:stage]:
-                        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                                       **{CACHE_ARG: past_key_values}, use_cache=use_cache)
+                    hidden = run(hidden, start, stage, layer_masks)
                 keep_visual = mode.keep_at_stage(StageState(
                     attention=query_attention_scores(capture, position_embeddings, kept_mask), rows=row_mask,
                     image_mask=image_mask, visual=visual, rate=rate,
@@ -381,14 +424,14 @@ class CompressedLlava(nn.Module):
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)
-                mask = create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
-                                          **{CACHE_ARG: past_key_values}, position_ids=kept_position_ids,
-                                          layer_idx=stage)
+                layer_masks = masks(kept_mask, kept_positions, kept_position_ids, stage)
                 cache_groups.append((stage, kept_mask))
+                group_positions.append(kept_positions)
                 start = stage
-        for layer in parts.layers[start:]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           **{CACHE_ARG: past_key_values}, use_cache=use_cache)
+        hidden = run(hidden, start, len(parts.layers), layer_masks)
+        if use_cache and cut:
+            _cut_cache(past_key_values, cut, cache_groups, group_positions, kept_positions)
+            cache_groups = [group for group in cache_groups if group[0] < cut.start] + [(cut.start, kept_mask)]
 
         hidden = parts.norm(hidden)
         if logits_to_keep:
@@ -622,6 +665,11 @@ class CompressedLlava(nn.Module):
                             position_ids=None, image_features=image_features, past_key_values=cache,
                             logits_to_keep=1)
         full_mask, groups = attention_mask, out.cache_groups
+        answers_miss = None
+        if not use_cache and self.config.compression.cuts_cache:  # what decoding from the cut cache misses
+            survivors = torch.zeros_like(image_mask).scatter(1, out.compressed_positions.clamp(min=0),
+                                                             out.compressed_attention_mask)
+            answers_miss = image_mask & ~survivors
         next_position = attention_mask.sum(1, keepdim=True)
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -643,7 +691,8 @@ class CompressedLlava(nn.Module):
                 image_mask = tokens == self.llava.config.image_token_id
                 logits = self._forward(tokens, full_mask, image_mask, queries, pixel_values, None,
                                        position_ids=None, image_features=image_features, past_key_values=None,
-                                       logits_to_keep=1).logits[:, -1]
+                                       logits_to_keep=1, answers_miss=None if answers_miss is None else F.pad(
+                                           answers_miss, (0, tokens.shape[1] - answers_miss.shape[1]))).logits[:, -1]
         return tokens
 
     def _decode_step(self, token_ids: torch.Tensor, groups: list[tuple[int, torch.Tensor]],

@@ -131,6 +131,7 @@ class MustDrop(CompressionMode):
     tower_merge = staticmethod(merge_windows)
     reads_attention = False
     reads_text_rows = True
+    cuts_cache = True
     trainable = False
     at_budget = False
 
