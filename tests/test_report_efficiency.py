@@ -65,6 +65,24 @@ def test_modes_before_the_decoder_run_with_the_tower(tiny_llava_dir, capsys, cap
     assert abs(rows["dart"]["flops_gap"]) < 1e-9 and rows["fastervlm"]["kv_cache_mib_ratio"] < rows["fastv"]["kv_cache_mib_ratio"]
 
 
+def test_mustdrop_reports_its_counts_and_its_cut_cache(tiny_llava_dir, capsys):
+    """MustDrop's counts are measured cut by cut (the analytic FLOPs then match the counted
+    ones); after the prefill every layer of the tiny 4-layer decoder holds the last filter's
+    tokens (its first filter reads layer 0)."""
+    assert run_divico(["report", "efficiency", "--model", str(tiny_llava_dir), "--modes", "none", "mustdrop",
+                       "mustdrop_budget", "--taus", "0.111", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                       "--answer-tokens", "2", "--tower", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["mode"]: r for r in report["rows"]}
+    tokens = report["setup"]["tokens"]
+    for mode in ("mustdrop", "mustdrop_budget"):
+        row = rows[mode]
+        assert abs(row["flops_gap"]) < 0.01, mode
+        assert row["kept_last"] <= row["kept"] <= 100
+        assert row["kv_cache_mib_ratio"] == pytest.approx((tokens - 100 + row["kept_last"]) / tokens), mode
+    assert rows["mustdrop_budget"]["kept_last"] == 11
+
+
 def test_bad_arguments_exit_2(tmp_path, caplog):
     assert run_divico(["report", "efficiency", "--model", str(tmp_path), "--repeats", "1"]) == 2
     assert "not a model folder (no config.json)" in caplog.text

@@ -76,6 +76,15 @@ def decoder_tokens(num_layers: int, layer: int, num_tokens: int, num_visual: int
                                                            for tau in taus)
 
 
+def own_visual_counts(num_layers: int, num_visual: int, config: DiViCoConfig) -> list[int | None]:
+    """The visual tokens a compressing mode leaves after each cut (the first, then each later
+    stage) by its own rule; None where it decides per image."""
+    mode = config.compression
+    split = 0 if mode.before_decoder else config.layer
+    return [config.kept_tokens(num_visual)] + [mode.stage_kept(num_visual, rate)
+                                               for _, rate in mode.later_stages(num_layers, split, config.tau)]
+
+
 def visual_counts(num_layers: int, num_visual: int, config: DiViCoConfig,
                   num_kept: int | Sequence[int] | None = None) -> list[int]:
     """The visual tokens left after each cut of a compressing mode: the first (at layer K, or
@@ -83,10 +92,7 @@ def visual_counts(num_layers: int, num_visual: int, config: DiViCoConfig,
     them, or the first alone (an int), for a mode that decides them per image; the rest are the
     mode's own."""
     measured = [] if num_kept is None else [num_kept] if isinstance(num_kept, int) else list(num_kept)
-    mode = config.compression
-    split = 0 if mode.before_decoder else config.layer
-    own = [config.kept_tokens(num_visual)] + [mode.stage_kept(num_visual, rate)
-                                              for _, rate in mode.later_stages(num_layers, split, config.tau)]
+    own = own_visual_counts(num_layers, num_visual, config)
     counts = measured + own[len(measured):]
     if None in counts:
         raise ValueError(f"mode {config.mode!r} decides per image how many visual tokens it keeps at cut "

@@ -14,7 +14,8 @@ same in every mode and is left out), or with --tower as random pixels, every row
 the tower and the projector (the modes that act before the decoder need it; the FLOPs stay the
 decoder's, the tower's count taken off the counted ones). Per batch size, mode and tau:
 
-  kept            visual tokens kept per image
+  kept            visual tokens kept per image after the first cut (the mean over the batch
+                  where a mode decides per image); kept_last: after the last (PyramidDrop, MustDrop)
   flops           one prefill, analytic (pipeline.model.flops.prefill_flops x batch), and
   flops_counted   counted by torch's FlopCounterMode on the same prefill (eager attention);
                   flops_gap = counted / analytic - 1
@@ -49,7 +50,7 @@ from pipeline.bench.accuracy_report import markdown_table
 from pipeline.contract import DIVICO_SETTINGS_FILE, EXIT_BAD_INPUT, TAUS
 from pipeline.durable import write_text_atomically
 from pipeline.model.compressed_llava import CompressedLlava
-from pipeline.model.flops import DecoderGeometry, prefill_flops
+from pipeline.model.flops import DecoderGeometry, own_visual_counts, prefill_flops
 from pipeline.model import settings
 from pipeline.model.settings import DiViCoConfig
 
@@ -149,15 +150,24 @@ def prompt_inputs(llava: LlavaForConditionalGeneration, cfg: EfficiencyConfig, b
             **{name: value.to(cfg.device, getattr(torch, cfg.dtype)) for name, value in images.items()}}
 
 
-def kept_per_sample(wrapper: CompressedLlava, inputs: dict, visual: int) -> list[int]:
-    """Each sample's kept visual tokens: the mode's own count, or measured by a prefill for a
-    mode that decides per image."""
-    batch = inputs["input_ids"].shape[0]
-    count = wrapper.config.kept_tokens(visual) if wrapper.config.compresses else visual
-    if count is not None:
-        return [count] * batch
+def kept_per_sample(wrapper: CompressedLlava, inputs: dict, visual: int) -> list[list[int]]:
+    """Each sample's visual tokens after each cut (the first, then each later stage): the mode's
+    own counts, or measured by a prefill where it decides them per image."""
+    batch, config = inputs["input_ids"].shape[0], wrapper.config
+    if not config.compresses:
+        return [[visual]] * batch
+    own = own_visual_counts(len(wrapper.decoder.layers), visual, config)
+    if None not in own:
+        return [own] * batch
     out = wrapper(**inputs, logits_to_keep=1)
-    return (out.compressed_attention_mask.sum(1) - (inputs["input_ids"].shape[1] - visual)).tolist()
+    text = inputs["input_ids"].shape[1] - visual
+    groups = out.cache_groups if config.compression.before_decoder else out.cache_groups[1:]
+    return torch.stack([mask.sum(1) - text for _, mask in groups], dim=1).tolist()
+
+
+def batch_mean(values: list[int]) -> int | float:
+    """The count all samples share, or their mean to one decimal."""
+    return values[0] if len(set(values)) == 1 else round(sum(values) / len(values), 1)
 
 
 def answer(wrapper: CompressedLlava, inputs: dict, tokens: int) -> torch.Tensor:
@@ -190,12 +200,17 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
         for index, ((mode, tau), wrapper) in enumerate(zip(settings, wrappers)):
             prefill_ms, answer_ms = medians[index], medians[len(steps) + index]
             kept = kept_per_sample(wrapper, inputs, visual)
-            analytic = sum(prefill_flops(geometry, num_tokens, visual, wrapper.config, num_kept=k)["total"] for k in kept)
+            text_rows = cfg.text_tokens if wrapper.config.compression.reads_text_rows else None
+            analytic = sum(prefill_flops(geometry, num_tokens, visual, wrapper.config, num_kept=counts,
+                                         text_rows=text_rows)["total"] for counts in kept)
             counted = count_flops(llava, steps[index]) - vision_flops
             rows.append({
                 "batch": batch, "mode": mode, "tau": None if mode == "none" else tau, "layer": wrapper.config.layer,
                 "visual_tokens": visual,
-                "kept": kept[0] if len(set(kept)) == 1 else round(sum(kept) / len(kept), 1),
+                # the mean over the batch after the first cut and, for a mode that drops in
+                # stages, after the last
+                "kept": batch_mean([counts[0] for counts in kept]),
+                "kept_last": batch_mean([counts[-1] for counts in kept]),
                 "flops": analytic, "flops_counted": counted, "flops_gap": counted / analytic - 1,
                 "prefill_ms": prefill_ms, "answer_ms": answer_ms,
                 # None where timing noise swallows the decode steps (answer_ms <= prefill_ms)
@@ -226,7 +241,8 @@ def markdown(report: dict[str, Any]) -> str:
     def ratio(value: float | None) -> str:
         return "" if value is None else f"{value:.3f}"
 
-    body = [[str(r["batch"]), r["mode"], "" if r["tau"] is None else f"{100 * r['tau']:.1f}%", str(r["kept"]),
+    body = [[str(r["batch"]), r["mode"], "" if r["tau"] is None else f"{100 * r['tau']:.1f}%",
+             str(r["kept"]) if r["kept_last"] == r["kept"] else f"{r['kept']} -> {r['kept_last']}",
              f"{r['flops'] / 1e9:,.4g}", ratio(r["flops_ratio"]), f"{1 + r['flops_gap']:.4f}",
              f"{r['prefill_ms']:,.1f}", ratio(r["prefill_ms_ratio"]), f"{r['answer_ms']:,.1f}",
              ratio(r["answer_ms_ratio"]),

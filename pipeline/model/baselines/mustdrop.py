@@ -117,9 +117,9 @@ def filter_layers(num_layers: int) -> list[int]:
 
 
 def published_budget(tau: float) -> int | None:
-    """The published budget (of PUBLISHED_GRID tokens) a tau names, within rounding, or None."""
+    """The published budget (of PUBLISHED_GRID tokens) tau names (round(tau 576)), or None."""
     budget = round(tau * PUBLISHED_GRID)
-    return budget if budget in PUBLISHED_THRESHOLDS and abs(tau * PUBLISHED_GRID - budget) < 0.01 else None
+    return budget if budget in PUBLISHED_THRESHOLDS else None
 
 
 class MustDrop(CompressionMode):
