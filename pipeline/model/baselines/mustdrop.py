@@ -1,6 +1,6 @@
 """MustDrop (Liu et al. 2024, "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal
 Large Language Model"; liuting20/MustDrop@909afa5): training-free, dropping at three stages of a
-visual token's life. This file holds its rules as functions on tensors; the stages:
+visual token's life.
 
 - Tower (clip_encoder.py, local_merge.py): after the first CLIP layer the patch grid is cut into
   non-overlapping 3x3 windows; a window whose nine patches have a mean pairwise cosine
@@ -8,8 +8,22 @@ visual token's life. This file holds its rules as functions on tensors; the stag
   the nine (`merge_windows`); the rest of the tower runs on the merged sequence. At the last CLIP
   layer, the ceil(0.08 M) of the M tokens left that [CLS] attends to most (mean over heads) form
   the key set, which no later stage drops (`key_set`).
-- Decoder: after layers 2, 6, 10 and 14 (0-indexed), the dual-attention filter
-  (`dual_attention_filter`).
+- Decoder (modelling_sparse_llama.py): after layers 2, 6, 10 and 14 (0-indexed, of 32; scaled
+  as round(l L / 32) for L layers), the dual-attention filter (`dual_attention_filter`) on that
+  layer's attention from the text after the image (mean over heads): a visual token is dropped
+  only if the attention all those rows pay it is below gamma x what they pay all visual tokens
+  and the most any one row pays it is below alpha. The rows are recomputed from the layer's own
+  q/k projections (pipeline/model/divico.py), for the text rows only, under any attention kernel.
+- Cache: once the prefill is done, the layers from the first filter's to the last one's keep
+  only the visual tokens that survive the last filter (layers before keep theirs; text and
+  generated tokens are never evicted): CompressionMode.cuts_cache in compressed_llava.py.
+
+Budgets: `mustdrop` runs as published, with the official TextVQA scripts' (gamma, alpha) for
+192, 128 and 64 of 576 tokens, the one tau names (round(tau 576)); its counts are its own per
+image, measured. `mustdrop_budget` compares at equal tokens: one filter, after the first filter
+layer, keeps exactly round(tau N) tokens, the key set first (capped by the budget), then the
+most attended to by the text rows (the filter's first criterion); later filters would re-rank
+the same tokens, so it has none.
 
 Departures from the official code, each a choice where the code and llava-hf differ:
 - Each image merges every window at or above the threshold; the official code merges the
@@ -24,6 +38,15 @@ Departures from the official code, each a choice where the code and llava-hf dif
 - The key set reads [CLS]'s attention in the layer after the feature layer (the last of the
   tower for llava-hf's vision_feature_layer = -2, as the official hook at layer 23 of 24), from
   that layer's own q/k projections (pipeline/model/vision.py).
+- The text rows run from after the image to the query (the token before the first answer), not
+  to the end of the sequence: the same at inference, where the official code runs, and without
+  the answer in a forward with labels.
+- Kept tokens keep their original positions, in the filters and in the cut cache, so decode
+  queries (at the prompt length, then on) and cached keys agree. The official code renumbers
+  positions contiguously after each filter and decodes at the per-layer cache length, so the cut
+  caches of layers 2-14 hold keys at positions the decode queries no longer use (an apparent bug,
+  not followed). Its 32-layer constant in the cache cut (layers 32-39 of a 13B model would lose
+  their cache) is not followed either: the cut covers any depth.
 """
 
 from __future__ import annotations
