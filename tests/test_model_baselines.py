@@ -152,6 +152,16 @@ def test_the_gap_encoder_over_darts_selection_trains_on_two_ranks(tiny_llava_dir
     assert all(kl > 0 for kl in scalars(out)["train/kl"])  # the gap encoder and its KL train
 
 
+def test_divico_over_mustdrop_trains_on_two_ranks(tiny_llava_dir, make_shard_dir, tmp_path):
+    """The gap encoder at MustDrop's filter: round(tau N) tokens kept there, its KL trains."""
+    from train_helpers import scalars
+
+    out = tmp_path / "divico_mustdrop"
+    summary = two_rank_fine_tune(tiny_llava_dir, make_shard_dir(16, 1), out, "divico_mustdrop")
+    assert summary["steps"] == 2 and summary["perf/visual_tokens_kept"] == 11
+    assert all(kl > 0 for kl in scalars(out)["train/kl"])
+
+
 def test_pyramiddrop_drops_in_stages_and_decodes_through_them(tiny_llava_dir):
     """Layer 1 keeps half the visual tokens, layers 2-3 a quarter (stages at K = 1 and L/2 = 2 of 4
     layers); batched, alone, cached and recomputed agree; the analytic FLOPs are torch's count."""

@@ -88,8 +88,8 @@ def test_a_mode_before_the_decoder_shortens_every_layer(eager_llava, tiny_llava_
     text_rows = num_tokens - 1 - int(image.max())  # after the image, up to the query (the last token)
     analytic = prefill_flops(geometry, num_tokens, 100, wrapper.config, num_kept=counts, text_rows=text_rows)
     counted = _counted_parts(counter, geometry.layers)
-    assert (analytic["layers"], analytic["lm_head"]) == (counted["layers"], counted["lm_head"])
-    assert analytic["encoder"] == 0
+    assert (analytic["layers"], analytic["lm_head"], analytic["encoder"]) == (
+        counted["layers"], counted["lm_head"], counted["encoder"])
     mode_ = wrapper.config.compression
     if not mode_.later_stages(geometry.layers, 0, wrapper.config.tau):
         assert analytic["scoring"] == 0

@@ -220,3 +220,19 @@ def test_mustdrop_at_the_13b_depth(tmp_path):
     torch.testing.assert_close(cut.logits[:, -1], out.logits[:, -1])
     cached = wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[])
     assert torch.equal(cached, wrapper.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))
+
+
+def test_divico_over_mustdrop_encodes_at_the_filter(tiny_llava_dir):
+    """With the gap encoder's mean starting at zero (init=zero) the composition answers as
+    mustdrop_budget does; in training it samples a gap for the filter's tokens and has a KL."""
+    llava = load_llava(tiny_llava_dir, "sdpa")
+    batch = prompts_batch(AutoProcessor.from_pretrained(tiny_llava_dir), [True, False, True])
+    budget = CompressedLlava(llava, DiViCoConfig(mode="mustdrop_budget", tau=1 / 9))
+    composed = CompressedLlava(llava, DiViCoConfig(mode="divico_mustdrop", tau=1 / 9, init="zero"))
+    with torch.no_grad():
+        expected, out = budget(**batch), composed(**batch)
+    torch.testing.assert_close(out.logits, expected.logits)
+    assert torch.equal(out.compressed_positions, expected.compressed_positions)
+    composed.train()
+    trained = composed(**batch)
+    assert trained.kl > 0 and trained.gap_stats is not None

@@ -394,9 +394,10 @@ class CompressedLlava(nn.Module):
                 keep_visual = mode.select_at_layer(state, rates)
             else:
                 keep_visual = self.divico.select(scores, image_mask, seeds, keep_ratio)
-            pooled = self.divico.pooled(scores, image_mask, keep_visual, keep_ratio)
-            hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio,
-                                                                     pooled)
+            if not mode.encodes_at_stage:
+                pooled = self.divico.pooled(scores, image_mask, keep_visual, keep_ratio)
+                hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio,
+                                                                         pooled)
 
             # Padding goes too: in a mixed batch a text-only sample would otherwise keep the
             # compressed sequence as long as the input.
@@ -421,6 +422,8 @@ class CompressedLlava(nn.Module):
                     attention=query_attention_scores(capture, position_embeddings, kept_mask), rows=row_mask,
                     image_mask=image_mask, visual=visual, rate=rate,
                     protected=None if protected is None else protected.gather(1, kept_positions.clamp(min=0)) & kept_mask))
+                if mode.encodes_at_stage and stage == stages[-1][0]:  # over the last selection, the rest pooled
+                    hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio)
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)

@@ -142,7 +142,8 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         split = 0 if mode.before_decoder else config.layer
         parts["scoring"] += sum(2 * rows * lengths[stage - 1] * g.hidden
                                 for stage, _ in mode.later_stages(g.layers, split, config.tau))
-        parts["encoder"] = encoder_flops(g, first, config) if config.uses_gap_encoder else 0
+        encoded = visual_counts(g.layers, num_visual, config, num_kept)[-1] if mode.encodes_at_stage else first
+        parts["encoder"] = encoder_flops(g, encoded, config) if config.uses_gap_encoder else 0
         num_logits = min(num_logits, lengths[-1])
     parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
     parts["total"] = sum(parts.values())

@@ -25,6 +25,8 @@ sequence. A mode says
     select_at_layer()  reads_keys modes: the kept visual tokens, chosen by the mode itself
     later_stages()   further drops deeper in the decoder, [(layer, share of the visual tokens)]
     stage_kept()     how many such a drop leaves (None: the method decides per image)
+    encodes_at_stage  gap_encoder modes: the encoder acts at the last later stage, over its
+                     selection (every visual token it drops pooled), not at the first cut
     cuts_cache       at the end of a cached prefill, the layers from the first later stage's
                      ranking layer to the last stage keep only the tokens the last stage kept
     keep_at_stage()  what such a drop keeps (default: the share of the original count the query
@@ -93,6 +95,7 @@ class CompressionMode:
     reads_text_rows = False
     cuts_cache = False
     gap_encoder = False
+    encodes_at_stage = False
     variational = False
     trainable = True
 

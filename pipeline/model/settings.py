@@ -35,6 +35,7 @@ MODES = {
     "recoverable_budget": "pipeline.model.baselines.recoverable:RecoverableCompressionAtBudget",
     "mustdrop": "pipeline.model.baselines.mustdrop:MustDrop",
     "mustdrop_budget": "pipeline.model.baselines.mustdrop:MustDropAtBudget",
+    "divico_mustdrop": "pipeline.model.baselines.mustdrop:DiViCoOverMustDrop",
 }
 QUERY_RULES = ("first_answer", "last")
 KL_VARIANTS = ("released", "standard")

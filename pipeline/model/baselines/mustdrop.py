@@ -196,3 +196,15 @@ class MustDropAtBudget(MustDrop):
         scores = column + state.protected * (column.amax(1, keepdim=True) + 1)  # the key set ranks first
         kept = kept_count(state.visual, state.rate)
         return state.image_mask & (score_ranks(scores, state.image_mask, descending=True) < kept[:, None])
+
+
+class DiViCoOverMustDrop(MustDropAtBudget):
+    """divico_mustdrop: DiViCo's gap encoder over MustDrop's selection, the composition neither
+    paper has: the window merge, the key set and the filter's round(tau N) tokens, every other
+    visual token the filter drops averaged into v_p, the variational gap encoder and its KL at
+    the filter (the input of the layer after it), trained with the LoRA fine-tune as divico is."""
+
+    gap_encoder = True
+    variational = True
+    trainable = True
+    encodes_at_stage = True
