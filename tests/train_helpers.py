@@ -37,15 +37,22 @@ def train_args(model_dir: Path, shards: Path, output_dir: Path, *overrides: str,
             "train.log_sample_keys=true", *overrides]
 
 
-def command(args: list[str], ranks: int = 1) -> list[str]:
+def command(args: list[str], ranks: int = 1, port: int | None = None) -> list[str]:
     if ranks == 1:
         return [str(BIN / "divico"), *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port or free_port()),
             str(BIN / "divico"), *args]
 
 
 def run(args: list[str], ranks: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args, ranks), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    """`divico ARGS` on `ranks` CPU ranks; a run that ends well leaves no DeepSpeed all-reduce
+    segment in /dev/shm (pipeline.train.distributed.release_cpu_allreduce_buffer)."""
+    port = free_port()
+    result = subprocess.run(command(args, ranks, port), env=env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert result.returncode != 0 or not left, f"the run left DeepSpeed's CPU all-reduce segments: {left}"
+    return result
 
 
 def preempt_after_first_checkpoint(args: list[str], output_dir: Path, ranks: int = 2) -> subprocess.CompletedProcess:

@@ -37,6 +37,7 @@ from pipeline.train.distributed import (
     install_preemption_handlers,
     map_slurm_env,
     preemption_requested,
+    release_cpu_allreduce_buffer,
     single_process_env,
 )
 from pipeline.train.metrics import Metrics, peak_memory_gib
@@ -84,6 +85,7 @@ def train(config_paths: list[str | Path], overrides: list[str] | None = None, *,
     if not dist.is_initialized():  # `divico run` trains several stages in one process
         deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))
         atexit.register(dist.destroy_process_group)
+        atexit.register(release_cpu_allreduce_buffer)
     install_preemption_handlers()
     try:
         return main(cfg, resume_from=resume_from)
@@ -421,6 +423,8 @@ def _input_scalars(run: Run, inputs: dict) -> dict[str, float]:
     divico = run.cfg.divico
     rate = inputs.get("keep_ratio", max(inputs.get("branch_rates", [divico.tau])))
     kept = divico.kept_tokens(run.visual_tokens, rate)
+    if kept is None:  # the first cut is the image's own (MustDrop's merge): the count its filter keeps
+        kept = divico.compression.stage_kept(run.visual_tokens, rate)
     scalars = {"perf/visual_tokens_kept": float(kept),
                **{f"train/aux_weight/{name}": weight for name, weight in inputs.get("aux_weights", {}).items()}}
     if "keep_ratio" in inputs:
