@@ -128,7 +128,9 @@ def test_each_method_at_each_paper_tau_is_valid_for_4_gpus(model, method, tau):
 # What each method file trains: its DiViCo mode and the run name it gets at tau 1/9, the
 # paper's medium rate (576 -> 64 visual tokens), when the launcher does not name it.
 METHOD_ROWS = {"deco": ("deco", "deco-tau111"), "divico": ("divico", "divico-tau111"),
-               "divico_dart": ("divico_dart", "divico_dart-tau111"), "pdrop_trained": ("pdrop", "pdrop-tau111"), "divico_init_zero": ("divico", "divico-tau111"),
+               "divico_dart": ("divico_dart", "divico_dart-tau111"),
+               "divico_mustdrop": ("divico_mustdrop", "divico_mustdrop-tau111"),
+               "pdrop_trained": ("pdrop", "pdrop-tau111"), "divico_init_zero": ("divico", "divico-tau111"),
                "divico_k1": ("divico", "divico-tau111"), "divico_k4": ("divico", "divico-tau111"),
                "divico_query_last": ("divico", "divico-tau111"), "lora": ("none", "lora"),
                "moe": ("divico", "moe"), "point_estimate": ("point_estimate", "point_estimate-tau111"),

@@ -25,7 +25,7 @@ from pipeline.model.baselines.mustdrop import (
 )
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.modes import StageState
-from pipeline.model.settings import DiViCoConfig
+from pipeline.model.settings import DiViCoConfig, MustDropSettings
 from pipeline.model.tiny import TinyLlavaConfig, save_tiny_llava
 from pipeline.model.vision import image_tokens
 
@@ -148,19 +148,32 @@ def test_the_budget_keeps_the_key_set_first():
 
 
 def test_the_filter_layers_scale_with_the_depth():
-    assert filter_layers(32) == [2, 6, 10, 14]
-    assert filter_layers(40) == [2, 8, 12, 18]  # round(l x 40 / 32), half to even
-    assert filter_layers(4) == [0, 1, 2]
+    official = MustDropSettings()
+    assert filter_layers(32, official) == [2, 6, 10, 14]
+    assert filter_layers(40, official) == [2, 8, 12, 18]  # round(l x 40 / 32), half to even
+    assert filter_layers(4, official) == [0, 1, 2]
     assert MustDrop().later_stages(32, 0, 1 / 9) == [(3, 1 / 9), (7, 1 / 9), (11, 1 / 9), (15, 1 / 9)]
     assert MustDropAtBudget().later_stages(32, 0, 1 / 9) == [(3, 1 / 9)]
+    chosen = DiViCoConfig(mode="mustdrop", mustdrop=MustDropSettings(filter_layers=[4, 12], reference_depth=16))
+    assert chosen.compression.later_stages(32, 0, 1 / 9) == [(9, 1 / 9), (25, 1 / 9)]
 
 
-def test_the_published_mode_runs_at_its_published_budgets_only():
+def test_the_published_mode_runs_at_its_published_budgets_or_given_thresholds():
     for tau in (1 / 3, 2 / 9, 1 / 9, 0.1111111):
         DiViCoConfig(mode="mustdrop", tau=tau).validate()
-    with pytest.raises(ValueError, match=r"divico.tau=0.1666.*mustdrop_budget"):
+    with pytest.raises(ValueError, match=r"divico.tau=0.1666.*mustdrop.gamma.*mustdrop_budget"):
         DiViCoConfig(mode="mustdrop", tau=0.1666667).validate(prefix="divico.")
     DiViCoConfig(mode="mustdrop_budget", tau=0.1666667).validate()
+    vizwiz = DiViCoConfig(mode="mustdrop", tau=0.1666667, mustdrop=MustDropSettings(gamma=0.005, alpha=0.001))
+    vizwiz.validate()
+    assert vizwiz.compression.thresholds(vizwiz.tau) == (0.005, 0.001)
+    assert DiViCoConfig(mode="mustdrop").compression.thresholds(1 / 9) == (0.011, 0.01)
+    assert DiViCoConfig.from_dict(vizwiz.to_dict()) == vizwiz  # saved beside a model, read back
+    for bad, named in ((MustDropSettings(gamma=0.01), "set both"),
+                       (MustDropSettings(filter_layers=[6, 2]), "ascending"),
+                       (MustDropSettings(filter_layers=[2, 32]), "reference_depth=32")):
+        with pytest.raises(ValueError, match=named):
+            DiViCoConfig(mode="mustdrop", mustdrop=bad).validate()
 
 
 def half_flat(seed: int) -> Image.Image:

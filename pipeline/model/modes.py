@@ -48,12 +48,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.model.divico import image_seed, kept_count, random_scores, select_visual_tokens
 from pipeline.model.vision import ImageTokens
+
+if TYPE_CHECKING:  # settings.py builds the modes
+    from pipeline.model.settings import DiViCoConfig
 
 
 @dataclass
@@ -98,6 +102,9 @@ class CompressionMode:
     encodes_at_stage = False
     variational = False
     trainable = True
+
+    def __init__(self, config: DiViCoConfig | None = None) -> None:
+        self.config = config  # the settings it was built from (DiViCoConfig.compression); None: the defaults
 
     def sample_seeds(self, seed: int, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                      image_features: torch.Tensor | None) -> list[int] | None:

@@ -77,6 +77,32 @@ class MixtureSettings:
 
 
 @dataclass
+class MustDropSettings:
+    """MustDrop's decoder filter (modes mustdrop, mustdrop_budget, divico_mustdrop;
+    pipeline/model/baselines/mustdrop.py)."""
+
+    # The decoder layers (0-indexed) whose attention the filter reads, in a decoder of
+    # reference_depth layers; the drop takes effect from the next layer. Other depths scale
+    # them: round(l x L / reference_depth). The official 32-layer schedule by default.
+    filter_layers: list[int] = field(default_factory=lambda: [2, 6, 10, 14])
+    reference_depth: int = 32
+    # The filter's (gamma, alpha), both or neither: None takes the published TextVQA ones at
+    # the budget tau names (192, 128 or 64 of 576); set, `mustdrop` runs at any tau (other
+    # benchmarks' official scripts use other values: VizWiz at 64 tokens 0.005 and 0.001).
+    gamma: float | None = None
+    alpha: float | None = None
+
+    def validate(self, prefix: str = "DiViCoConfig.") -> None:
+        layers = list(self.filter_layers)
+        if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= self.reference_depth:
+            raise ValueError(f"{prefix}mustdrop.filter_layers={layers}: expected distinct layers, ascending, in "
+                             f"[0, reference_depth={self.reference_depth})")
+        thresholds = (self.gamma, self.alpha)
+        if (self.gamma is None) != (self.alpha is None) or any(v is not None and v < 0 for v in thresholds):
+            raise ValueError(f"{prefix}mustdrop.gamma={self.gamma}, alpha={self.alpha}: set both (>= 0) or neither")
+
+
+@dataclass
 class DiViCoConfig:
     """Settings of the compression. tau is the kept fraction of visual tokens: the paper's
     small / medium / large compression are tau = 1/6, 1/9, 1/15 (576 -> 96, 64, 38)."""
@@ -95,6 +121,7 @@ class DiViCoConfig:
     init: str = "released"
     encoder: str = "mlp"  # a key of GAP_ENCODERS: "mlp" (the released g_theta) or "moe"
     moe: MixtureSettings = field(default_factory=MixtureSettings)  # read when encoder is "moe"
+    mustdrop: MustDropSettings = field(default_factory=MustDropSettings)  # read by the MustDrop modes
     # KL normalised per kept token (a mean over kept tokens) instead of summed over them: beta
     # then weighs the same at every rate. The released sum weighs it 2.5x more at tau 1/6 than
     # at 1/15, so a model trained at several rates wants this (the MoE recipe sets it).
@@ -122,6 +149,7 @@ class DiViCoConfig:
             raise ValueError(f"{prefix}beta={self.beta}: must be >= 0")
         if self.sigma0 <= 0:
             raise ValueError(f"{prefix}sigma0={self.sigma0}: must be > 0")
+        self.mustdrop.validate(prefix)
         if self.encoder == "moe":
             self.moe.validate(prefix)
             low, high = self.moe.tau_range
@@ -138,7 +166,7 @@ class DiViCoConfig:
         """The mode's class instance (MODES): what it keeps and what it adds."""
         if self.mode not in MODES:
             raise ValueError(f"DiViCoConfig.mode={self.mode!r}: expected one of {tuple(MODES)}")
-        return _mode(MODES[self.mode])
+        return _mode(MODES[self.mode])(self)
 
     def kept_tokens(self, num_visual: int, tau: float | None = None) -> int | None:
         """Of an image's `num_visual` tokens, how many the decoder's compressed layers see at
@@ -167,16 +195,16 @@ class DiViCoConfig:
         if unknown:
             raise ValueError(f"unknown DiViCo settings {unknown}; known: {sorted(known)}")
         values = dict(values)
-        if isinstance(values.get("moe"), dict):
-            moe = values["moe"]
-            unknown = sorted(set(moe) - {f.name for f in fields(MixtureSettings)})
-            if unknown:
-                raise ValueError(f"unknown DiViCo moe settings {unknown}")
-            values["moe"] = MixtureSettings(**moe)
+        for name, settings in (("moe", MixtureSettings), ("mustdrop", MustDropSettings)):
+            if isinstance(values.get(name), dict):
+                unknown = sorted(set(values[name]) - {f.name for f in fields(settings)})
+                if unknown:
+                    raise ValueError(f"unknown DiViCo {name} settings {unknown}")
+                values[name] = settings(**values[name])
         return cls(**values)
 
 
 @cache
-def _mode(path: str) -> CompressionMode:
+def _mode(path: str) -> type[CompressionMode]:
     module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)()
+    return getattr(importlib.import_module(module), name)

@@ -9,21 +9,22 @@ visual token's life.
   layer, the ceil(0.08 M) of the M tokens left that [CLS] attends to most (mean over heads) form
   the key set, which no later stage drops (`key_set`).
 - Decoder (modelling_sparse_llama.py): after layers 2, 6, 10 and 14 (0-indexed, of 32; scaled
-  as round(l L / 32) for L layers), the dual-attention filter (`dual_attention_filter`) on that
-  layer's attention from the text after the image (mean over heads): a visual token is dropped
-  only if the attention all those rows pay it is below gamma x what they pay all visual tokens
-  and the most any one row pays it is below alpha. The rows are recomputed from the layer's own
-  q/k projections (pipeline/model/divico.py), for the text rows only, under any attention kernel.
+  as round(l L / 32) for L layers; divico.mustdrop.filter_layers), the dual-attention filter
+  (`dual_attention_filter`) on that layer's attention from the text after the image (mean over
+  heads): a visual token is dropped only if the attention all those rows pay it is below gamma x
+  what they pay all visual tokens and the most any one row pays it is below alpha. The rows are
+  recomputed from the layer's own q/k projections (pipeline/model/divico.py), for the text rows
+  only, under any attention kernel.
 - Cache: once the prefill is done, the layers from the first filter's to the last one's keep
   only the visual tokens that survive the last filter (layers before keep theirs; text and
   generated tokens are never evicted): CompressionMode.cuts_cache in compressed_llava.py.
 
 Budgets: `mustdrop` runs as published, with the official TextVQA scripts' (gamma, alpha) for
-192, 128 and 64 of 576 tokens, the one tau names (round(tau 576)); its counts are its own per
-image, measured. `mustdrop_budget` compares at equal tokens: one filter, after the first filter
-layer, keeps exactly round(tau N) tokens, the key set first (capped by the budget), then the
-most attended to by the text rows (the filter's first criterion); later filters would re-rank
-the same tokens, so it has none.
+192, 128 and 64 of 576 tokens, the one tau names (round(tau 576)), or divico.mustdrop.gamma and
+alpha at any tau; its counts are its own per image, measured. `mustdrop_budget` compares at
+equal tokens: one filter, after the first filter layer, keeps exactly round(tau N) tokens, the
+key set first (capped by the budget), then the most attended to by the text rows (the filter's
+first criterion); later filters would re-rank the same tokens, so it has none.
 
 Departures from the official code, each a choice where the code and llava-hf differ:
 - Each image merges every window at or above the threshold; the official code merges the
@@ -58,15 +59,12 @@ import torch.nn.functional as F
 
 from pipeline.model.divico import kept_count, score_ranks
 from pipeline.model.modes import CompressionMode, StageState
+from pipeline.model.settings import MustDropSettings
 from pipeline.model.vision import ImageTokens
 
 WINDOW = 3  # the side of a merge window, in patches
 MERGE_THRESHOLD = 0.8  # the mean pairwise cosine similarity at which a window merges
 KEY_SHARE = 0.08  # the share of the tower's tokens the key set holds
-# The decoder layers (0-indexed, of 32) whose attention the filter reads; the drop takes effect
-# from the next layer. Other depths scale them: round(l x L / 32).
-FILTER_LAYERS = (2, 6, 10, 14)
-REFERENCE_DEPTH = 32
 # (gamma, alpha) by budget, of 576 tokens: the official TextVQA scripts (textvqa_*.sh). Other
 # benchmarks' scripts differ (VizWiz at 64: 0.005, 0.001); these are the ones used everywhere here.
 PUBLISHED_THRESHOLDS = {192: (0.001, 0.001), 128: (0.0012, 0.001), 64: (0.011, 0.01)}
@@ -133,9 +131,9 @@ def dual_attention_filter(attention: torch.Tensor, rows: torch.Tensor, image_mas
     return image_mask & ~dropped
 
 
-def filter_layers(num_layers: int) -> list[int]:
-    """FILTER_LAYERS scaled to a decoder of `num_layers`, distinct, each before the last layer."""
-    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in FILTER_LAYERS)
+def filter_layers(num_layers: int, settings: MustDropSettings) -> list[int]:
+    """settings.filter_layers scaled to a decoder of `num_layers`, distinct, each before the last layer."""
+    scaled = (round(layer * num_layers / settings.reference_depth) for layer in settings.filter_layers)
     return sorted({layer for layer in scaled if layer < num_layers - 1})
 
 
@@ -158,11 +156,22 @@ class MustDrop(CompressionMode):
     trainable = False
     at_budget = False
 
+    @property
+    def settings(self) -> MustDropSettings:
+        return MustDropSettings() if self.config is None else self.config.mustdrop
+
+    def thresholds(self, tau: float) -> tuple[float, float]:
+        """The filter's (gamma, alpha): the settings', else the published ones tau names."""
+        if self.settings.gamma is not None:
+            return self.settings.gamma, self.settings.alpha
+        return PUBLISHED_THRESHOLDS[published_budget(tau)]
+
     def tau_problem(self, tau: float) -> str | None:
-        if self.at_budget or published_budget(tau) is not None:
+        if self.at_budget or self.settings.gamma is not None or published_budget(tau) is not None:
             return None
         taus = ", ".join(f"{budget}/{PUBLISHED_GRID}" for budget in PUBLISHED_THRESHOLDS)
-        return f"MustDrop's thresholds are published for tau = {taus} only; mustdrop_budget runs at any tau"
+        return (f"MustDrop's thresholds are published for tau = {taus} only; set divico.mustdrop.gamma and "
+                "alpha, or run mustdrop_budget")
 
     def kept_tokens(self, num_visual: int, tau: float, counts: str = "project") -> int | None:
         return None  # what the window merge leaves, per image
@@ -172,7 +181,7 @@ class MustDrop(CompressionMode):
         return tokens.present, tokens.features
 
     def later_stages(self, num_layers: int, layer: int, tau: float) -> list[tuple[int, float]]:
-        stages = [(filtered + 1, tau) for filtered in filter_layers(num_layers) if filtered + 1 > layer]
+        stages = [(filtered + 1, tau) for filtered in filter_layers(num_layers, self.settings) if filtered + 1 > layer]
         return stages[:1] if self.at_budget else stages
 
     def stage_kept(self, num_visual: int, rate: float) -> int | None:
@@ -180,7 +189,7 @@ class MustDrop(CompressionMode):
 
     def keep_at_stage(self, state: StageState) -> torch.Tensor:
         protected = state.protected & state.image_mask
-        gamma, alpha = PUBLISHED_THRESHOLDS[published_budget(state.rate)]
+        gamma, alpha = self.thresholds(state.rate)
         return dual_attention_filter(state.attention, state.rows, state.image_mask, gamma, alpha) | protected
 
 
