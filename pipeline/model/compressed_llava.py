@@ -340,12 +340,12 @@ class CompressedLlava(nn.Module):
 
         def masks(kept_mask: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor, first: int):
             """The 4D masks of the layers from `first` on: (any layer's, a cut layer's)."""
-            made = [create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
-                                       **{CACHE_ARG: past_key_values}, position_ids=position_ids, layer_idx=first,
-                                       and_mask_function=and_mask)
-                    for and_mask in (None, None if answers_miss is None
-                                     else _hide_from_answers(positions, queries, answers_miss))]
-            return made[0], made[1] if made[1] is not None else made[0]
+            def mask(and_mask=None):
+                return create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
+                                          **{CACHE_ARG: past_key_values}, position_ids=position_ids, layer_idx=first,
+                                          and_mask_function=and_mask)
+            plain = mask()
+            return plain, plain if answers_miss is None else mask(_hide_from_answers(positions, queries, answers_miss))
 
         def run(hidden: torch.Tensor, first: int, last: int, layer_masks: tuple) -> torch.Tensor:
             for index in range(first, last):
