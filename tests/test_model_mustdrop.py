@@ -4,11 +4,13 @@ tower's own forward."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_divico
 from model_helpers import QUESTIONS, image, load_llava, prompt, prompts_batch, split_samples
 from PIL import Image
 from transformers import AutoProcessor, DynamicCache
@@ -249,3 +251,22 @@ def test_divico_over_mustdrop_encodes_at_the_filter(tiny_llava_dir):
     composed.train()
     trained = composed(**batch)
     assert trained.kl > 0 and trained.gap_stats is not None
+
+
+def test_divico_eval_takes_mustdrop_thresholds(tiny_llava_dir, tmp_path, caplog):
+    """`divico eval` at a tau with no published thresholds is bad input, named; with
+    divico.mustdrop.gamma and alpha (as a training recipe spells them) it runs."""
+    images = tmp_path / "images"
+    images.mkdir()
+    half_flat(0).save(images / "a.png")
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"id": "q", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]}]))
+    args = ["eval", f"model={tiny_llava_dir}", f"data={data}", f"image_root={images}", "max_new_tokens=2", "device=cpu",
+            "divico.mode=mustdrop", "divico.tau=0.1666667"]
+    out = ["--out", str(tmp_path / "summary.json")]
+    assert run_divico([*args, *out]) == 2 and "divico.mustdrop.gamma" in caplog.text
+    assert run_divico([*args, "divico.mustdrop.gamma=0.005", "divico.mustdrop.alpha=0.001", *out]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["mode"], summary["samples"]) == ("mustdrop", 1)
+    assert summary["visual_tokens_kept"] == 52  # what the tower's merge leaves (its first cut)

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import MISSING
 
 from pipeline.data.settings import CollatorSettings
+from pipeline.model.settings import MustDropSettings
 
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class CompressionOverrides:
     tau: float | None = None
     layer: int | None = None  # K: the saved setting, or DiViCo's default
     seed: int | None = None  # random mode's per-image draw of kept tokens
+    mustdrop: MustDropSettings | None = None  # MustDrop's filter layers and thresholds (divico.mustdrop.gamma=...)
 
     def given(self) -> dict[str, str | float | int]:
         return {name: value for name, value in vars(self).items() if value is not None}

@@ -73,7 +73,7 @@ from pipeline.eval.score import SCORERS, Scorer, exact_match, score
 from pipeline.eval.tasks import run_task
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.divico import image_seed
-from pipeline.model.settings import DiViCoConfig
+from pipeline.model.settings import DiViCoConfig, MustDropSettings
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +251,19 @@ def check_model(path: Path) -> None:
         raise ConfigError(f"model={path}: {what}")
 
 
+def _given(**overrides) -> dict:
+    return {name: value for name, value in overrides.items() if value is not None}
+
+
 def model_settings(path: str | Path, *, mode: str | None = None, tau: float | None = None,
-                   layer: int | None = None, seed: int | None = None) -> DiViCoConfig | None:
+                   layer: int | None = None, seed: int | None = None,
+                   mustdrop: MustDropSettings | None = None) -> DiViCoConfig | None:
     """The DiViCo settings `load_model` runs the checkpoint at `path` with (None: the plain LLaVA
     model), read without loading any weights. ConfigError for a request the folder cannot
     serve, EvalError for settings that do not parse."""
     path = Path(path)
     check_model(path)
-    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("layer", layer), ("seed", seed))
-                 if value is not None}
+    overrides = _given(mode=mode, tau=tau, layer=layer, seed=seed, mustdrop=mustdrop)
     if (path / DIVICO_SETTINGS_FILE).is_file():
         try:  # a request the saved model cannot serve (e.g. a tau outside a MoE model's range) is bad input
             return CompressedLlava.read_saved(path, **overrides)[0]
@@ -277,17 +281,17 @@ def model_settings(path: str | Path, *, mode: str | None = None, tau: float | No
 
 
 def load_model(path: str | Path, *, mode: str | None = None, tau: float | None = None, layer: int | None = None,
-               seed: int | None = None, device: str = "auto") -> torch.nn.Module:
+               seed: int | None = None, mustdrop: MustDropSettings | None = None,
+               device: str = "auto") -> torch.nn.Module:
     """The checkpoint at `path`: through CompressedLlava when DiViCo settings lie beside it or
     `mode`/`tau`/`layer` ask for one, else the plain LLaVA model; `seed` overrides the DiViCo seed of
     a CompressedLlava and alone wraps nothing. bf16 on GPU, fp32 on CPU. ConfigError for a
     request the folder cannot serve (checked before the weights load), EvalError for a file
     that does not load."""
     path = Path(path)
-    settings = model_settings(path, mode=mode, tau=tau, layer=layer, seed=seed)
+    settings = model_settings(path, mode=mode, tau=tau, layer=layer, seed=seed, mustdrop=mustdrop)
     saved = (path / DIVICO_SETTINGS_FILE).is_file()
-    overrides = {name: value for name, value in (("mode", mode), ("tau", tau), ("layer", layer), ("seed", seed))
-                 if value is not None}
+    overrides = _given(mode=mode, tau=tau, layer=layer, seed=seed, mustdrop=mustdrop)
     device = resolve_device(device)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=default_dtype(device)).to(device)
