@@ -130,7 +130,8 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
     parts = {"layers": sum(layer_flops(g, n) for n in lengths), "scoring": 0, "encoder": 0}
     if config.compresses and num_visual:
         mode = config.compression
-        first = visual_counts(g.layers, num_visual, config, num_kept)[0]
+        counts = visual_counts(g.layers, num_visual, config, num_kept)
+        first = counts[0]
         # A mode that acts before the decoder shortens every layer; its own work (the [CLS] row
         # in the vision tower) is on the vision side, which, like the tower, is not counted here.
         parts["scoring"] = mode.scoring_flops(g.hidden, num_tokens, num_visual, first)
@@ -142,7 +143,7 @@ def prefill_flops(g: DecoderGeometry, num_tokens: int, num_visual: int, config: 
         split = 0 if mode.before_decoder else config.layer
         parts["scoring"] += sum(2 * rows * lengths[stage - 1] * g.hidden
                                 for stage, _ in mode.later_stages(g.layers, split, config.tau))
-        encoded = visual_counts(g.layers, num_visual, config, num_kept)[-1] if mode.encodes_at_stage else first
+        encoded = counts[-1] if mode.encodes_at_stage else first
         parts["encoder"] = encoder_flops(g, encoded, config) if config.uses_gap_encoder else 0
         num_logits = min(num_logits, lengths[-1])
     parts["lm_head"] = 2 * num_logits * g.hidden * g.vocab
