@@ -26,8 +26,9 @@ keeps per image.
 Models: a plain LlavaForConditionalGeneration folder, or one with DiViCo settings
 (divico.json, + divico.safetensors) beside it, which is evaluated through CompressedLlava;
 divico.mode=/divico.tau=/divico.layer= override the saved settings or wrap a plain model,
-divico.seed= overrides the saved random-mode seed (a plain model stays plain). In code, `evaluate(model, collator, samples)`
-takes an in-memory model of either kind.
+divico.seed= overrides the saved random-mode seed (a plain model stays plain), divico.mustdrop.*
+MustDrop's filter layers and thresholds. In code, `evaluate(model, collator, samples)` takes an
+in-memory model of either kind.
 
 image_noise=STD (noise_seed=N): Gaussian noise of standard deviation STD is added to each
 encoded image, the output of the LLaVA model's multi_modal_projector, while the answers are
