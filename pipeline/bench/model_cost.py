@@ -348,7 +348,8 @@ def print_report(figures: dict) -> None:
     for r in figures["runs"]:
         table.add_row(r["mode"], f"{r['tau']:.1%}", "/".join(map(str, r["visual_kept"])), f"{r['flops'] / 1e9:,.1f}",
                       f"{r['flops_ratio']:.3f}", f"{r['theory_flops_ratio']:.3f}", f"{r['prefill_ms']:,.1f}",
-                      f"{r['time_ratio']:.3f}", f"{r['layer_floor_ratio']:.3f}", f"{r['peak_mem_mib']:,.1f}", f"{r['overhead_share']:.2%}")
+                      f"{r['time_ratio']:.3f}", f"{r['layer_floor_ratio']:.3f}", f"{r['peak_mem_mib']:,.1f}",
+                      f"{r['overhead_share']:.2%}")
     console = Console(width=max(Console().width, 130))
     console.print(table)
     console.print("targets at tau 11.1%: reduction within 1 point of theory, time ratio <= 0.30, overhead <= 3%")

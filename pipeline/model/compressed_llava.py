@@ -418,12 +418,14 @@ class CompressedLlava(nn.Module):
                                   else (stage_queries, None))
                 with ProjectionCapture(parts.layers[stage - 1].self_attn, rows) as capture:
                     hidden = run(hidden, start, stage, layer_masks)
+                protected_left = (None if protected is None
+                                  else protected.gather(1, kept_positions.clamp(min=0)) & kept_mask)
                 keep_visual = mode.keep_at_stage(StageState(
                     attention=query_attention_scores(capture, position_embeddings, kept_mask), rows=row_mask,
-                    image_mask=image_mask, visual=visual, rate=rate,
-                    protected=None if protected is None else protected.gather(1, kept_positions.clamp(min=0)) & kept_mask))
+                    image_mask=image_mask, visual=visual, rate=rate, protected=protected_left))
                 if mode.encodes_at_stage and stage == stages[-1][0]:  # over the last selection, the rest pooled
-                    hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual, keep_ratio)
+                    hidden, kl, gap_stats, aux_losses, routing = self.divico(hidden, image_mask, keep_visual,
+                                                                             keep_ratio)
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)
