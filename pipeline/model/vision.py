@@ -11,9 +11,8 @@ decoder), so the tower runs under sdpa and no N x N attention matrix is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
