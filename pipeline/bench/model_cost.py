@@ -57,7 +57,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
 from pipeline.contract import EXIT_BAD_INPUT, TAUS
-from pipeline.model.compressed_llava import CompressedLlava, decoder_parts
+from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.decoder import decoder_parts
 from pipeline.model.divico import ProjectionCapture, query_attention_scores, rotated_keys, select_visual_tokens
 from pipeline.model.flops import DecoderGeometry, decoder_tokens, layer_lengths, theory_ratio
 from pipeline.model.modes import LayerState

@@ -23,7 +23,7 @@ embeddings (+ image features from the model's own get_image_features) -> layers 
 the full sequence -> selection + gap encoder + dropping -> layers K..L-1 on the shorter
 sequence -> norm -> lm_head. Decoder layers are called as modules, so gradient
 checkpointing, PEFT and attention implementations (eager, sdpa, flash_attention_2) are
-the library's own. Only `decoder_parts` knows the backbone's attribute names.
+the library's own. Only pipeline/model/decoder.py knows the backbone's attribute names.
 
 Sequence plumbing after dropping: kept tokens keep their order and original position ids
 (cos/sin are gathered, not recomputed from new indices); dropped tokens and padding are
@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ from pipeline.contract import (
     DIVICO_WEIGHTS_FILE,
     IGNORE_INDEX,
 )
+from pipeline.model.decoder import CACHE_ARG, DecoderParts, decoder_parts
 from pipeline.model.divico import (
     DiViCo,
     ProjectionCapture,
@@ -71,33 +73,12 @@ from pipeline.model.divico import (
 )
 from pipeline.model.modes import LayerState, StageState
 from pipeline.model.settings import DiViCoConfig
+from pipeline.model.static_generation import StaticGeneration
 from pipeline.model.vision import image_tokens
 
-# transformers 5.24 renamed the KV-cache argument of create_causal_mask and of the decoder
-# layers from past_key_values (removed in 5.40) to cache: pass it under the installed name.
-CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-@dataclass
-class DecoderParts:
-    """The modules of a decoder backbone the layer loop touches, and nothing else.
-
-    The scoring additionally reads, on layer K-1: self_attn.{q_proj, k_proj} (hooked while
-    the layer runs), head_dim and scaling. Llama, Mistral and Qwen2 decoders in transformers
-    share this layout; another backbone needs only its own `decoder_parts`.
-    """
-
-    embed_tokens: nn.Module
-    layers: nn.ModuleList
-    norm: nn.Module
-    rotary_emb: nn.Module
-    lm_head: nn.Module
-    config: object  # the text config: attention implementation, cache layout
-
-
-def decoder_parts(llava: LlavaForConditionalGeneration) -> DecoderParts:
-    lm = llava.model.language_model
-    return DecoderParts(lm.embed_tokens, lm.layers, lm.norm, lm.rotary_emb, llava.lm_head, lm.config)
+# (hidden (B, n, d), its first layer, its 2D mask (B, n), its (cos, sin)) -> the last layer's output (B, n', d),
+# whose last row is each sample's last token: the layers from the first to the last, with their cache.
+TailRunner = Callable[[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -230,6 +211,7 @@ class CompressedLlava(nn.Module):
         self.config = config
         embed_weight = parts.embed_tokens.weight
         self.divico = DiViCo(config, parts.config.hidden_size).to(embed_weight.device, embed_weight.dtype)
+        self._static: StaticGeneration | None = None  # fast generation's cache and graphs, kept between calls
         self.train(model.training)  # start in the wrapped model's mode (from_pretrained gives eval)
 
     @property
@@ -307,12 +289,15 @@ class CompressedLlava(nn.Module):
         branch_rates: tuple[float, ...] | None = None,
         aux_weights: dict[str, float] | None = None,
         answers_miss: torch.Tensor | None = None,
+        tail: TailRunner | None = None,
     ) -> CompressedLlavaOutput:
         """forward() with the selection query of each sample given (`queries` (B,)): generation
         keeps its prompt's query while it recomputes the longer sequence. `answers_miss` (B, N)
         bool: for a mode that cuts the cache (cuts_cache), the visual tokens the cut leaves out;
         the tokens after the query then do not see them in the cut layers, as in decoding from
-        the cut cache (the uncached reference of generate())."""
+        the cut cache (the uncached reference of generate()). `tail`: runs the layers after the
+        last change of sequence length (`layout()`) instead of the loop here (the static prefill
+        of fast generation)."""
         parts = self.decoder
         position_ids = (positions_from_mask(attention_mask) if position_ids is None
                         else position_ids.expand_as(input_ids))
@@ -320,7 +305,7 @@ class CompressedLlava(nn.Module):
             raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
 
         mode = self.config.compression
-        compress = mode.compresses and bool(image_mask.any())
+        compress, split, stages = self.layout(image_mask)
         hidden, kept_before, protected = self._embed(input_ids, image_mask, pixel_values, image_features,
                                                      keep_ratio if compress and mode.before_decoder else None,
                                                      question=(attention_mask, queries))
@@ -329,8 +314,6 @@ class CompressedLlava(nn.Module):
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
 
-        split = self.split if compress else len(parts.layers)
-        stages = mode.later_stages(len(parts.layers), split, self.config.tau) if compress else []
         # MustDrop's cache stage: layers from the first filter's to the last stage's keep only
         # the visual tokens that survive the last filter, once the prefill is done.
         cut = range(stages[0][0] - 1, stages[-1][0]) if mode.cuts_cache and stages else range(0)
@@ -339,7 +322,8 @@ class CompressedLlava(nn.Module):
         every_position = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
 
         def masks(kept_mask: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor, first: int):
-            """The 4D masks of the layers from `first` on: (any layer's, a cut layer's)."""
+            """The 4D masks of the layers from `first` on: (any layer's, a cut layer's). Built when
+            a run of layers needs them (`run`), so a tail runner never has them built."""
             def mask(and_mask=None):
                 return create_causal_mask(config=parts.config, inputs_embeds=hidden, attention_mask=kept_mask,
                                           **{CACHE_ARG: past_key_values}, position_ids=position_ids, layer_idx=first,
@@ -347,14 +331,15 @@ class CompressedLlava(nn.Module):
             plain = mask()
             return plain, plain if answers_miss is None else mask(_hide_from_answers(positions, queries, answers_miss))
 
-        def run(hidden: torch.Tensor, first: int, last: int, layer_masks: tuple) -> torch.Tensor:
+        def run(hidden: torch.Tensor, first: int, last: int, layer_masks: Callable[[], tuple]) -> torch.Tensor:
+            built = layer_masks() if last > first else None
             for index in range(first, last):
-                hidden = parts.layers[index](hidden, attention_mask=layer_masks[index in cut],
+                hidden = parts.layers[index](hidden, attention_mask=built[index in cut],
                                              position_embeddings=position_embeddings,
                                              **{CACHE_ARG: past_key_values}, use_cache=use_cache)
             return hidden
 
-        layer_masks = masks(attention_mask, every_position, position_ids, 0)
+        layer_masks = partial(masks, attention_mask, every_position, position_ids, 0)
         # Selection reuses layer K-1's own q/k projections, captured while it runs.
         scoring = compress and mode.reads_attention
         capture = (ProjectionCapture(parts.layers[split - 1].self_attn, queries)
@@ -368,8 +353,9 @@ class CompressedLlava(nn.Module):
         gap_stats, aux_losses, routing = None, {}, None
         kept_mask = attention_mask
         kept_positions = every_position
-        cache_groups = [] if split == 0 else [(0, attention_mask)]
-        group_positions = [] if split == 0 else [every_position]  # the input positions each group's cache holds
+        whole_prompt = split > 0 or not compress  # some layers see the whole prompt
+        cache_groups = [(0, attention_mask)] if whole_prompt else []
+        group_positions = [every_position] if whole_prompt else []  # the input positions each group's cache holds
         start = split
         if compress:
             scores = query_attention_scores(capture, position_embeddings, attention_mask) if scoring else None
@@ -407,7 +393,7 @@ class CompressedLlava(nn.Module):
             kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                 attention_mask & (~image_mask | keep_visual), hidden, every_position, position_ids,
                 position_embeddings, targets, image_mask)
-            layer_masks = masks(kept_mask, kept_positions, kept_position_ids, split)
+            layer_masks = partial(masks, kept_mask, kept_positions, kept_position_ids, split)
             cache_groups.append((split, kept_mask))
             group_positions.append(kept_positions)
             # Further drops (PyramidDrop, MustDrop): at each stage layer s, the visual tokens left
@@ -429,19 +415,21 @@ class CompressedLlava(nn.Module):
                 kept_mask, hidden, kept_positions, kept_position_ids, position_embeddings, targets, image_mask = _kept(
                     kept_mask & (~image_mask | keep_visual), hidden, kept_positions, kept_position_ids,
                     position_embeddings, targets, image_mask)
-                layer_masks = masks(kept_mask, kept_positions, kept_position_ids, stage)
+                layer_masks = partial(masks, kept_mask, kept_positions, kept_position_ids, stage)
                 cache_groups.append((stage, kept_mask))
                 group_positions.append(kept_positions)
                 start = stage
-        hidden = run(hidden, start, len(parts.layers), layer_masks)
+        if tail is not None:
+            hidden = tail(hidden, start, kept_mask, position_embeddings)
+        else:
+            hidden = run(hidden, start, len(parts.layers), layer_masks)
         if use_cache and cut:
             _cut_cache(past_key_values, cut, cache_groups, group_positions, kept_positions)
             cache_groups = [group for group in cache_groups if group[0] < cut.start] + [(cut.start, kept_mask)]
 
-        hidden = parts.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = parts.lm_head(hidden)
+        logits = parts.lm_head(parts.norm(hidden))
 
         out = CompressedLlavaOutput(logits=logits, kl=kl, past_key_values=past_key_values,
                                     compressed_attention_mask=kept_mask, compressed_positions=kept_positions,
@@ -488,6 +476,16 @@ class CompressedLlava(nn.Module):
     def split(self) -> int:
         """The layer whose input is compressed: K, or 0 for a mode that acts before the decoder."""
         return 0 if self.config.compression.before_decoder else self.config.layer
+
+    def layout(self, image_mask: torch.Tensor) -> tuple[bool, int, list[tuple[int, float]]]:
+        """For a batch whose image tokens are `image_mask` (B, N): (whether it is compressed, the
+        first layer that sees the compressed sequence, the later stages' drops); uncompressed,
+        every layer from 0 sees the whole prompt. The last of these layers starts the tail, the
+        layers whose sequence no longer changes."""
+        mode = self.config.compression
+        if not (mode.compresses and bool(image_mask.any())):
+            return False, 0, []
+        return True, self.split, mode.later_stages(len(self.decoder.layers), self.split, self.config.tau)
 
     def _embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                image_features: torch.Tensor | None, keep_ratio: float | torch.Tensor | None,
@@ -638,6 +636,7 @@ class CompressedLlava(nn.Module):
         pad_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        fast: bool = False,
     ) -> torch.Tensor:
         """Greedy or sampled continuation of left-padded prompts: returns (B, N + T) token
         ids, prompt first; a sample that produced EOS is filled with pad_token_id.
@@ -645,7 +644,9 @@ class CompressedLlava(nn.Module):
         query_positions: each prompt's first-answer query (see `query_positions()`); under
         either rule the query is then fixed for the whole generation. use_cache=False
         recomputes the whole sequence each step (selection again, with the prompt's query),
-        the reference the cached path must equal.
+        the reference the cached path must equal. fast=True: a static cache, the layers after
+        the last cut and each decode step replayed from CUDA graphs on a GPU
+        (pipeline/model/static_generation.py); the same tokens as the eager path.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -655,6 +656,8 @@ class CompressedLlava(nn.Module):
                              "(set tokenizer.padding_side = 'left')")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if fast and not use_cache:
+            raise ValueError("fast=True decodes from a static cache: it cannot be combined with use_cache=False")
         generation_config = self.llava.generation_config
         eos_token_id = generation_config.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
@@ -665,17 +668,26 @@ class CompressedLlava(nn.Module):
         image_mask = input_ids == self.llava.config.image_token_id
         queries = self.query_positions(attention_mask, image_mask, first_answer=query_positions)
 
-        cache = DynamicCache(config=self.decoder.config) if use_cache else None
+        next_position = attention_mask.sum(1, keepdim=True)
+        static = None
+        if fast:
+            self._static = static = StaticGeneration.serving(self._static, self.decoder, *input_ids.shape,
+                                                             max_new_tokens)
+            _, split, stages = self.layout(image_mask)
+            cache = static.prefill_cache(stages[-1][0] if stages else split)
+        else:
+            cache = DynamicCache(config=self.decoder.config) if use_cache else None
         out = self._forward(input_ids, attention_mask, image_mask, queries, pixel_values, None,
                             position_ids=None, image_features=image_features, past_key_values=cache,
-                            logits_to_keep=1)
+                            logits_to_keep=1, tail=static.tail if fast else None)
+        if fast:
+            static.start_decoding(cache, out.cache_groups, next_position)
         full_mask, groups = attention_mask, out.cache_groups
         answers_miss = None
         if not use_cache and self.config.compression.cuts_cache:  # what decoding from the cut cache misses
             survivors = torch.zeros_like(image_mask).scatter(1, out.compressed_positions.clamp(min=0),
                                                              out.compressed_attention_mask)
             answers_miss = image_mask & ~survivors
-        next_position = attention_mask.sum(1, keepdim=True)
         tokens = input_ids
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         logits = out.logits[:, -1]
@@ -688,7 +700,9 @@ class CompressedLlava(nn.Module):
                 break
             ones = torch.ones_like(full_mask[:, :1])
             full_mask = torch.cat([full_mask, ones], dim=1)
-            if use_cache:
+            if fast:
+                logits = static.decode(next_token[:, None])
+            elif use_cache:
                 groups = [(first, torch.cat([mask, ones], dim=1)) for first, mask in groups]
                 logits = self._decode_step(next_token[:, None], groups, next_position, cache)
                 next_position = next_position + 1
