@@ -1,5 +1,6 @@
 """`divico bench model` and `divico bench train` at their smallest sizes: every figure is reported,
-finite and positive, and the counted FLOPs agree with the paper's formula."""
+finite and positive, and the counted FLOPs agree with the paper's formula; both generation paths
+(--fast) give the same tokens."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def run_json(capsys: pytest.CaptureFixture, args: list[str]) -> dict:
 
 def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None:
     figures = run_json(capsys, ["bench", "model", "--json", "--width", "128", "--layers", "8",
-                                "--repeats", "1", "--warmup", "0"])
+                                "--repeats", "1", "--warmup", "0", "--fast"])
     setup, runs = figures["setup"], figures["runs"]
     assert (setup["width"], setup["layers"], setup["layer_k"], setup["visual_tokens"]) == (128, 8, 2, 576)
     modes = ("fastv", "divico", "moe", "dart", "divico_dart", "pdrop")
@@ -60,6 +61,17 @@ def test_bench_model_reports_every_figure(capsys: pytest.CaptureFixture) -> None
     assert specialists == sum(2 * 676 + 6 * (100 + kept_count(576, tau)) for tau in TAUS)
     assert 0.3 < from_base / specialists < 0.4 < tokens["moe from base, all_centres"] / specialists
     assert tokens["moe warm-started (specialists + log_uniform)"] == pytest.approx(specialists + from_base)
+    # --fast: generation on both paths, none and each mode at tau 11.1%, the same greedy tokens on CPU
+    generation = figures["generation"]
+    assert [(r["mode"], r["path"]) for r in generation] == [(mode, path) for mode in ("none", *modes)
+                                                            for path in ("eager", "fast")]
+    for row in generation:
+        assert row["tau"] == (1.0 if row["mode"] == "none" else TAUS[1])
+        assert row["same_tokens"] == 16 and 0 < row["prefill_ms"] < row["answer_ms"], row
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_ratio"] > 0
+    assert [(r["prefill_ratio"], r["answer_ratio"]) for r in generation[:2]] == [(1.0, 1.0)] * 2
+    assert generation[0]["answer_vs_eager_none"] == 1.0
+    assert generation[1]["answer_vs_eager_none"] == generation[1]["answer_ms"] / generation[0]["answer_ms"]
 
 
 def test_bench_train_reports_every_figure(capsys: pytest.CaptureFixture) -> None:

@@ -30,6 +30,21 @@ KV cache filled, logits for the last position) is measured:
 Targets (issue 3) at tau = 11.1%: 1 - flops_ratio within 1 point of 1 - theory_flops_ratio;
 time_ratio <= 0.30; overhead_share <= 3%.
 
+With --fast, generation at --batch on both paths of CompressedLlava.generate, side by side: the
+eager one and the fast one (fast=True: a static KV cache, the layers after the last cut and each
+decode step replayed from CUDA graphs on a GPU; on a CPU the same static code runs without
+graphs). For `none` and every mode above at tau 11.1%:
+
+  prefill_ms      generate() with one new token: the prefill and the first token's choice
+  answer_ms       generate() with ANSWER_TOKENS new tokens, EOS ignored
+  decode_tokens_per_s   batch x (ANSWER_TOKENS - 1) / (answer_ms - prefill_ms)
+  prefill_ratio, answer_ratio   against `none` on the same path; answer_vs_eager_none against
+                  `none` on the eager path (what a user runs today)
+  same_tokens     how many of the answer's first tokens the two paths agree on (greedy)
+
+Targets (issue 18) at batch 1 on a GPU: fast prefill_ratio <= 0.45; a fast answer <= 0.6 of the
+uncompressed model's; fast decode tokens/s >= 1.5 x eager.
+
 Then the training compute of the Mixture-of-Experts stage against the three specialists, in
 tokens through the decoder per sample (pipeline.model.flops.decoder_tokens; counted, not timed):
 the specialists (one epoch at each of the paper's taus), the MoE stage from the base with rates
@@ -80,6 +95,7 @@ class ModelBenchConfig:
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
+    fast: bool = False  # also time generation on the eager and the fast path
 
     def validate(self) -> None:
         llava_7b_config(self.width, self.layers)  # raises on a width the geometry cannot have
@@ -177,6 +193,11 @@ def prefill(wrapper: CompressedLlava, inputs: dict):
     """The prefill that starts generation: the KV cache filled, logits for the last position."""
     cache = DynamicCache(config=wrapper.decoder.config)
     return wrapper(**inputs, past_key_values=cache, logits_to_keep=1)
+
+
+def answer(wrapper: CompressedLlava, inputs: dict, tokens: int, fast: bool = False) -> torch.Tensor:
+    """A greedy answer of `tokens` new tokens, EOS ignored (so every mode decodes as many)."""
+    return wrapper.generate(**inputs, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0, fast=fast)
 
 
 def count_flops(model: LlavaForConditionalGeneration, fn: Callable[[], Any]) -> int:
@@ -289,6 +310,35 @@ def _layer_step(model: LlavaForConditionalGeneration, cfg: ModelBenchConfig, len
     return lambda: layer(hidden, attention_mask=None, position_embeddings=position_embeddings)
 
 
+ANSWER_TOKENS = 16  # a whole answer (issue 18)
+
+
+def generation_paths(cfg: ModelBenchConfig, modes: list[tuple[str, CompressedLlava]], inputs: dict) -> list[dict]:
+    """Each (mode, wrapper)'s generation on the eager and on the fast path (see the docstring),
+    `none` first; every generation timed in one interleaved loop."""
+    steps = [partial(answer, wrapper, inputs, tokens, fast)
+             for _, wrapper in modes for fast in (False, True) for tokens in (1, ANSWER_TOKENS)]
+    # at least one warm-up: the fast path captures its graphs at its first call
+    medians = iter(round_robin_medians(steps, warmup=max(cfg.warmup, 1), repeats=cfg.repeats, device=cfg.device))
+    rows = []
+    for mode, wrapper in modes:
+        eager, fast = (answer(wrapper, inputs, ANSWER_TOKENS, path)[:, -ANSWER_TOKENS:] for path in (False, True))
+        agree = (eager == fast).all(0).long().cumprod(0)
+        for path in ("eager", "fast"):
+            prefill_ms, answer_ms = next(medians), next(medians)
+            rows.append({"mode": mode, "tau": wrapper.config.tau, "path": path, "prefill_ms": prefill_ms,
+                         "answer_ms": answer_ms, "same_tokens": int(agree.sum()),
+                         # None where timing noise swallows the decode steps
+                         "decode_tokens_per_s": cfg.batch * (ANSWER_TOKENS - 1) / (answer_ms - prefill_ms) * 1e3
+                         if answer_ms > prefill_ms else None})
+    for row in rows:
+        none = next(r for r in rows if (r["mode"], r["path"]) == ("none", row["path"]))
+        row["prefill_ratio"] = row["prefill_ms"] / none["prefill_ms"]
+        row["answer_ratio"] = row["answer_ms"] / none["answer_ms"]
+        row["answer_vs_eager_none"] = row["answer_ms"] / rows[0]["answer_ms"]
+    return rows
+
+
 # The rows after `none`, at each tau: the modes that act inside the decoder, whose cost a prefill
 # from the projector's output shows (before-decoder modes act in the vision tower, which this
 # bench leaves out: `divico report efficiency --tower` times them).
@@ -331,8 +381,13 @@ def run_bench(cfg: ModelBenchConfig) -> dict:
         run["time_ratio"] = run["prefill_ms"] / base["prefill_ms"]
     setup = {"width": cfg.width, "layers": cfg.layers, "layer_k": cfg.layer, "tokens": num_tokens,
              "visual_tokens": cfg.visual_tokens, "batch": cfg.batch, "device": cfg.device, "dtype": cfg.dtype,
-             "repeats": cfg.repeats, "torch_threads": torch.get_num_threads()}
-    return {"runs": runs, "setup": setup, "training_tokens": training_compute(cfg, num_tokens)}
+             "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
+             "device_name": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu"}
+    figures = {"runs": runs, "setup": setup, "training_tokens": training_compute(cfg, num_tokens)}
+    if cfg.fast:
+        chosen = [(mode, w) for (mode, tau), w in zip(settings, wrappers) if mode == "none" or tau == TAUS[1]]
+        figures["generation"] = generation_paths(cfg, chosen, inputs)
+    return figures
 
 
 def print_report(figures: dict) -> None:
@@ -362,6 +417,21 @@ def print_report(figures: dict) -> None:
         table.add_row(way, f"{tokens:,.0f}", f"{tokens / training['three specialists']:.3f}")
     console.print(table)
     console.print("target: the MoE stage from the base at most 0.4x the three specialists")
+    if "generation" not in figures:
+        return
+    table = Table(title=f"generation at batch {s['batch']}, {ANSWER_TOKENS}-token answers, eager and fast path "
+                        f"({s['device_name']})")
+    for column in ("mode", "tau", "path", "prefill ms", "ratio", "answer ms", "ratio", "vs eager none",
+                   "decode tok/s", "same tokens"):
+        table.add_column(column, justify="left" if column in ("mode", "path") else "right")
+    for r in figures["generation"]:
+        table.add_row(r["mode"], f"{r['tau']:.1%}", r["path"], f"{r['prefill_ms']:,.1f}", f"{r['prefill_ratio']:.3f}",
+                      f"{r['answer_ms']:,.1f}", f"{r['answer_ratio']:.3f}", f"{r['answer_vs_eager_none']:.3f}",
+                      "n/a" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:,.1f}",
+                      f"{r['same_tokens']}/{ANSWER_TOKENS}")
+    console.print(table)
+    console.print("targets at batch 1, tau 11.1%, on a GPU: fast prefill ratio <= 0.45, fast answer <= 0.6 of none's, "
+                  "fast decode tok/s >= 1.5x eager")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -375,6 +445,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fast", action="store_true",
+                        help=f"also time {ANSWER_TOKENS}-token generation on the eager and the fast path "
+                             "(static cache and CUDA graphs), side by side")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=_main)
 
@@ -382,7 +455,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     cfg = ModelBenchConfig(width=args.width, layers=args.layers, device=args.device, dtype=dtype, batch=args.batch,
-                           repeats=args.repeats, warmup=args.warmup)
+                           repeats=args.repeats, warmup=args.warmup, fast=args.fast)
     try:
         cfg.validate()
     except ValueError as err:

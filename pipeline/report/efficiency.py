@@ -44,8 +44,16 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlavaForConditionalGeneration
 
-from pipeline.bench.model_cost import (ModelBenchConfig, bench_config, build_random_llava, count_flops, peak_mib, prefill,
-                                  round_robin_medians)
+from pipeline.bench.model_cost import (
+    ModelBenchConfig,
+    answer,
+    bench_config,
+    build_random_llava,
+    count_flops,
+    peak_mib,
+    prefill,
+    round_robin_medians,
+)
 from pipeline.bench.accuracy_report import markdown_table
 from pipeline.contract import DIVICO_SETTINGS_FILE, EXIT_BAD_INPUT, TAUS
 from pipeline.durable import write_text_atomically
@@ -168,10 +176,6 @@ def kept_per_sample(wrapper: CompressedLlava, inputs: dict, visual: int) -> list
 def batch_mean(values: list[int]) -> int | float:
     """The count all samples share, or their mean to one decimal."""
     return values[0] if len(set(values)) == 1 else round(sum(values) / len(values), 1)
-
-
-def answer(wrapper: CompressedLlava, inputs: dict, tokens: int) -> torch.Tensor:
-    return wrapper.generate(**inputs, max_new_tokens=tokens, eos_token_id=[], pad_token_id=0)
 
 
 def kv_cache_mib(wrapper: CompressedLlava, inputs: dict) -> float:
