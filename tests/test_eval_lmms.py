@@ -33,7 +33,7 @@ def test_lmms_eval_cli_runs_a_task_with_the_answers_of_divico_eval(tiny_llava_di
         for q, label in zip(questions, labels)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(["lmms-eval", "--model", "divico", "--model_args",
-                          f"pretrained={tiny_llava_dir},mode=fastv,tau=0.111,device=cpu",
+                          f"pretrained={tiny_llava_dir},mode=fastv,tau=0.111,device=cpu,fast=True",
                           "--tasks", "divico_fixture_pope", "--include_path", str(TASK_DIR), "--batch_size", "1",
                           "--output_path", "out", "--log_samples"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)

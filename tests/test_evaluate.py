@@ -155,6 +155,16 @@ def test_evaluate_through_the_divico_wrapper(tiny_llava_dir, plain_model, collat
         load_model(tiny_llava_dir, mode="divico", device="cpu")
 
 
+def test_fast_generation_gives_the_same_answers(tiny_llava_dir, plain_model, collator, samples):
+    """A plain model (through mode none) and a compressed one, in batches with padding."""
+    samples = samples[:5]
+    for model in (plain_model, load_model(tiny_llava_dir, mode="fastv", tau=0.11, device="cpu")):
+        eager = evaluate(model, collator, samples, batch_size=3, max_new_tokens=3, progress=False)
+        fast = evaluate(model, collator, samples, batch_size=3, max_new_tokens=3, progress=False, fast=True)
+        assert fast.predictions == eager.predictions and fast.accuracy == eager.accuracy
+        assert (fast.fast, eager.fast, fast.mode) == (True, False, eager.mode)
+
+
 @pytest.fixture(scope="module")
 def divico_dir(tiny_llava_dir, tmp_path_factory) -> Path:
     """The tiny LLaVA with DiViCo settings beside it; sigma0 so large that the gap noise of
@@ -220,7 +230,7 @@ def test_divico_eval_command_writes_the_summary(tiny_llava_dir, eval_json, capsy
     assert printed["samples"] == 4 and printed["visual_tokens"] == 100 and "predictions" not in printed
     assert set(printed) == {"samples", "accuracy", "chance", "by_type", "tokens_per_s", "samples_per_s",
                             "generated_tokens", "visual_tokens", "visual_tokens_kept", "mode", "tau", "layer",
-                            "divico_seed", "image_noise", "noise_seed", "tags", "router_weights"}
+                            "divico_seed", "image_noise", "noise_seed", "fast", "tags", "router_weights"}
     assert (printed["divico_seed"], printed["image_noise"], printed["noise_seed"], printed["tags"],
             printed["router_weights"]) == (None, 0, 0, {}, None)
     answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
@@ -235,13 +245,13 @@ def test_tags_and_the_new_settings_reach_the_summary(tiny_llava_dir, eval_json, 
         cli.main(["eval", f"model={tiny_llava_dir}", f"data={eval_json}", f"image_root={eval_json.parent / 'images'}",
                   "device=cpu", "max_samples=2", "max_new_tokens=1", "mode=random", "tau=0.5", "seed=4",
                   "image_noise=0.5", "noise_seed=3", "tags.method=random", "tags.seed=4", "tags.condition=noise",
-                  "--json", "--out", str(out)])
+                  "fast=true", "--json", "--out", str(out)])
     assert exit_info.value.code == 0
     summary = json.loads(out.read_text())
     assert summary == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["tags"] == {"method": "random", "seed": "4", "condition": "noise"}
-    assert (summary["mode"], summary["divico_seed"], summary["image_noise"], summary["noise_seed"]) == (
-        "random", 4, 0.5, 3)
+    assert (summary["mode"], summary["divico_seed"], summary["image_noise"], summary["noise_seed"], summary["fast"]) == (
+        "random", 4, 0.5, 3, True)
 
 
 @contextlib.contextmanager

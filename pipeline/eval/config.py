@@ -76,6 +76,9 @@ class EvalConfig(CollatorSettings):  # + template, model_max_length, image_aspec
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: 8 on a held-out set; on a benchmark LLaVA's limit (128, MMBench 1024)
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    # Fast generation: a static KV cache, the layers after the cut and each decode step replayed
+    # from CUDA graphs on a GPU (CompressedLlava.generate(fast=True)); the same greedy answers.
+    fast: bool = False
     divico: CompressionOverrides = field(default_factory=CompressionOverrides)
     scorer: str = "exact_match"  # a name in pipeline.eval.score.SCORERS
     # Standard deviation of the Gaussian noise added to each image's projector output; 0 = none.

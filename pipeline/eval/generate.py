@@ -14,6 +14,7 @@ from pipeline.data.collator import LlavaCollator
 from pipeline.data.loader import Sample
 from pipeline.eval.data import first_question, question_type
 from pipeline.model.compressed_llava import CompressedLlava
+from pipeline.model.settings import DiViCoConfig
 
 
 @dataclass
@@ -83,11 +84,14 @@ def batches(samples: Iterable[Sample], batch_size: int, max_samples: int | None)
 @torch.inference_mode()
 def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int,
                    max_new_tokens: int, max_samples: int | None = None, progress: bool = True,
-                   total: int | None = None) -> Iterator[AnsweredBatch]:
+                   total: int | None = None, fast: bool = False) -> Iterator[AnsweredBatch]:
     """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava) in eval mode
     (no dropout, no sampled gap noise), one batch at a time, under a progress bar (with an ETA
     when `total`, the number of samples, is given). The model's train/eval mode is restored
-    when the iteration ends or is abandoned."""
+    when the iteration ends or is abandoned. `fast`: CompressedLlava's fast generation (static
+    cache, CUDA graphs on a GPU), a plain model through it as mode none."""
+    if fast and not isinstance(model, CompressedLlava):  # mode none is the plain model's forward
+        model = CompressedLlava(model, DiViCoConfig(mode="none"))
     compressed = isinstance(model, CompressedLlava)
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -107,7 +111,7 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
                 kept.reset()
                 started = time.perf_counter()
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=collator.pad_token_id)
+                                        pad_token_id=collator.pad_token_id, **({"fast": True} if fast else {}))
                 seconds = time.perf_counter() - started
                 new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
                 generated = int((new_tokens != collator.pad_token_id).sum())
@@ -123,11 +127,11 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
 
 def generate_answers(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *,
                      batch_size: int, max_new_tokens: int, max_samples: int | None = None,
-                     progress: bool = True) -> Answers:
+                     progress: bool = True, fast: bool = False) -> Answers:
     """Every sample's first question answered (`answer_batches`) beside its first gpt answer."""
     answers = Answers()
     for batch in answer_batches(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                max_samples=max_samples, progress=progress):
+                                max_samples=max_samples, progress=progress, fast=fast):
         answers.tokens += batch.tokens
         answers.generated_tokens += batch.generated_tokens
         answers.seconds += batch.seconds

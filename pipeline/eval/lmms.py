@@ -6,7 +6,7 @@ its tasks runs a model at a chosen mode and tau:
 pretrained is a model folder as `divico eval` takes it (plain LLaVA, or with DiViCo settings);
 mode, tau, layer and seed override its settings exactly as there; template is the conversation
 template each request is rendered in (LLaVA's vicuna_v1 by default; "chat_template" for the
-checkpoint's own); device as `divico eval`'s. The context lmms-eval gives becomes the user turn,
+checkpoint's own); device and fast (True: fast generation) as `divico eval`'s. The context lmms-eval gives becomes the user turn,
 with "<image>\\n" in front when the request has an image and the context no image marker.
 Greedy decoding only (LLaVA's evaluation setting): a task asking to sample is refused. The
 model registers through the entry point group "lmms_eval.models" (pyproject.toml); one process
@@ -38,13 +38,14 @@ class DiViCoLmms(lmms):
 
     def __init__(self, pretrained: str, mode: str | None = None, tau: float | None = None, layer: int | None = None,
                  seed: int | None = None, template: str = BENCHMARK_TEMPLATE, device: str = "auto",
-                 batch_size: int | str = 1, **unused: Any) -> None:
+                 batch_size: int | str = 1, fast: bool = False, **unused: Any) -> None:
         from pipeline.eval.main import load_collator, load_model
 
         super().__init__()
         self.model = load_model(pretrained, mode=mode, tau=tau, layer=layer, seed=seed, device=device)
         self.collator = load_collator(Path(pretrained), CollatorSettings(template=template))
         self.batch_size = int(batch_size)
+        self.fast = fast  # CompressedLlava's fast generation (static cache, CUDA graphs on a GPU)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy answers, in request order; requests with the same generation settings share batches."""
@@ -65,7 +66,8 @@ class DiViCoLmms(lmms):
         answers: list[str] = [""] * len(requests)
         for (max_new_tokens, until), numbers in groups.items():
             batches = answer_batches(self.model, self.collator, [samples[n] for n in numbers],
-                                     batch_size=self.batch_size, max_new_tokens=max_new_tokens, total=len(numbers))
+                                     batch_size=self.batch_size, max_new_tokens=max_new_tokens, total=len(numbers),
+                                     fast=self.fast)
             texts = [text for batch in batches for text in batch.texts]
             for number, text in zip(numbers, texts, strict=True):
                 for stop in until:  # lmms-eval's stop strings: the answer ends before the first

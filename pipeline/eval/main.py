@@ -96,6 +96,7 @@ class EvalResult:
     divico_seed: int | None  # the DiViCo setting `seed` of a CompressedLlava, None for a plain model
     image_noise: float  # standard deviation of the noise added to the encoded images (0: none)
     noise_seed: int
+    fast: bool = False  # answered by fast generation (static cache, CUDA graphs on a GPU)
     tags: dict[str, str] = field(default_factory=dict)  # the caller's labels, copied verbatim
     # A Mixture-of-Experts model's mean router weight per expert over the kept tokens of every
     # prompt, by the expert's centre (tau067: the expert of tau 1/15); None for other models.
@@ -220,14 +221,14 @@ def kept_per_image(model: CompressedLlava, visual: int, measured: list[float]) -
 def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[Sample], *, batch_size: int = 16,
              max_new_tokens: int = HELDOUT_MAX_NEW_TOKENS, max_samples: int | None = None, scorer: Scorer = exact_match,
              progress: bool = True, image_noise: float = 0.0, noise_seed: int = 0,
-             tags: dict[str, str] | None = None) -> EvalResult:
+             tags: dict[str, str] | None = None, fast: bool = False) -> EvalResult:
     """Greedy answers of `model` (LlavaForConditionalGeneration or CompressedLlava, in memory,
     e.g. mid-training: its train/eval mode is restored) to each sample's first question, scored
     against the first answer. image_noise > 0 answers from noisy encoded images (`noisy_images`);
-    `tags` are copied into the result."""
+    `tags` are copied into the result; `fast`: fast generation (`answer_batches`)."""
     with noisy_images(model, image_noise, noise_seed), RouterWeights(model) as routing:
         answers = generate_answers(model, collator, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   max_samples=max_samples, progress=progress)
+                                   max_samples=max_samples, progress=progress, fast=fast)
     if not answers.rows:
         raise EvalError("no samples to evaluate")
     scores = score(answers.rows, scorer)
@@ -241,7 +242,7 @@ def evaluate(model: torch.nn.Module, collator: LlavaCollator, samples: Iterable[
         mode=model.config.mode if isinstance(model, CompressedLlava) else "none",
         tau=model.config.tau if compresses else None, layer=model.config.layer if compresses else None,
         divico_seed=model.config.seed if isinstance(model, CompressedLlava) else None,
-        image_noise=float(image_noise), noise_seed=noise_seed, tags=dict(tags or {}),
+        image_noise=float(image_noise), noise_seed=noise_seed, fast=fast, tags=dict(tags or {}),
         router_weights=routing.mean, predictions=answers.rows)
 
 
@@ -376,7 +377,7 @@ def main(cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     return evaluate(model, collator, read_samples(cfg.data, cfg.image_root), batch_size=cfg.batch_size,
                     max_new_tokens=cfg.max_new_tokens or HELDOUT_MAX_NEW_TOKENS, max_samples=cfg.max_samples,
                     scorer=SCORERS[cfg.scorer], progress=progress, image_noise=cfg.image_noise,
-                    noise_seed=cfg.noise_seed, tags=cfg.tags)
+                    noise_seed=cfg.noise_seed, tags=cfg.tags, fast=cfg.fast)
 
 
 def print_result(result: EvalResult) -> None:

@@ -94,7 +94,7 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
         with appending(path) as append, noisy_images(model, cfg.image_noise, cfg.noise_seed):
             for batch in answer_batches(model, collator, map(as_sample, todo), batch_size=cfg.batch_size,
                                         max_new_tokens=cfg.max_new_tokens or module.MAX_NEW_TOKENS,
-                                        progress=progress, total=len(todo)):
+                                        progress=progress, total=len(todo), fast=cfg.fast):
                 rows = [{"question_id": sample.meta["question"].question_id, "prompt": sample.meta["question"].prompt,
                          "text": text, **run, "metadata": {}} for sample, text in zip(batch.samples, batch.texts)]
                 append(rows)
@@ -105,7 +105,8 @@ def run_task(cfg: EvalConfig, task: str, predictions: Path, *, chunk: tuple[int,
                 measured += [kept for kept in batch.visual_kept if kept is not None]
     summary = {"task": task, "model": str(cfg.model), **{k: v for k, v in run.items() if k != "model_id"},
                "visual_tokens": visual, "questions": len(mine), "answered_now": len(todo),
-               "seconds": seconds, "generated_tokens": generated, "predictions": str(path), "tags": dict(cfg.tags)}
+               "seconds": seconds, "generated_tokens": generated, "fast": cfg.fast, "predictions": str(path),
+               "tags": dict(cfg.tags)}
     if run["kept"] is None and measured:  # a mode that decides per image: the mean over the answers made now
         summary["kept"] = round(sum(measured) / len(measured), 2)
     missing = len(unanswered(mine, done))
