@@ -25,6 +25,14 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def processor(tiny_llava_dir: Path):
+    """The tiny LLaVA's processor, loaded as a checkpoint's is (callers restore what they change)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
 def damaged_png() -> bytes:
     """A 97x61 PNG with 16 bytes inverted halfway through its pixel data: header, size and end
     marker intact, so only a full decode finds the damage (which JPEG decoders would not report)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from transformers import AutoProcessor
 
 from pipeline.data.collator import CollatorConfig, LlavaCollator
 from pipeline.data.conversation import (
@@ -39,11 +38,6 @@ TEXT_ONLY = [
     {"from": "human", "value": "And three plus five?"}, {"from": "gpt", "value": "eight"},
 ]
 CASES = {"single": (SINGLE, True), "multi": (MULTI, True), "text_only": (TEXT_ONLY, False)}
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_llava_dir):
-    return AutoProcessor.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module", params=["chat_template", "vicuna_v1"])

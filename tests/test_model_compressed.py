@@ -8,18 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from model_helpers import DEVICE, QUESTIONS, image, load_llava, prompt, prompts_batch, split_samples, training_batch
-from transformers import AutoProcessor, DynamicCache
+from transformers import DynamicCache
 
 from pipeline.contract import DIVICO_SETTINGS_FILE, DIVICO_WEIGHTS_FILE
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.settings import MODES, DiViCoConfig
 
 COMPRESSING_MODES = [m for m in MODES if m != "none"]
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_llava_dir):
-    return AutoProcessor.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

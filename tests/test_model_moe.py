@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from model_helpers import DEVICE, load_llava, prompts_batch, split_samples, training_batch
-from transformers import AutoProcessor
 
 from pipeline.contract import DIVICO_SETTINGS_FILE
 from pipeline.model.compressed_llava import CompressedLlava
@@ -127,11 +126,6 @@ def test_selection_and_encoder_take_one_rate_per_sample():
     module(torch.randn(3, 40, 8), image_mask, keep, torch.tensor([0.1, 0.2, 0.3]))
     assert seen["sample_index"].tolist() == [0] * 3 + [1] * 6 + [2] * 9
     torch.testing.assert_close(seen["keep_ratio"], torch.tensor([0.1] * 3 + [0.2] * 6 + [0.3] * 9))
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_llava_dir):
-    return AutoProcessor.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,10 @@ import pytest
 import torch
 from model_helpers import load_llava, prompts_batch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoProcessor
 
 from pipeline.model.compressed_llava import CompressedLlava
 from pipeline.model.settings import MODES, DiViCoConfig
 from pipeline.model.static_generation import BUCKET, StaticGeneration
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_llava_dir):
-    return AutoProcessor.from_pretrained(tiny_llava_dir)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
