@@ -36,6 +36,17 @@ def test_efficiency_report_of_a_model_folder(tiny_llava_dir, tmp_path, capsys):
     assert rows[2, "none"]["kv_cache_mib"] == pytest.approx(2 * rows[1, "none"]["kv_cache_mib"])
 
 
+def test_efficiency_report_through_fast_generation(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_divico(["report", "efficiency", "--model", str(tiny_llava_dir), "--modes", "none", "divico",
+                       "--taus", "0.111", "--batch", "1", "2", "--repeats", "1", "--warmup", "0",
+                       "--answer-tokens", "3", "--fast", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setup"]["fast"] and ", fast generation." in (out / "efficiency.md").read_text()
+    for row in report["rows"]:
+        assert 0 < row["prefill_ms"] and 0 < row["answer_ms"] and abs(row["flops_gap"]) < 0.01, row
+
+
 def test_efficiency_report_on_llava_7b_geometry(capsys):
     assert run_divico(["report", "efficiency", "--model", "llava-7b", "--width", "128", "--modes", "none", "moe",
                        "--taus", "0.0667", "--batch", "1", "--repeats", "1", "--warmup", "0",

@@ -9,7 +9,7 @@ sequence's length:
            before the cut, selection, the gap encoder, later stages. The tail, the layers whose
            sequence no longer changes (from layer K for DiViCo, from 0 for `none` and the modes
            acting in the vision tower, from the last stage for PyramidDrop and MustDrop), runs
-           on the sequence left-padded to a multiple of `bucket`: one graph per bucket.
+           on the sequence left-padded to a multiple of BUCKET: one graph per bucket.
   decode   one step (embedding, every layer over its static cache, norm, lm_head): one graph.
 
 Every layer caches into a transformers StaticLayer of `capacity` slots; the layers before the
@@ -38,6 +38,10 @@ from pipeline.model.decoder import CACHE_ARG, DecoderParts
 ATTENTION = ("sdpa", "eager")  # the implementations whose masks this file builds
 BUCKET = 32  # tail lengths are rounded up to a multiple of this: one graph per bucket
 CAPACITY_STEP = 256  # cache capacities are rounded up to a multiple of this, so a few serve every prompt
+
+
+def round_up(length: int, step: int) -> int:
+    return -(-length // step) * step
 
 
 class Replayed:
@@ -86,15 +90,14 @@ class StaticGeneration:
     """The static cache, slot masks and replayed functions for a decoder at `batch_size` prompts
     of up to `capacity` tokens with their answers."""
 
-    def __init__(self, parts: DecoderParts, batch_size: int, capacity: int, bucket: int = BUCKET) -> None:
-        implementation = parts.config._attn_implementation
-        if implementation not in ATTENTION:
+    def __init__(self, parts: DecoderParts, batch_size: int, capacity: int) -> None:
+        self.implementation = parts.config._attn_implementation
+        if self.implementation not in ATTENTION:
             raise ValueError(f"fast generation builds its masks for {' or '.join(ATTENTION)} attention; "
-                             f"the model uses {implementation!r}")
-        self.parts, self.batch_size, self.capacity, self.bucket = parts, batch_size, capacity, bucket
+                             f"the model uses {self.implementation!r}")
+        self.parts, self.batch_size, self.capacity = parts, batch_size, capacity
         weight = parts.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.additive_masks = implementation == "eager"
         attention = parts.layers[0].self_attn
         empty = torch.empty(batch_size, attention.k_proj.out_features // attention.head_dim, 0, attention.head_dim,
                             device=self.device, dtype=self.dtype)
@@ -115,15 +118,13 @@ class StaticGeneration:
         """`current` if it serves such a generation (its graphs stay captured), else a new one
         with room to spare."""
         weight = parts.embed_tokens.weight
-        needed = -(-prompt_length // BUCKET) * BUCKET + max_new_tokens
+        needed = round_up(prompt_length, BUCKET) + max_new_tokens
         if (current is not None and batch_size == current.batch_size and needed <= current.capacity
-                and parts.layers is current.parts.layers and current.bucket == BUCKET
+                and parts.layers is current.parts.layers
+                and parts.config._attn_implementation == current.implementation
                 and (weight.device, weight.dtype) == (current.device, current.dtype)):
             return current
-        return cls(parts, batch_size, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-
-    def bucketed(self, length: int) -> int:
-        return -(-length // self.bucket) * self.bucket
+        return cls(parts, batch_size, round_up(needed, CAPACITY_STEP))
 
     # ------------------------------------------------------------------ prefill
     def prefill_cache(self, tail_start: int) -> Cache:
@@ -135,7 +136,7 @@ class StaticGeneration:
              position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Layers `first`.. over `hidden` (B, n, d) left-padded to its bucket (a TailRunner)."""
         length = mask_2d.shape[1]
-        bucketed = self.bucketed(length)
+        bucketed = round_up(length, BUCKET)
         if (first, bucketed) not in self.tails:
             self.tails[first, bucketed] = self._tail_function(first, bucketed)
         replayed, inputs = self.tails[first, bucketed]
@@ -222,7 +223,7 @@ class StaticGeneration:
 
     def _attention_form(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean mask as the attention implementation takes it: as is (sdpa), or additive."""
-        if not self.additive_masks:
+        if self.implementation == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~allowed, torch.finfo(self.dtype).min)

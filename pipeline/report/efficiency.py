@@ -2,7 +2,7 @@
 
     divico report efficiency --model DIR|llava-7b [--width W] [--modes none fastv divico]
                              [--taus 0.067 0.111 0.167] [--batch 1 8] [--answer-tokens 8]
-                             [--device cpu|cuda] [--dtype ...] [--repeats 5] [--out DIR] [--json]
+                             [--device cpu|cuda] [--dtype ...] [--repeats 5] [--fast] [--out DIR] [--json]
 
 --model is a model folder (`divico eval`'s: a plain LLaVA, or with DiViCo settings, whose
 trained encoder is then used) or `llava-7b`: LLaVA-1.5-7B's decoder geometry (32 layers, FFN
@@ -26,7 +26,10 @@ decoder's, the tower's count taken off the counted ones). Per batch size, mode a
   peak_mem_mib    peak memory of the tensors the whole answer allocates, weights excluded
                   (torch.cuda.max_memory_allocated; on CPU a tracking dispatch mode)
   kv_cache_mib    the KV cache after the prefill
-and each ratio against `none` at the same batch. --out writes efficiency.{md,json,csv}.
+and each ratio against `none` at the same batch. --fast times prefill_ms (generate() with one new
+token) and answer_ms through fast generation (CompressedLlava.generate(fast=True): static cache,
+CUDA graphs on a GPU); FLOPs, peak memory and the KV cache stay the eager path's. --out writes
+efficiency.{md,json,csv}.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class EfficiencyConfig:
     # Every row runs the vision tower and the projector on random pixels (the modes that act before
     # the decoder need them) instead of feeding the decoder random projector features.
     tower: bool = False
+    fast: bool = False  # time prefill and answers through fast generation
 
     def validate(self) -> None:
         """ValueError naming the first bad setting."""
@@ -200,7 +204,11 @@ def measure(cfg: EfficiencyConfig) -> dict[str, Any]:
                         if cfg.tower else 0)
         steps = [partial(prefill, w, inputs) for w in wrappers]
         answers = [partial(answer, w, inputs, cfg.answer_tokens) for w in wrappers]
-        medians = round_robin_medians(steps + answers, warmup=cfg.warmup, repeats=cfg.repeats, device=cfg.device)
+        timed = ([partial(answer, w, inputs, tokens, True) for tokens in (1, cfg.answer_tokens) for w in wrappers]
+                 if cfg.fast else steps + answers)
+        # the fast path captures its graphs at its first call: at least one warm-up
+        medians = round_robin_medians(timed, warmup=max(cfg.warmup, int(cfg.fast)), repeats=cfg.repeats,
+                                      device=cfg.device)
         for index, ((mode, tau), wrapper) in enumerate(zip(settings, wrappers)):
             prefill_ms, answer_ms = medians[index], medians[len(steps) + index]
             kept = kept_per_sample(wrapper, inputs, visual)
@@ -238,7 +246,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{s['layers']} layers, hidden {s['hidden']}, {s['tokens']} prompt tokens ({s['system_tokens']} system + "
              f"{report['rows'][0]['visual_tokens']} visual + {s['text_tokens']} text), answers of "
              f"{s['answer_tokens']} tokens; {s['device_name']} {s['dtype']}, {s['torch_threads']} threads; median of "
-             f"{s['repeats']}. Ratios against `none` at the same batch.", ""]
+             f"{s['repeats']}{', fast generation' if s['fast'] else ''}. Ratios against `none` at the same batch.",
+             ""]
     head = ["batch", "mode", "tau", "kept", "GFLOPs", "ratio", "counted/analytic", "prefill ms", "ratio",
             "answer ms", "ratio", "decode tok/s", "peak MiB", "KV MiB"]
 
@@ -284,6 +293,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tower", action="store_true",
                         help="run the vision tower and the projector in every row (needed by the modes that act "
                              "before the decoder); FLOPs stay the decoder's")
+    parser.add_argument("--fast", action="store_true",
+                        help="time prefill and answers through fast generation (static cache, CUDA graphs)")
     parser.add_argument("--out", type=Path, default=None, help="write efficiency.md, .json and .csv here")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the markdown table")
     parser.set_defaults(func=command)
@@ -293,7 +304,7 @@ def command(args: argparse.Namespace) -> int:
     cfg = EfficiencyConfig(model=args.model, width=args.width, modes=args.modes, taus=args.taus, batch=args.batch,
                            answer_tokens=args.answer_tokens, layer=args.layer, device=args.device,
                            dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"),
-                           repeats=args.repeats, warmup=args.warmup, tower=args.tower)
+                           repeats=args.repeats, warmup=args.warmup, tower=args.tower, fast=args.fast)
     try:
         cfg.validate()
     except ValueError as error:
