@@ -39,6 +39,17 @@ def test_fast_tokens_are_the_eager_tokens(llava, processor, mode):
     assert torch.equal(*both_paths(wrapper, alone))
 
 
+def test_fast_tokens_through_lora_adapters(tiny_llava_dir, processor):
+    """A model under PEFT LoRA adapters, as an evaluation mid-training sees it."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                        target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)")
+    wrapper = CompressedLlava(get_peft_model(load_llava(tiny_llava_dir), config),
+                              DiViCoConfig(mode="divico", tau=1 / 9)).eval()
+    assert torch.equal(*both_paths(wrapper, prompts_batch(processor, [True, False, True])))
+
+
 def test_fast_sampling_draws_the_eager_tokens(llava, processor):
     wrapper = CompressedLlava(llava, DiViCoConfig(mode="divico", tau=1 / 9))
     batch = prompts_batch(processor, [True, False, True])
