@@ -110,6 +110,7 @@ def answer_batches(model: torch.nn.Module, collator: LlavaCollator, samples: Ite
                     inputs["query_positions"] = batch["query_positions"].to(device)
                 kept.reset()
                 started = time.perf_counter()
+                # only CompressedLlava.generate takes `fast` (transformers' would pass it to the model)
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=collator.pad_token_id, **({"fast": True} if fast else {}))
                 seconds = time.perf_counter() - started

@@ -6,8 +6,9 @@ its tasks runs a model at a chosen mode and tau:
 pretrained is a model folder as `divico eval` takes it (plain LLaVA, or with DiViCo settings);
 mode, tau, layer and seed override its settings exactly as there; template is the conversation
 template each request is rendered in (LLaVA's vicuna_v1 by default; "chat_template" for the
-checkpoint's own); device and fast (True: fast generation) as `divico eval`'s. The context lmms-eval gives becomes the user turn,
-with "<image>\\n" in front when the request has an image and the context no image marker.
+checkpoint's own); device and fast (True: fast generation) as `divico eval`'s. The context
+lmms-eval gives becomes the user turn, with "<image>\\n" in front when the request has an image
+and the context no image marker.
 Greedy decoding only (LLaVA's evaluation setting): a task asking to sample is refused. The
 model registers through the entry point group "lmms_eval.models" (pyproject.toml); one process
 (lmms-eval's multi-process launch is not supported: use `divico eval --task ... --chunk`).
