@@ -47,10 +47,12 @@ def round_up(length: int, step: int) -> int:
 class Replayed:
     """`fn()`, which reads and writes only tensors that outlive it: on CUDA captured into a CUDA
     graph at the first call and replayed after; elsewhere run as it is. `state`: the tensors a
-    run changes, which the warm-up run before capture must leave as it found them."""
+    run changes, which the warm-up run before capture must leave as it found them. `pool`: the
+    memory pool of the graph's intermediates, shared with the other graphs of its generation."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor], device: torch.device, state: Sequence[torch.Tensor] = ()):
-        self.fn, self.device, self.state = fn, device, list(state)
+    def __init__(self, fn: Callable[[], torch.Tensor], device: torch.device, state: Sequence[torch.Tensor] = (),
+                 pool: tuple[int, int] | None = None):
+        self.fn, self.device, self.state, self.pool = fn, device, list(state), pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
@@ -72,7 +74,7 @@ class Replayed:
         for tensor, value in zip(self.state, saved):
             tensor.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             self.output = self.fn()
 
 
@@ -111,6 +113,10 @@ class StaticGeneration:
         self.steps: dict[tuple[int, ...], Replayed] = {}
         self.tail_start = self.tail_padding = 0
         self.firsts: tuple[int, ...] = ()
+        # One pool for every graph here, so a bucket's intermediates reuse another's memory. Safe
+        # because each output is read before any graph of this generation replays again (the
+        # state that persists, the cache and the inputs, lives outside the pool).
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     @classmethod
     def serving(cls, current: StaticGeneration | None, parts: DecoderParts, batch_size: int, prompt_length: int,
@@ -172,7 +178,8 @@ class StaticGeneration:
                                **{CACHE_ARG: self.cache}, use_cache=True)
             return hidden
 
-        return Replayed(run, self.device, [layer.cumulative_length for layer in self.cache.layers[first:]]), inputs
+        state = [layer.cumulative_length for layer in self.cache.layers[first:]]
+        return Replayed(run, self.device, state, self.pool), inputs
 
     # ------------------------------------------------------------------ decode
     def start_decoding(self, cache: Cache, groups: list[tuple[int, torch.Tensor]],
@@ -203,7 +210,7 @@ class StaticGeneration:
         if self.firsts not in self.steps:
             state = [self.position, *(self.slots[first] for first in self.firsts),
                      *(layer.cumulative_length for layer in self.cache.layers)]
-            self.steps[self.firsts] = Replayed(partial(self._step, self.firsts), self.device, state)
+            self.steps[self.firsts] = Replayed(partial(self._step, self.firsts), self.device, state, self.pool)
         return self.steps[self.firsts]()
 
     def _step(self, firsts: tuple[int, ...]) -> torch.Tensor:
